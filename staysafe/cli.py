@@ -1,0 +1,240 @@
+"""The ``staysafe`` command: train, runs, models, align, fit-probe, compare-risk, experiment."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from staysafe.runner import RunSpec
+
+HELP = {
+    "model": "smollm2-135m-aligned (default reference), smollm2-135m-instruct, tiny, a local directory or a hub id",
+    "scenario": "harmful | mixed | benign | identity-shift",
+    "data": "your own training file (.jsonl/.csv/.parquet) or hub dataset id, instead of --scenario",
+    "n_harmful": "harmful scenario: number of harmful examples",
+    "harmful_percent": "mixed scenario: percent of harmful examples (1-10)",
+    "method": "sft | constant-kl | adaptive",
+    "beta": "constant-kl: the fixed KL weight",
+    "beta_min": "adaptive: KL weight at risk 0",
+    "beta_max": "adaptive: KL weight at risk 1",
+    "risk": "adaptive: risk source that sets beta: probe | judge | label (oracle)",
+    "judge": "judge used by --risk judge: embedding | local-lm | openai | keyword",
+    "probe": "a saved probe (.json); default: fit one on the reference model",
+    "calibration": "map raw risk to [0,1]: identity | step | sigmoid | clamp",
+    "risk_ema": "weight of the past in an EMA of the batch risk (0 = off)",
+    "batch_risk": "batch risk from per-example risks: max | mean",
+    "per_example_beta": "one beta per example instead of one per batch",
+    "risk_fallback": "when the risk source has no score: probe | last | max",
+    "kl_top_k": "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)",
+    "lora_r": "LoRA rank (0 = full fine-tuning with a frozen reference copy)",
+    "eval_every": "evaluate ASR every N steps (plus step 0 and the last step; 0 = only those)",
+    "eval_judges": "response judges for judge ASR, comma-separated (keyword ASR is always measured)",
+    "checkpoint_every": "save a resumable checkpoint every N steps (0 = none)",
+    "runs_dir": "where run directories go",
+}
+
+def _error_types():
+    from staysafe.data import DataError
+    from staysafe.models import ModelError
+    from staysafe.probe import ProbeError
+    from staysafe.runner import SpecError
+    from staysafe.traces import TraceError
+
+    return (DataError, SpecError, ModelError, ProbeError, TraceError, FileExistsError)
+
+
+def add_spec_arguments(p: argparse.ArgumentParser, defaults: RunSpec = RunSpec()) -> None:
+    """One flag per RunSpec field, so the CLI and config.json can never disagree."""
+    for f in dataclasses.fields(RunSpec):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = HELP.get(f.name, "")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, list):
+            p.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], default=default,
+                           help=help_text + f" (default: {','.join(default)})")
+        elif f.name in ("scenario", "data", "probe", "run_id", "experiment"):
+            p.add_argument(flag, type=str, default=default, help=help_text)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: {default})")
+
+
+def spec_from_args(args) -> RunSpec:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunSpec)}
+    if values.get("data"):
+        values["scenario"] = None
+    return RunSpec(**values)
+
+
+def cmd_train(args) -> int:
+    from staysafe.runner import run_training
+
+    if args.resume:
+        run_dir = run_training(resume=args.resume)
+    else:
+        spec = spec_from_args(args)
+        if args.config:
+            base = json.loads(Path(args.config).read_text())
+            spec = RunSpec.from_dict({**base, **{k: v for k, v in dataclasses.asdict(spec).items()
+                                                 if v != getattr(RunSpec(), k)}})
+        run_dir = run_training(spec)
+    print(f"run finished: {run_dir}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from staysafe.traces import list_runs
+
+    df = list_runs(Path(args.runs_dir))
+    if df.empty:
+        print(f"no runs under {args.runs_dir}")
+        return 0
+    cols = ["run_id", "state", "method", "risk", "scenario", "steps_done", "max_steps", "final_asr_keyword", "error"]
+    print(df[cols].to_string(index=False))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from staysafe.models import model_status, staysafe_home
+
+    print(f"cache: {staysafe_home()}")
+    for row in model_status():
+        print(f"{'ready' if row['ready'] else 'missing':8} {row['name']:24} {row['detail']}")
+    return 0
+
+
+def cmd_align(args) -> int:
+    from staysafe.align import AlignSettings, build_aligned
+
+    settings = AlignSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    path = build_aligned(settings, force=args.force)
+    report = json.loads((path / "alignment.json").read_text())
+    m = report["metrics"]
+    print(f"aligned model: {path}")
+    print(f"held-out harmful refused: {m['harmful_refusal_rate']:.1%}  benign refused: {m['benign_refusal_rate']:.1%}"
+          f"  ({report['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def cmd_fit_probe(args) -> int:
+    from staysafe.models import load_model
+    from staysafe.probe import PROBE_TEST, PROBE_TRAIN, collect_activations, fit_probe, labelled_prompts
+
+    model, tok = load_model(args.model)
+    train = collect_activations(model, tok, labelled_prompts(args.train.split(",")), position=args.position)
+    test = collect_activations(model, tok, labelled_prompts(args.test.split(",")), position=args.position)
+    layer = None if args.layer is None else [int(x) for x in args.layer.split(",")]
+    probe = fit_probe(train, held_out=test, layer=layer if layer is None or len(layer) > 1 else layer[0],
+                      model=args.model)
+    path = probe.save(Path(args.out))
+    if args.save_activations:
+        test.save(Path(args.out).parent / "activations")
+    print("layer  val_auroc  test_auroc")
+    for r in probe.metrics["sweep"]:
+        print(f"{r['layer']:5d}  {r['val_auroc']:.3f}      {r.get('test_auroc', float('nan')):.3f}")
+    print(f"chosen layers {probe.layers}: held-out {probe.metrics.get('test')}; saved {path}")
+    return 0
+
+
+def cmd_compare_risk(args) -> int:
+    from staysafe.compare import compare_risk
+
+    summary = compare_risk(model=args.model, data=args.data.split(","), judges=args.judges.split(","),
+                           out_dir=Path(args.out), probe_path=args.probe, threshold=args.threshold)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from staysafe.experiment import ExperimentSpec, run_experiment
+
+    spec = ExperimentSpec(scenario=args.scenario, methods=args.methods.split(","), seeds=args.seeds, quick=args.quick,
+                          model=args.model, steps=args.steps, out_dir=args.out_dir, runs_dir=args.runs_dir,
+                          experiment_id=args.id)
+    path = run_experiment(spec)
+    print((path / "results.md").read_text())
+    print(f"experiment written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="staysafe", description="Study and prevent safety degradation in fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune with sft / constant-kl / adaptive safety regularisation")
+    add_spec_arguments(t)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory from its last checkpoint")
+    t.add_argument("--config", metavar="FILE", help="options from a JSON file (a run's config.json); flags override")
+    t.set_defaults(fn=cmd_train)
+
+    r = sub.add_parser("runs", help="list run directories")
+    r.add_argument("--runs-dir", default="runs")
+    r.set_defaults(fn=cmd_runs)
+
+    m = sub.add_parser("models", help="known models and whether each is ready")
+    m.set_defaults(fn=cmd_models)
+
+    a = sub.add_parser("align", help="build the aligned default reference smollm2-135m-aligned")
+    from staysafe.align import AlignSettings
+
+    d = AlignSettings()
+    a.add_argument("--steps", type=int, default=d.steps)
+    a.add_argument("--lr", type=float, default=d.lr)
+    a.add_argument("--batch-size", type=int, default=d.batch_size)
+    a.add_argument("--seed", type=int, default=d.seed)
+    a.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    a.set_defaults(fn=cmd_align)
+
+    f = sub.add_parser("fit-probe", help="collect activations, sweep layers, fit and save a probe")
+    f.add_argument("--model", default="smollm2-135m-aligned")
+    f.add_argument("--train", default="refusals,align-benign", help="labelled prompt sets to fit on")
+    f.add_argument("--test", default="eval-harmful,eval-benign", help="held-out labelled prompt sets")
+    f.add_argument("--layer", default=None, help="fix the layer (or comma-separated layers to concatenate)")
+    f.add_argument("--position", default="last_prompt_token", choices=["last_prompt_token", "mean"])
+    f.add_argument("--out", default="probe/probe.json")
+    f.add_argument("--save-activations", action="store_true")
+    f.set_defaults(fn=cmd_fit_probe)
+
+    c = sub.add_parser("compare-risk", help="score examples with the probe and every judge; write a comparison")
+    c.add_argument("--model", default="smollm2-135m-aligned")
+    c.add_argument("--data", default="eval-harmful,eval-benign", help="labelled sets or files, comma-separated")
+    c.add_argument("--judges", default="embedding,local-lm", help="judges to compare with the probe")
+    c.add_argument("--probe", default=None, help="a saved probe; default: the model's default probe")
+    c.add_argument("--threshold", type=float, default=0.5)
+    c.add_argument("--out", default="compare")
+    c.set_defaults(fn=cmd_compare_risk)
+
+    e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
+    e.add_argument("--scenario", default="harmful")
+    e.add_argument("--methods", default="sft,constant-kl,adaptive-probe,adaptive-judge")
+    e.add_argument("--seeds", type=int, default=1)
+    e.add_argument("--quick", action="store_true", help="the CPU preset (one seed, all four methods < 30 min)")
+    e.add_argument("--model", default="smollm2-135m-aligned")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--out-dir", default="experiments")
+    e.add_argument("--runs-dir", default="runs")
+    e.add_argument("--id", default=None)
+    e.set_defaults(fn=cmd_experiment)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _error_types() as err:
+        print(f"staysafe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # invalid settings rejected by the config classes
+        print(f"staysafe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

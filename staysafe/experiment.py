@@ -1,0 +1,159 @@
+"""Experiments: several methods under the same data order and seeds, each a normal run, summarised in one table.
+
+Methods: ``sft``, ``constant-kl``, ``adaptive-probe``, ``adaptive-judge`` (and ``adaptive-label``, the oracle).
+``constant-kl`` gets the mean beta that the first adaptive method of the same seed used (when there is one), so
+the comparison asks "same average regularisation, spent uniformly or where the risk is?".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from staysafe.runner import RunSpec, run_training
+from staysafe.traces import load_run, new_run_id, write_json, write_parquet
+
+METHODS = {
+    "sft": {"method": "sft"},
+    "constant-kl": {"method": "constant-kl"},
+    "adaptive-probe": {"method": "adaptive", "risk": "probe"},
+    "adaptive-judge": {"method": "adaptive", "risk": "judge"},
+    "adaptive-label": {"method": "adaptive", "risk": "label"},
+}
+QUICK = {"steps": 40, "batch_size": 8, "lr": 2e-4, "lora_r": 16, "eval_every": 10, "eval_harmful": 50,
+         "eval_benign": 50, "max_new_tokens": 48}
+
+
+@dataclass
+class ExperimentSpec:
+    scenario: str = "harmful"
+    methods: list[str] = field(default_factory=lambda: ["sft", "constant-kl", "adaptive-probe", "adaptive-judge"])
+    seeds: int = 1
+    quick: bool = False
+    model: str = "smollm2-135m-aligned"
+    steps: int | None = None
+    constant_beta: float = 0.5
+    out_dir: str = "experiments"
+    runs_dir: str = "runs"
+    experiment_id: str | None = None
+    overrides: dict = field(default_factory=dict)  # any RunSpec field, e.g. smaller evaluations in tests
+
+    def validate(self) -> "ExperimentSpec":
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds = {self.seeds} is invalid: expected a whole number >= 1")
+        return self
+
+
+def base_spec(spec: ExperimentSpec) -> RunSpec:
+    values = dict(QUICK) if spec.quick else {}
+    if spec.steps:
+        values["steps"] = spec.steps
+    values.update(spec.overrides)
+    return RunSpec(model=spec.model, scenario=spec.scenario, runs_dir=spec.runs_dir, **values)
+
+
+def run_summary(run, beta_mid: float) -> dict:
+    """The numbers of one finished run that the results table reports."""
+    ev, st = run.evals.sort_values("step"), run.steps
+    final, first = ev.iloc[-1], ev.iloc[0]
+    row = {"run_id": run.id, "steps": int(st["step"].max()) if len(st) else 0,
+           "reference_asr_keyword": float(first["asr_keyword"]), "final_asr_keyword": float(final["asr_keyword"]),
+           "peak_asr_keyword": float(ev["asr_keyword"].max()), "over_refusal": float(final["over_refusal"]),
+           "reference_benign_nll": float(first["benign_nll"]), "benign_nll": float(final["benign_nll"]),
+           "mean_beta": float(st["beta"].mean()), "share_beta_above_mid": float((st["beta"] > beta_mid).mean()),
+           "seconds_per_step": float(st["wall_time"].median())}
+    for col in ev.columns:
+        if col.startswith("asr_") and col != "asr_keyword":
+            row[f"final_{col}"] = float(final[col])
+            row[f"reference_{col}"] = float(first[col])
+            row[f"peak_{col}"] = float(ev[col].max())
+    return row
+
+
+def _fmt(values: pd.Series, pct: bool) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "n/a"
+    scale = 100 if pct else 1
+    mean = values.mean() * scale
+    if len(values) == 1:
+        return f"{mean:.0f}" if pct else f"{mean:.3f}"
+    std = values.std(ddof=1) * scale
+    return f"{mean:.0f} ± {std:.0f}" if pct else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str:
+    """Per method (in ``order``): mean ± std over seeds. ASR and over-refusal in percent."""
+    judge_cols = sorted(c for c in results.columns if c.startswith("final_asr_") and c != "final_asr_keyword")
+    head = ["method", "seeds", "final ASR kw %"] + [f"final ASR {c[len('final_asr_'):]} %" for c in judge_cols] + [
+        "peak ASR kw %", "over-refusal %", "benign NLL", "mean β", "steps β>mid %", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref_cells = ["aligned reference (step 0)", "", _fmt(results["reference_asr_keyword"], True)] + [
+        _fmt(results[c.replace("final_", "reference_")], True) for c in judge_cols] + [
+        "", "", _fmt(results["reference_benign_nll"], False), "", "", ""]
+    lines.append("| " + " | ".join(ref_cells) + " |")
+    for method in order or list(dict.fromkeys(results["method"])):
+        g = results[results["method"] == method]
+        if g.empty:
+            continue
+        cells = [method, str(len(g)), _fmt(g["final_asr_keyword"], True)] + [_fmt(g[c], True) for c in judge_cols] + [
+            _fmt(g["peak_asr_keyword"], True), _fmt(g["over_refusal"], True), _fmt(g["benign_nll"], False),
+            _fmt(g["mean_beta"], False), _fmt(g["share_beta_above_mid"], True), _fmt(g["seconds_per_step"], False)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_experiment(spec: ExperimentSpec, log=print) -> Path:
+    """Run every method for every seed; write ``results.parquet``, ``results.md`` and ``experiment.json``."""
+    spec.validate()
+    base = base_spec(spec).validate()
+    exp_id = spec.experiment_id or new_run_id(f"exp-{spec.scenario}")
+    out = Path(spec.out_dir) / exp_id
+    out.mkdir(parents=True, exist_ok=True)
+    # adaptive methods first, so constant-kl can be matched to their mean beta
+    order = sorted(spec.methods, key=lambda m: (not m.startswith("adaptive"), spec.methods.index(m)))
+    rows, t0 = [], time.time()
+    write_json(out / "experiment.json", {**asdict(spec), "id": exp_id, "base": asdict(base), "state": "running"})
+    for seed in range(spec.seeds):
+        matched_beta = None
+        for name in order:
+            run_spec = replace(base, seed=seed, experiment=exp_id, run_id=f"{exp_id}-{name}-s{seed}",
+                               **METHODS[name])
+            if name == "constant-kl":
+                run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
+                                   else spec.constant_beta)
+            log(f"[{exp_id}] seed {seed}: {name} ...")
+            run = load_run(run_training(run_spec, progress=False, log=log))
+            row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
+                   **run_summary(run, (base.beta_min + base.beta_max) / 2)}
+            if name.startswith("adaptive") and matched_beta is None:
+                matched_beta = row["mean_beta"]
+            rows.append(row)
+            results = pd.DataFrame(rows)
+            write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
+            (out / "results.md").write_text(markdown_table(results, spec.methods))
+    write_json(out / "experiment.json", {**asdict(spec), "id": exp_id, "base": asdict(base), "state": "finished",
+                                         "minutes": (time.time() - t0) / 60,
+                                         "runs": [r["run_id"] for r in rows]})
+    return out
+
+
+def load_experiment(path: Path) -> tuple[dict, pd.DataFrame]:
+    """An experiment directory's description and results table."""
+    from staysafe.traces import read_json, read_table
+
+    path = Path(path)
+    return read_json(path / "experiment.json"), read_table(path / "results.parquet")
+
+
+def list_experiments(root: Path) -> list[Path]:
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if (p / "experiment.json").is_file()) if root.is_dir() else []
+

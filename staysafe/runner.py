@@ -1,0 +1,334 @@
+"""One training run end to end: options -> data, model, risk sources -> SafetyTrainer -> a run directory.
+
+``RunSpec`` holds every option of ``staysafe train`` and is saved as the run's ``config.json``; everything is
+validated before a run directory exists, so bad input never leaves a half-written run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from staysafe.data import DataError, SCENARIOS, build_scenario, load_records, records_table, tokenize_dataset
+from staysafe.trainer import FALLBACKS, METHODS, check_safety_settings
+
+RISKS = ("label", "probe", "judge")
+
+
+class SpecError(ValueError):
+    """An option of a run is invalid; the message names the option and what was expected."""
+
+
+@dataclass
+class RunSpec:
+    """Every option of a run (the CLI's flags, one for one)."""
+
+    model: str = "smollm2-135m-aligned"
+    scenario: str | None = "harmful"
+    data: str | None = None
+    n_harmful: int = 100
+    harmful_percent: float = 5.0
+    method: str = "adaptive"
+    beta: float = 0.5
+    beta_min: float = 0.05
+    beta_max: float = 0.9
+    risk: str = "probe"
+    judge: str = "embedding"
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_key_env: str = "OPENAI_API_KEY"
+    record_judge: bool = True
+    probe: str | None = None
+    calibration: str = "identity"
+    risk_threshold: float = 0.5
+    risk_temperature: float = 0.1
+    risk_ema: float = 0.0
+    batch_risk: str = "max"
+    per_example_beta: bool = False
+    risk_fallback: str = "probe"
+    kl_top_k: int = 0
+    steps: int = 40
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    max_length: int = 128
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    seed: int = 0
+    eval_every: int = 10
+    eval_harmful: int = 50
+    eval_benign: int = 50
+    max_new_tokens: int = 64
+    eval_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
+    checkpoint_every: int = 0
+    save_model: bool = True
+    runs_dir: str = "runs"
+    run_id: str | None = None
+    experiment: str | None = None
+
+    def validate(self) -> "RunSpec":
+        def bad(name, expected):
+            raise SpecError(f"option {name} = {getattr(self, name)!r} is invalid: expected {expected}")
+
+        if self.data is None and self.scenario not in SCENARIOS:
+            bad("scenario", f"one of {', '.join(SCENARIOS)} (or give --data)")
+        if self.method not in METHODS:
+            bad("method", " | ".join(METHODS))
+        if self.risk not in RISKS:
+            bad("risk", " | ".join(RISKS))
+        if self.risk_fallback not in FALLBACKS:
+            bad("risk_fallback", " | ".join(FALLBACKS))
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "n_harmful"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "a whole number >= 1")
+        for name in ("eval_every", "eval_harmful", "eval_benign", "lora_r", "checkpoint_every", "kl_top_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "a whole number >= 0")
+        if self.max_new_tokens < 1:
+            bad("max_new_tokens", "a whole number >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", "a learning rate > 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "a number in [0, 1)")
+        if not 1 <= self.harmful_percent <= 10:
+            bad("harmful_percent", "a percentage from 1 to 10")
+        if self.max_length < 16:
+            bad("max_length", "at least 16 tokens")
+        try:
+            check_safety_settings(self)
+            from staysafe.risk import Calibration
+
+            Calibration(self.calibration, self.risk_threshold, self.risk_temperature)
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"run_id", "versions", "created", "command", "n_examples", "data_summary"})
+        if unknown:
+            raise SpecError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from staysafe import __version__
+
+    return {"staysafe": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def training_records(spec: RunSpec) -> list[dict]:
+    if spec.data:
+        return load_records(spec.data)
+    return build_scenario(spec.scenario, n_harmful=spec.n_harmful, harmful_percent=spec.harmful_percent,
+                          seed=spec.seed)
+
+
+def make_spec_judge(spec: RunSpec):
+    """The training-data judge a run uses; only the key's variable name is stored, never the key."""
+    from staysafe.judges import make_judge
+
+    if spec.judge == "openai":
+        if not spec.judge_url or not spec.judge_model:
+            raise SpecError("--judge openai needs --judge-url (an OpenAI-compatible base URL) and --judge-model")
+        return make_judge("openai", base_url=spec.judge_url, model=spec.judge_model, api_key_env=spec.judge_key_env)
+    return make_judge(spec.judge)
+
+
+def judge_risk(spec: RunSpec, records: list[dict], log) -> tuple[list[float], dict]:
+    """Score every training example once with the judge (cached on disk): free at training time."""
+    from staysafe.data import prompt_text, response_text
+    from staysafe.judges import score_cached
+
+    judge = make_spec_judge(spec)
+    scores, stats = score_cached(judge, [prompt_text(r) for r in records], [response_text(r) for r in records])
+    log(f"judge {judge.name}: {stats['hits']} cached, {stats['misses']} scored, {stats['failed']} failed "
+        f"in {stats['seconds']:.1f} s")
+    return [float("nan") if s.score is None else float(s.score) for s in scores], {"judge": judge.name, **stats}
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated("cancelled (SIGTERM)")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose write completed (its staysafe_state.json is written last)."""
+    from staysafe.trainer import STATE_FILE
+
+    done = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = None, progress: bool = True,
+                 log=print) -> Path:
+    """Train one run and return its directory. ``resume`` continues a run directory from its last checkpoint."""
+    import torch
+
+    from staysafe.models import LoraSettings, load_model
+    from staysafe.traces import RunWriter, read_json, write_parquet
+
+    checkpoint = None
+    if resume is not None:
+        run_dir = Path(resume)
+        config = read_json(run_dir / "config.json")
+        spec = RunSpec.from_dict(config)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SpecError(f"{run_dir} has no complete checkpoint to resume from (run it with --checkpoint-every N)")
+    spec = (spec or RunSpec()).validate()
+    torch.manual_seed(spec.seed)
+
+    # Everything that can fail on bad input happens before the run directory exists.
+    records = training_records(spec)
+    lora = LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout) if spec.lora_r else None
+    model, tokenizer = load_model(spec.model, seed=spec.seed)
+    extra_risk, risk_info = {}, {}
+    if spec.risk == "judge" or spec.record_judge:
+        extra_risk["risk_judge"], risk_info = judge_risk(spec, records, log)
+    probe = None
+    # The probe reads the reference forward, so every method that has one records it for free.
+    needs_probe = spec.method != "sft"
+    if needs_probe:
+        from staysafe.probe import Probe, default_probe
+
+        if spec.probe:
+            probe = Probe.load(spec.probe, hidden_size=model.config.hidden_size)
+        elif resume is not None and (Path(resume) / "probe.json").is_file():
+            probe = Probe.load(Path(resume) / "probe.json", hidden_size=model.config.hidden_size)
+    dataset = tokenize_dataset(tokenizer, records, spec.max_length, extra_risk)
+
+    if resume is None:
+        config = {**asdict(spec), "versions": versions(), "command": sys.argv, "n_examples": len(records),
+                  "risk_scoring": risk_info}
+        writer = RunWriter.create(Path(spec.runs_dir), config, spec.run_id)
+    else:
+        writer = RunWriter(Path(resume))
+    run_dir = writer.path
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        writer.set_status("running", started=time.time(), max_steps=spec.steps)
+        if resume is None:
+            write_parquet(run_dir / "data.parquet",
+                          records_table(records).assign(truncated=dataset["truncated"],
+                                                        **{k: v for k, v in extra_risk.items()}))
+        if needs_probe and probe is None:
+            from staysafe.probe import default_probe
+
+            log("fitting the activation probe on the reference model (shipped labelled prompts)...")
+            probe = default_probe(model, tokenizer, spec.model, out_dir=run_dir, progress=progress, seed=spec.seed)
+        elif probe is not None and resume is None:
+            probe.save(run_dir / "probe")
+        if resume is None:
+            save_activations(model, tokenizer, probe, run_dir / "activations" / "before")
+        if lora is not None:
+            from staysafe.models import add_lora
+
+            model = add_lora(model, lora)
+        trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        writer.close()
+        finish_run(spec, trainer, tokenizer, probe, run_dir)
+        writer.set_status("finished", ended=time.time(), step=trainer.state.global_step)
+    except (KeyboardInterrupt, _Terminated) as err:
+        writer.close()
+        writer.set_status("cancelled", ended=time.time(), error=str(err) or "cancelled")
+        raise
+    except BaseException as err:
+        writer.close()
+        writer.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}",
+                          traceback=traceback.format_exc(limit=8))
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    return run_dir
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progress: bool = True):
+    from staysafe.data import SafetyCollator
+    from staysafe.evaluation import EvalCallback, EvalSettings, SafetyEvaluator
+    from staysafe.risk import Calibration, ColumnRisk
+    from staysafe.trainer import SafetyConfig, SafetyTrainer
+
+    calibration = Calibration(spec.calibration, spec.risk_threshold, spec.risk_temperature)
+    sources = {"label": ColumnRisk("label")}
+    if "risk_judge" in dataset.column_names:
+        sources["judge"] = ColumnRisk("judge", calibration if spec.risk == "judge" else None)
+    if probe is not None:
+        from staysafe.probe import ProbeRisk
+
+        sources["probe"] = ProbeRisk(probe, calibration if spec.risk == "probe" else None)
+    args = SafetyConfig(
+        output_dir=str(writer.path / "checkpoints"), method=spec.method, beta=spec.beta, beta_min=spec.beta_min,
+        beta_max=spec.beta_max, risk=spec.risk, risk_ema=spec.risk_ema, batch_risk=spec.batch_risk,
+        per_example_beta=spec.per_example_beta, risk_fallback=spec.risk_fallback, kl_top_k=spec.kl_top_k,
+        max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
+        seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="no",
+        save_strategy="steps" if spec.checkpoint_every else "no", save_steps=spec.checkpoint_every or 500,
+        save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(), report_to="none",
+    )
+    trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,
+                            data_collator=SafetyCollator(tokenizer.pad_token_id), risk_sources=sources, run=writer,
+                            processing_class=tokenizer)
+    if spec.eval_every or spec.eval_harmful or spec.eval_benign:
+        from staysafe.judges import make_judge
+
+        judges = [make_judge(name) for name in spec.eval_judges]
+        evaluator = SafetyEvaluator(tokenizer, EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens,
+                                                            seed=spec.seed), judges)
+        trainer.add_callback(EvalCallback(evaluator, writer, spec.eval_every, trainer))
+    return trainer
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+ACTIVATION_PROMPTS = ("eval-harmful", "eval-benign")
+
+
+def save_activations(model, tokenizer, probe, directory: Path) -> None:
+    """Held-out prompt activations at a few layers (and the probe's), for the dashboard's before/after view."""
+    from staysafe.probe import collect_activations, labelled_prompts
+
+    n = model.config.num_hidden_layers
+    layers = sorted({0, n // 4, n // 2, 3 * n // 4, n, *(probe.layers if probe else [])})
+    collect_activations(model, tokenizer, labelled_prompts(ACTIVATION_PROMPTS), layers=layers,
+                        progress=False).save(directory)
+
+
+def finish_run(spec: RunSpec, trainer, tokenizer, probe, run_dir: Path) -> None:
+    """After training: the adapter (or model) and held-out prompt activations after fine-tuning."""
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if spec.save_model:
+        model.save_pretrained(run_dir / "final_model", safe_serialization=True)
+    save_activations(model, tokenizer, probe, run_dir / "activations" / "after")
