@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from staysafe.data import load_records, prompt_messages, prompt_text, render_prompt, response_text
+from staysafe.trainer import fault_pause
 
 
 @dataclass
@@ -101,6 +102,7 @@ class SafetyEvaluator:
         t0 = time.perf_counter()
         s = self.settings
         answers = generate(model, self.tokenizer, self.records, s.max_new_tokens, s.batch_size)
+        fault_pause(f"eval@{step}")
         prompts = [prompt_text(r) for r in self.records]
         harmful = [r["label"] == "harmful" for r in self.records]
         keyword = self.keyword.score(prompts, answers)  # 1 = complied (no refusal marker)

@@ -13,13 +13,15 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from staysafe.data import DataError, SCENARIOS, build_scenario, load_records, records_table, tokenize_dataset
 from staysafe.trainer import FALLBACKS, METHODS, check_safety_settings
 
 RISKS = ("label", "probe", "judge")
+RECORDED = {"versions", "command", "n_examples", "risk_scoring"}  # what config.json adds to the options
+OPTIONAL = ("scenario",)  # string options that may also be None (the others with a None default are optional too)
 
 
 class SpecError(ValueError):
@@ -78,6 +80,20 @@ class RunSpec:
         def bad(name, expected):
             raise SpecError(f"option {name} = {getattr(self, name)!r} is invalid: expected {expected}")
 
+        for f in fields(self):  # types first, so range checks below never meet a string where a number belongs
+            value, default = getattr(self, f.name), f.default if f.default is not MISSING else f.default_factory()
+            if default is None or isinstance(default, str):
+                ok = isinstance(value, str) or (value is None and (default is None or f.name in OPTIONAL))
+            elif isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            if not ok:
+                bad(f.name, f"a value of type {type(default).__name__ if default is not None else 'str'}")
         if self.data is None and self.scenario not in SCENARIOS:
             bad("scenario", f"one of {', '.join(SCENARIOS)} (or give --data)")
         if self.method not in METHODS:
@@ -86,15 +102,15 @@ class RunSpec:
             bad("risk", " | ".join(RISKS))
         if self.risk_fallback not in FALLBACKS:
             bad("risk_fallback", " | ".join(FALLBACKS))
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "n_harmful"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "n_harmful", "lora_alpha"):
+            if getattr(self, name) < 1:
                 bad(name, "a whole number >= 1")
-        for name in ("eval_every", "eval_harmful", "eval_benign", "lora_r", "checkpoint_every", "kl_top_k"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        for name in ("eval_every", "eval_harmful", "eval_benign", "lora_r", "checkpoint_every", "kl_top_k", "seed"):
+            if getattr(self, name) < 0:
                 bad(name, "a whole number >= 0")
         if self.max_new_tokens < 1:
             bad("max_new_tokens", "a whole number >= 1")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if self.lr <= 0:
             bad("lr", "a learning rate > 0")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "a number in [0, 1)")
@@ -114,7 +130,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"run_id", "versions", "created", "command", "n_examples", "data_summary"})
+        unknown = sorted(set(d) - known - RECORDED)
         if unknown:
             raise SpecError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -278,6 +278,7 @@ class SafetyTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        fault_pause(f"checkpoint@{self.state.global_step}")
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.args.should_save:
             # Written last: a checkpoint without this file was interrupted and is skipped on resume.
@@ -344,6 +345,20 @@ class _StepRecorder(TrainerCallback):
         tr.run.append("examples", ex_rows)
         tr.run.append("steps", [row])
         tr.run.set_status("running", step=step)
+        fault_pause(f"step@{step}")
+
+
+def fault_pause(point: str) -> None:
+    """Fault-injection hook for the kill tests: ``STAYSAFE_TEST_PAUSE=point:seconds`` (points: ``step@N``,
+    ``eval@N``, ``checkpoint@N``) announces the point on stderr and sleeps there, so a test can SIGKILL the process
+    at that exact moment. Does nothing otherwise."""
+    spec = os.environ.get("STAYSAFE_TEST_PAUSE", "")
+    name, _, seconds = spec.partition(":")
+    if name == point:
+        import sys
+
+        print(f"STAYSAFE_PAUSED {point}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 30))
 
 
 def _mean(values) -> float:

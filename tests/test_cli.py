@@ -1,0 +1,63 @@
+"""The staysafe command end to end on the tiny model; bad input is refused before any run directory exists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_RUN, run_cli
+from staysafe import list_runs, load_run
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--scenario", "evil"], "option scenario = 'evil' is invalid: expected one of harmful, mixed, benign, identity-shift"),
+    (["--method", "dpo"], "option method = 'dpo' is invalid"),
+    (["--beta", "1.5", "--method", "constant-kl"], "beta = 1.5 is invalid: expected a number in [0, 1]"),
+    (["--beta-min", "0.9", "--beta-max", "0.1"], "beta_min = 0.9 is greater than beta_max = 0.1"),
+    (["--steps", "0"], "option steps = 0 is invalid"),
+    (["--lr", "-0.001"], "option lr = -0.001 is invalid"),
+    (["--risk", "vibes"], "option risk = 'vibes' is invalid"),
+    (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
+    (["--model", "no/such/model/dir"], "model path 'no/such/model/dir' does not exist"),
+])
+def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, flags, message):
+    res = run_cli("train", *TINY_RUN, "--runs-dir", str(tmp_path / "runs"), *flags, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists() or list_runs(tmp_path / "runs").empty
+
+
+def test_malformed_data_line_is_named(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
+    res = run_cli("train", *TINY_RUN, "--runs-dir", str(tmp_path / "runs"), "--data", str(tmp_path / "d.jsonl"))
+    assert res.returncode == 2 and "d.jsonl:2: not valid JSON" in res.stderr
+
+
+def test_train_writes_all_trace_files_and_evaluations(tmp_path):
+    res = run_cli("train", *TINY_RUN, "--runs-dir", str(tmp_path / "runs"), "--scenario", "harmful",
+                  "--n-harmful", "16", "--steps", "5", "--eval-every", "2", "--method", "adaptive")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list_runs(tmp_path / "runs")
+    assert runs["state"].tolist() == ["finished"]
+    run = load_run(runs["path"].iloc[0])
+    for name in ("config.json", "status.json", "steps.parquet", "examples.parquet", "evals.parquet",
+                 "generations.parquet", "data.parquet"):
+        assert (run.path / name).exists(), name
+    assert run.steps["step"].tolist() == [1, 2, 3, 4, 5]
+    assert run.evals["step"].tolist() == [0, 2, 4, 5]  # step 0, every 2, and the last
+    assert len(run.generations) == 4 * 8 and set(run.generations["kind"]) == {"harmful", "benign"}
+    assert len(run.examples) == 5 * 4 and set(run.examples["example_index"]) <= set(run.data["example_index"])
+    assert run.steps["beta"].tolist() == pytest.approx([0.9] * 5)  # all-harmful scenario, oracle risk -> beta_max
+    config = json.loads((run.path / "config.json").read_text())
+    assert config["seed"] == 0 and config["versions"]["torch"] and config["method"] == "adaptive"
+
+
+def test_runs_and_models_commands(tmp_path):
+    res = run_cli("runs", "--runs-dir", str(tmp_path / "none"))
+    assert res.returncode == 0 and "no runs" in res.stdout
+    res = run_cli("models")
+    assert res.returncode == 0
+    for name in ("smollm2-135m-instruct", "smollm2-135m-aligned", "tiny"):
+        assert name in res.stdout
