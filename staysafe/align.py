@@ -17,21 +17,28 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from staysafe.models import ALIGNED, EMBEDDED, LoraSettings, cached_model_dir, load_model
+import torch
 
-ESTIMATED_MINUTES = 8
+from staysafe.models import ALIGNED, EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
+
+ESTIMATED_MINUTES = 13
 
 
 @dataclass
 class AlignSettings:
-    steps: int = 120
+    """Chosen on a validation split of the alignment data (never the held-out evaluation prompts): the refusal
+    decision sits in the first answer token, and intent separates there only after ~2 epochs at a constant rate;
+    fewer steps or a decaying rate left the model refusing a fifth to a half of benign requests."""
+
+    steps: int = 260
     batch_size: int = 8
     lr: float = 3e-4
     lora_r: int = 16
     lora_alpha: int = 32
     max_length: int = 128
     seed: int = 0
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int = 24
+    precision: str = "auto"
 
 
 def refusal_rates(model, tokenizer, max_new_tokens: int = 32) -> dict:
@@ -72,8 +79,10 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
         with tempfile.TemporaryDirectory() as scratch:
             args = SafetyConfig(output_dir=scratch, method="sft", max_steps=settings.steps,
                                 per_device_train_batch_size=settings.batch_size, learning_rate=settings.lr,
-                                lr_scheduler_type="cosine", warmup_steps=max(1, settings.steps // 20),
-                                seed=settings.seed, logging_strategy="no", disable_tqdm=not progress)
+                                lr_scheduler_type="constant_with_warmup", warmup_steps=6,
+                                seed=settings.seed, logging_strategy="no", disable_tqdm=not progress,
+                                bf16=resolve_precision(settings.precision) == "bf16",
+                                use_cpu=not torch.cuda.is_available())
             SafetyTrainer(model=model, args=args, train_dataset=dataset,
                           data_collator=SafetyCollator(tokenizer.pad_token_id)).train()
         merged = model.merge_and_unload()

@@ -114,8 +114,12 @@ def response_text(record: dict) -> str | None:
 
 def _read_jsonl(path: Path) -> list[tuple[str, object]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -125,7 +129,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, object]]:
     return rows
 
 
-def _read_csv(path: Path) -> list[tuple[str, object]]:
+def _read_csv_rows(path: Path) -> list[tuple[str, object]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
@@ -136,6 +140,13 @@ def _read_csv(path: Path) -> list[tuple[str, object]]:
                 raise DataError(f"{path}:{reader.line_num}: more values than the {len(reader.fieldnames)} header columns")
             rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v != ""}))
         return rows
+
+
+def _read_csv(path: Path) -> list[tuple[str, object]]:
+    try:
+        return _read_csv_rows(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (save the CSV as UTF-8)") from None
 
 
 def _read_parquet(path: Path) -> list[tuple[str, object]]:

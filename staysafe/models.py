@@ -226,6 +226,25 @@ def load_model(spec: str = ALIGNED, *, lora: LoraSettings | None = None, dtype: 
     return model, tokenizer
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` means bf16 autocast where it is fast (a CUDA GPU with bf16, a CPU with native bf16 instructions,
+    about 1.8x faster here than fp32) and fp32 elsewhere; weights and optimizer state stay fp32 either way."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
 def model_fingerprint(spec: str, seed: int = 0) -> str:
     """A short id of a model's weights, used to key caches (probes) that are only valid for one model."""
     if spec == TINY:
@@ -262,6 +281,6 @@ def model_status() -> list[dict]:
         rows.append({"name": ALIGNED, "ready": True, "detail": detail, **m})
     else:
         rows.append({"name": ALIGNED, "ready": False,
-                     "detail": "not built yet: `staysafe align` builds it (about 6-10 min on 2 CPU cores)"})
+                     "detail": "not built yet: `staysafe align` builds it (about 11 min on 2 CPU cores)"})
     rows.append({"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"})
     return rows
