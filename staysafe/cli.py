@@ -35,6 +35,8 @@ HELP = {
     "eval_judges": "response judges for judge ASR, comma-separated (keyword ASR is always measured)",
     "checkpoint_every": "save a resumable checkpoint every N steps (0 = none)",
     "runs_dir": "where run directories go",
+    "precision": "auto (bf16 autocast where the hardware is fast at it) | fp32 | bf16",
+    "threads": "CPU threads for torch (0 = its default; 1 is faster when other work shares a small CPU)",
 }
 
 def _error_types():
@@ -111,7 +113,8 @@ def cmd_models(args) -> int:
 def cmd_align(args) -> int:
     from staysafe.align import AlignSettings, build_aligned
 
-    settings = AlignSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    settings = AlignSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                             precision=args.precision)
     path = build_aligned(settings, force=args.force)
     report = json.loads((path / "alignment.json").read_text())
     m = report["metrics"]
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=float, default=d.lr)
     a.add_argument("--batch-size", type=int, default=d.batch_size)
     a.add_argument("--seed", type=int, default=d.seed)
+    a.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"])
     a.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     a.set_defaults(fn=cmd_align)
 
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # invalid settings rejected by the config classes
         print(f"staysafe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run is already marked cancelled, its rows kept
+        print(f"staysafe {args.command}: cancelled{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -84,3 +84,11 @@ def compare_risk(model: str = "smollm2-135m-aligned", data=("eval-harmful", "eva
     write_parquet(out_dir / "compare.parquet", table)
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def load_compare(directory: Path) -> tuple[pd.DataFrame, dict]:
+    """A compare directory's per-example table and summary (TraceError naming the file when damaged)."""
+    from staysafe.traces import read_json, read_table
+
+    directory = Path(directory)
+    return read_table(directory / "compare.parquet"), read_json(directory / "summary.json")

@@ -95,7 +95,7 @@ class SafetyEvaluator:
         self.settings = settings
         self.records = eval_prompts(settings.n_harmful, settings.n_benign, settings.seed)
         self.keyword = KeywordJudge()
-        self.judges = list(judges or [])
+        self.judges = [j for j in (judges or []) if j.name != "keyword"]  # keyword ASR is always measured
         self.benign_with_answers = [r for r in self.records if r["label"] == "benign" and response_text(r)]
 
     def evaluate(self, model, step: int) -> tuple[dict, list[dict]]:

@@ -53,9 +53,17 @@ class Activations:
     @classmethod
     def load(cls, directory: Path) -> "Activations":
         directory = Path(directory)
-        with np.load(directory / "activations.npz", allow_pickle=False) as z:
-            values = {int(k.split("_")[1]): z[k] for k in z.files}
-        index = pd.read_parquet(directory / "index.parquet")
+        try:
+            with np.load(directory / "activations.npz", allow_pickle=False) as z:
+                values = {int(k.split("_")[1]): z[k] for k in z.files}
+        except (OSError, ValueError, IndexError) as err:
+            raise ProbeError(f"{directory / 'activations.npz'} is missing or damaged ({err})") from None
+        try:
+            index = pd.read_parquet(directory / "index.parquet")
+        except Exception as err:  # pyarrow raises several types for damaged files
+            raise ProbeError(f"{directory / 'index.parquet'} is missing or damaged ({err})") from None
+        if any(len(v) != len(index) for v in values.values()):
+            raise ProbeError(f"{directory}: activations and index.parquet disagree on the number of prompts")
         position = str(index["position"].iloc[0]) if "position" in index and len(index) else "last_prompt_token"
         return cls(values=values, index=index.drop(columns=["position"], errors="ignore"), position=position)
 

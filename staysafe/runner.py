@@ -6,6 +6,7 @@ validated before a run directory exists, so bad input never leaves a half-writte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -20,7 +21,7 @@ from staysafe.data import DataError, SCENARIOS, build_scenario, load_records, re
 from staysafe.trainer import FALLBACKS, METHODS, check_safety_settings
 
 RISKS = ("label", "probe", "judge")
-RECORDED = {"versions", "command", "n_examples", "risk_scoring"}  # what config.json adds to the options
+RECORDED = {"versions", "command", "n_examples", "risk_scoring", "processes", "precision_used"}  # what config.json adds to the options
 OPTIONAL = ("scenario",)  # string options that may also be None (the others with a None default are optional too)
 
 
@@ -72,6 +73,8 @@ class RunSpec:
     eval_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
     checkpoint_every: int = 0
     save_model: bool = True
+    precision: str = "auto"
+    threads: int = 0
     runs_dir: str = "runs"
     run_id: str | None = None
     experiment: str | None = None
@@ -105,7 +108,8 @@ class RunSpec:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "n_harmful", "lora_alpha"):
             if getattr(self, name) < 1:
                 bad(name, "a whole number >= 1")
-        for name in ("eval_every", "eval_harmful", "eval_benign", "lora_r", "checkpoint_every", "kl_top_k", "seed"):
+        for name in ("eval_every", "eval_harmful", "eval_benign", "lora_r", "checkpoint_every", "kl_top_k", "seed",
+                     "threads"):
             if getattr(self, name) < 0:
                 bad(name, "a whole number >= 0")
         if self.max_new_tokens < 1:
@@ -118,6 +122,8 @@ class RunSpec:
             bad("harmful_percent", "a percentage from 1 to 10")
         if self.max_length < 16:
             bad("max_length", "at least 16 tokens")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad("precision", "auto | fp32 | bf16")
         try:
             check_safety_settings(self)
             from staysafe.risk import Calibration
@@ -177,8 +183,8 @@ def judge_risk(spec: RunSpec, records: list[dict], log) -> tuple[list[float], di
     return [float("nan") if s.score is None else float(s.score) for s in scores], {"judge": judge.name, **stats}
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interruption so the run is marked cancelled like a Ctrl-C."""
 
 
 def _on_sigterm(signum, frame):
@@ -198,7 +204,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
     """Train one run and return its directory. ``resume`` continues a run directory from its last checkpoint."""
     import torch
 
-    from staysafe.models import LoraSettings, load_model
+    from staysafe.models import LoraSettings, load_model, resolve_precision
     from staysafe.traces import RunWriter, read_json, write_parquet
 
     checkpoint = None
@@ -211,6 +217,9 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
             raise SpecError(f"{run_dir} has no complete checkpoint to resume from (run it with --checkpoint-every N)")
     spec = (spec or RunSpec()).validate()
     torch.manual_seed(spec.seed)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    procs = Processes()
 
     # Everything that can fail on bad input happens before the run directory exists.
     records = training_records(spec)
@@ -218,64 +227,106 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
     model, tokenizer = load_model(spec.model, seed=spec.seed)
     extra_risk, risk_info = {}, {}
     if spec.risk == "judge" or spec.record_judge:
-        extra_risk["risk_judge"], risk_info = judge_risk(spec, records, log)
+        with procs.main_first():  # the main process scores; the others then read its cache
+            extra_risk["risk_judge"], risk_info = judge_risk(spec, records, log if procs.main else _quiet)
     probe = None
     # The probe reads the reference forward, so every method that has one records it for free.
     needs_probe = spec.method != "sft"
-    if needs_probe:
-        from staysafe.probe import Probe, default_probe
+    if needs_probe and spec.probe:
+        from staysafe.probe import Probe
 
-        if spec.probe:
-            probe = Probe.load(spec.probe, hidden_size=model.config.hidden_size)
-        elif resume is not None and (Path(resume) / "probe.json").is_file():
-            probe = Probe.load(Path(resume) / "probe.json", hidden_size=model.config.hidden_size)
+        probe = Probe.load(spec.probe, hidden_size=model.config.hidden_size)
+    elif needs_probe and resume is not None and (Path(resume) / "probe.json").is_file():
+        from staysafe.probe import Probe
+
+        probe = Probe.load(Path(resume) / "probe.json", hidden_size=model.config.hidden_size)
     dataset = tokenize_dataset(tokenizer, records, spec.max_length, extra_risk)
 
-    if resume is None:
-        config = {**asdict(spec), "versions": versions(), "command": sys.argv, "n_examples": len(records),
-                  "risk_scoring": risk_info}
-        writer = RunWriter.create(Path(spec.runs_dir), config, spec.run_id)
-    else:
+    if resume is not None:
         writer = RunWriter(Path(resume))
+    elif procs.main:
+        config = {**asdict(spec), "versions": versions(), "command": sys.argv, "n_examples": len(records),
+                  "risk_scoring": risk_info, "processes": procs.n, "precision_used": resolve_precision(spec.precision)}
+        writer = RunWriter.create(Path(spec.runs_dir), config, spec.run_id)
+    writer = RunWriter(Path(procs.share(str(writer.path) if procs.main else None)))
     run_dir = writer.path
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        writer.set_status("running", started=time.time(), max_steps=spec.steps)
-        if resume is None:
+        if procs.main:
+            writer.set_status("running", started=time.time(), max_steps=spec.steps)
+        if procs.main and resume is None:
             write_parquet(run_dir / "data.parquet",
                           records_table(records).assign(truncated=dataset["truncated"],
                                                         **{k: v for k, v in extra_risk.items()}))
         if needs_probe and probe is None:
             from staysafe.probe import default_probe
 
-            log("fitting the activation probe on the reference model (shipped labelled prompts)...")
-            probe = default_probe(model, tokenizer, spec.model, out_dir=run_dir, progress=progress, seed=spec.seed)
-        elif probe is not None and resume is None:
+            with procs.main_first():
+                if procs.main:
+                    log("fitting the activation probe on the reference model (shipped labelled prompts)...")
+                probe = default_probe(model, tokenizer, spec.model, out_dir=run_dir if procs.main else None,
+                                      progress=progress and procs.main, seed=spec.seed)
+        elif probe is not None and resume is None and procs.main:
             probe.save(run_dir / "probe")
-        if resume is None:
+        if resume is None and procs.main:
             save_activations(model, tokenizer, probe, run_dir / "activations" / "before")
         if lora is not None:
             from staysafe.models import add_lora
 
             model = add_lora(model, lora)
-        trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress)
+        trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress and procs.main)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         writer.close()
         finish_run(spec, trainer, tokenizer, probe, run_dir)
-        writer.set_status("finished", ended=time.time(), step=trainer.state.global_step)
+        if procs.main:
+            writer.set_status("finished", ended=time.time(), step=trainer.state.global_step)
     except (KeyboardInterrupt, _Terminated) as err:
         writer.close()
-        writer.set_status("cancelled", ended=time.time(), error=str(err) or "cancelled")
+        if procs.main:
+            writer.set_status("cancelled", ended=time.time(), error=str(err) or "cancelled")
         raise
     except BaseException as err:
         writer.close()
-        writer.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}",
-                          traceback=traceback.format_exc(limit=8))
+        if procs.main:
+            writer.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}",
+                              traceback=traceback.format_exc(limit=8))
         raise
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     return run_dir
+
+
+def _quiet(*args) -> None:
+    pass
+
+
+class Processes:
+    """Which process this is under ``torchrun`` / ``accelerate launch`` (one process otherwise): the main process
+    creates and writes the run directory; the others train beside it and learn its path."""
+
+    def __init__(self):
+        self.n = int(os.environ.get("WORLD_SIZE", "1"))
+        self.state = None
+        if self.n > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch_cuda())
+
+    @property
+    def main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def main_first(self):
+        return self.state.main_process_first() if self.state is not None else contextlib.nullcontext()
+
+    def share(self, value):
+        """The main process's value, on every process."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
 
 
 def _main_thread() -> bool:
@@ -285,6 +336,7 @@ def _main_thread() -> bool:
 
 
 def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progress: bool = True):
+    from staysafe.models import resolve_precision
     from staysafe.data import SafetyCollator
     from staysafe.evaluation import EvalCallback, EvalSettings, SafetyEvaluator
     from staysafe.risk import Calibration, ColumnRisk
@@ -307,6 +359,7 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
         seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="no",
         save_strategy="steps" if spec.checkpoint_every else "no", save_steps=spec.checkpoint_every or 500,
         save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(), report_to="none",
+        bf16=resolve_precision(spec.precision) == "bf16",
     )
     trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,
                             data_collator=SafetyCollator(tokenizer.pad_token_id), risk_sources=sources, run=writer,

@@ -278,6 +278,7 @@ def list_runs(root: Path) -> pd.DataFrame:
                 row.update({
                     "state": status.get("state"), "method": config.get("method"), "risk": config.get("risk"),
                     "scenario": config.get("scenario") or config.get("data"), "model": config.get("model"),
+                    "experiment": config.get("experiment"), "seed": config.get("seed"),
                     "steps_done": int(steps["step"].max()) if len(steps) else 0, "max_steps": config.get("steps"),
                     "final_asr_keyword": float(final["asr_keyword"]) if final is not None and "asr_keyword" in final else None,
                     "created": status.get("created"), "error": status.get("error"),
@@ -285,8 +286,8 @@ def list_runs(root: Path) -> pd.DataFrame:
             except TraceError as err:
                 row.update({"state": "corrupt", "error": str(err)})
             rows.append(row)
-    return pd.DataFrame(rows, columns=["run_id", "path", "state", "method", "risk", "scenario", "model", "steps_done",
-                                       "max_steps", "final_asr_keyword", "created", "error"])
+    return pd.DataFrame(rows, columns=["run_id", "path", "state", "method", "risk", "scenario", "model", "experiment",
+                                       "seed", "steps_done", "max_steps", "final_asr_keyword", "created", "error"])
 
 
 def safe_run_path(root: Path, run_id: str) -> Path:

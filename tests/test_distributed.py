@@ -1,0 +1,40 @@
+"""The trainer is a plain transformers Trainer: the same command runs under torchrun with several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_records
+from staysafe.traces import list_runs, load_run
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_write_one_run(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(48)))
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "staysafe.cli", "train",
+           "--model", "tiny", "--lora-r", "4", "--batch-size", "4", "--max-length", "64", "--steps", "4",
+           "--data", str(data), "--method", "adaptive", "--risk", "probe", "--no-record-judge",
+           "--eval-every", "2", "--eval-harmful", "2", "--eval-benign", "2", "--max-new-tokens", "2",
+           "--eval-judges", "", "--runs-dir", str(tmp_path / "runs")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "STAYSAFE_HOME": os.environ.get(
+                             "STAYSAFE_HOME", os.path.expanduser("~/.cache/staysafe"))})
+    assert res.returncode == 0, res.stderr[-4000:]
+    runs = list_runs(tmp_path / "runs")
+    assert len(runs) == 1 and runs["state"].iloc[0] == "finished"  # one directory, written by the main process
+    run = load_run(runs["path"].iloc[0])
+    assert run.config["processes"] == 2
+    assert run.steps["step"].tolist() == [1, 2, 3, 4]
+    # each optimizer step saw both processes' batches: 2 x 4 examples, all recorded
+    assert run.examples.groupby("step").size().tolist() == [8, 8, 8, 8]
+    assert run.steps["n_examples"].tolist() == [8, 8, 8, 8]
+    assert run.evals["step"].tolist() == [0, 2, 4]
+    assert run.examples["risk_probe"].notna().all()
