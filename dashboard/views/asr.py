@@ -1,0 +1,198 @@
+"""ASR over training: judge ASR, keyword ASR (a weak judge), over-refusal and benign NLL against step, for several
+runs or a whole experiment (mean line and a band over seeds per method); click a step to read what the model
+answered then."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+import common
+from staysafe.traces import TraceError
+
+cfg = common.page_setup()
+st.title(":material/target: ASR over training")
+st.caption("Attack success rate (ASR): the share of held-out harmful requests the model answers instead of "
+           "refusing, measured every few steps. Over-refusal and benign NLL show what safety costs in utility.")
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
+
+
+mode = st.segmented_control("show", ["runs", "an experiment"], default="runs", key="asr_mode", required=True)
+runs = common.runs_table(cfg.runs)
+loaded: dict[str, object] = {}
+group_of: dict[str, str] = {}
+band = "min–max"
+results = pd.DataFrame()
+if mode == "runs":
+    if runs.empty:
+        common.no_runs(cfg.runs)
+        st.stop()
+    chosen = common.pick_runs(runs, "runs", key="asr_runs", multi=True, default_n=3)
+    for run_id in chosen:
+        run, error = common.try_load_run(cfg.runs, run_id, ("evals", "generations"))
+        if error:
+            common.run_error(run_id, error)
+        else:
+            loaded[run_id] = run
+            group_of[run_id] = run_id
+else:
+    exps = common.experiments_under(cfg.experiments)
+    if not exps:
+        st.info(f"No experiment under `{cfg.experiments}` yet. Run one (or launch it from **Launch a run**):")
+        st.code(f"staysafe experiment --scenario harmful --quick --out-dir {cfg.experiments} --runs-dir {cfg.runs}",
+                language="bash")
+        st.stop()
+    c1, c2 = st.columns([2, 1])
+    exp_dir = c1.selectbox("experiment", exps, index=len(exps) - 1, format_func=lambda p: p.name, key="asr_exp")
+    band = c2.segmented_control("band over seeds", ["min–max", "± std"], default="min–max", key="asr_band",
+                                required=True)
+    try:
+        desc, results = common.load_experiment_cached(exp_dir)
+    except TraceError as err:
+        st.error(f"Experiment `{exp_dir.name}` cannot be read: {err}")
+        st.stop()
+    exp_id = desc.get("id", exp_dir.name)
+    for row in runs.to_dict("records"):
+        if row["state"] == "corrupt":
+            continue
+        run, error = common.try_load_run(cfg.runs, row["run_id"], ("evals", "generations"))
+        if error or run.config.get("experiment") != exp_id:
+            continue
+        loaded[row["run_id"]] = run
+        group_of[row["run_id"]] = common.method_label(run.config)
+    st.caption(f"Experiment `{exp_id}` ({desc.get('state', '?')}): scenario {desc.get('scenario')}, "
+                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under `{cfg.runs}`.")
+    if not loaded:
+        st.info(f"None of this experiment's runs are under `{cfg.runs}` (runs whose config has "
+                f"\"experiment\": \"{exp_id}\"). Point the runs root at the experiment's `--runs-dir`.")
+        st.stop()
+
+with_evals = {rid: r for rid, r in loaded.items() if not r.evals.empty}
+for rid in loaded:
+    if rid not in with_evals:
+        st.info(f"Run `{rid}` has no evaluation yet (the first one runs at step 0).")
+if not with_evals:
+    st.stop()
+
+judge_cols = sorted({c for r in with_evals.values() for c in common.asr_columns(r.evals)[0]})
+metrics_all = judge_cols + ["asr_keyword", "over_refusal", "benign_nll"]
+metrics_all = [m for m in metrics_all if any(m in r.evals for r in with_evals.values())]
+common.reset_on_change("asr_metrics", tuple(metrics_all))
+metrics = st.multiselect("measures", metrics_all, default=metrics_all, format_func=common.metric_title,
+                         key="asr_metrics")
+if not judge_cols:
+    st.caption("Only keyword ASR was measured (a weak judge: it counts answers without a refusal phrase). Add "
+               "`--eval-judges embedding-response` for a judge ASR.")
+if not metrics:
+    st.stop()
+
+ncols = 2 if len(metrics) > 1 else 1
+nrows = math.ceil(len(metrics) / ncols)
+fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[common.metric_title(m) for m in metrics],
+                    vertical_spacing=0.16 if nrows > 1 else 0.1, horizontal_spacing=0.08)
+groups = list(dict.fromkeys(group_of[r] for r in with_evals))
+for gi, group in enumerate(groups):
+    members = [r for r in with_evals if group_of[r] == group]
+    color = common.color_for(gi, group)
+    for k, m in enumerate(metrics):
+        row, col = k // ncols + 1, k % ncols + 1
+        frames = [with_evals[r].evals[["step", m]].set_index("step")[m].rename(r) for r in members
+                  if m in with_evals[r].evals]
+        if not frames:
+            continue
+        table = pd.concat(frames, axis=1).sort_index().astype(float)
+        steps = table.index.to_numpy()
+        mean = table.mean(axis=1).to_numpy()
+        if len(members) > 1:
+            if band == "min–max":
+                lo, hi = table.min(axis=1).to_numpy(), table.max(axis=1).to_numpy()
+            else:
+                sd = table.std(axis=1, ddof=1).fillna(0).to_numpy()
+                lo, hi = mean - sd, mean + sd
+            fig.add_trace(go.Scatter(x=np.concatenate([steps, steps[::-1]]), y=np.concatenate([hi, lo[::-1]]),
+                                     fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0),
+                                     hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
+        name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
+        pct = m.startswith("asr_") or m == "over_refusal"
+        fig.add_trace(go.Scatter(x=steps, y=mean, name=name, legendgroup=group, showlegend=k == 0,
+                                 mode="lines+markers", line=dict(color=color, width=2.5,
+                                                                 dash="dot" if m == "asr_keyword" and judge_cols
+                                                                 else "solid"),
+                                 marker=dict(size=7),
+                                 hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{common.metric_title(m)}: "
+                                               + ("%{y:.0%}" if pct else "%{y:.3f}") + "<extra></extra>"),
+                      row=row, col=col)
+for k, m in enumerate(metrics):
+    row, col = k // ncols + 1, k % ncols + 1
+    if m.startswith("asr_") or m == "over_refusal":
+        fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", row=row, col=col)
+    fig.update_xaxes(title_text="step", row=row, col=col)
+common.style(fig, height=300 * nrows + 80)
+fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.04 / nrows, x=0),
+                  margin=dict(t=110), clickmode="event+select")
+event = st.plotly_chart(fig, key="asr_chart", on_select="rerun", selection_mode=("points",),
+                        config={"displaylogo": False})
+st.caption("Click a point to read the answers at that step (or pick the step below). "
+           + ("Dotted: keyword ASR, the weak judge." if judge_cols else ""))
+
+# ----------------------------------------------------------------------------------------------- answers at a step
+
+points = []
+try:
+    points = list(event.selection.points) if event and event.selection else []
+except AttributeError:
+    points = []
+if points and "x" in points[0]:
+    st.session_state["asr_clicked_step"] = int(points[0]["x"])
+
+st.subheader("What the model answered")
+c1, c2, c3 = st.columns([2, 1, 1])
+rid = c1.selectbox("run", list(with_evals), format_func=lambda r: f"{r} ({common.method_label(with_evals[r].config)})",
+                   key="asr_gen_run")
+run = with_evals[rid]
+gen = run.generations
+if gen.empty:
+    st.info(f"Run `{rid}` recorded no generations.")
+    st.stop()
+steps = sorted(gen["step"].unique().tolist())
+clicked = st.session_state.get("asr_clicked_step")
+index = steps.index(clicked) if clicked in steps else len(steps) - 1
+step = c2.selectbox("step", steps, index=index, key=f"asr_step_{rid}_{clicked}")
+kinds = sorted(gen["kind"].dropna().unique().tolist())
+kind = c3.selectbox("prompts", ["harmful", "benign", "all"] if {"harmful", "benign"} <= set(kinds) else ["all"],
+                    key="asr_kind")
+at = gen[gen["step"] == step]
+if kind != "all":
+    at = at[at["kind"] == kind]
+first = gen[gen["step"] == steps[0]].set_index("prompt_id")["response"]
+score_cols = [c for c in at.columns if c.startswith("score_")]
+view = at.assign(**{f"answer at step {steps[0]}": at["prompt_id"].map(first)}) if step != steps[0] else at
+cols = ["prompt_id", "kind", "category", "prompt", "response"] + ([f"answer at step {steps[0]}"]
+                                                                   if step != steps[0] else []) + ["refused"] + score_cols
+ev = run.evals.set_index("step")
+summary = []
+if step in ev.index:
+    for m in judge_cols + ["asr_keyword"]:
+        if m in ev.columns and pd.notna(ev.at[step, m]):
+            summary.append(f"{common.metric_title(m)} {common.fmt_pct(ev.at[step, m])}")
+st.caption(f"Step {step}: {len(at)} prompt(s). " + " · ".join(summary))
+st.dataframe(view[cols], hide_index=True, column_config={
+    "prompt": st.column_config.TextColumn(width="large"), "response": st.column_config.TextColumn(width="large"),
+    f"answer at step {steps[0]}": st.column_config.TextColumn(width="medium"),
+    "refused": st.column_config.CheckboxColumn("refused (keyword)"),
+    **{c: st.column_config.ProgressColumn(c.replace("score_", "judge: "), min_value=0.0, max_value=1.0,
+                                          format="%.2f", help="judge's harmfulness score of the answer")
+       for c in score_cols}})
+
+if mode != "runs" and len(results):
+    with st.expander("Results table of the experiment (results.parquet)"):
+        st.dataframe(results, hide_index=True)

@@ -1,0 +1,278 @@
+"""Guided demo: the effect told in four steps from a recorded experiment (``data/demo/``), so it works on first
+open with no waiting: the aligned model refuses; plain fine-tuning on a few harmful examples erases that; the
+adaptive regularizer keeps it; and what the risk signals saw."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import common
+from staysafe.launcher import LaunchError, Queue
+from staysafe.runner import SpecError
+from staysafe.traces import TraceError
+
+cfg = common.page_setup()
+st.title(":material/school: Guided demo: safety degradation and how to prevent it")
+
+RECORDED = "recorded demo"
+recorded_exp, recorded_runs = cfg.demo / "experiment", cfg.demo / "runs"
+live = common.experiments_under(cfg.experiments)
+options = [RECORDED] + [p.name for p in live]
+source = st.selectbox("experiment shown", options, key="demo_source",
+                      format_func=lambda o: f"{o} ({cfg.demo})" if o == RECORDED else f"{o} (live, {cfg.experiments})")
+if source == RECORDED:
+    exp_dir, runs_root = recorded_exp, recorded_runs
+else:
+    exp_dir, runs_root = cfg.experiments / source, cfg.runs
+
+
+def rerun_button(scenario: str = "harmful") -> None:
+    """Queue the same experiment live through the launcher (it lands in the normal experiments/runs roots)."""
+    if st.button("Re-run it live (`staysafe experiment --quick`, about 30 min on CPU)", key="demo_rerun",
+                 icon=":material/play_arrow:"):
+        try:
+            job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, quick=True)
+        except (SpecError, LaunchError) as err:
+            st.error(f"Not queued: {err}")
+        else:
+            st.success(f"Queued experiment `{job['target']}`. Watch it on **Launch a run**; when it finishes, pick it "
+                       "above.")
+
+
+if not (exp_dir / "experiment.json").is_file():
+    if source == RECORDED:
+        st.info(f"No recorded demo yet: `{recorded_exp}` does not exist. Record one (about 30 minutes on 2 CPU "
+                "cores; the aligned model is built first if needed):")
+        st.code(f"staysafe experiment --scenario harmful --quick --id experiment --out-dir {cfg.demo} "
+                f"--runs-dir {recorded_runs}", language="bash")
+        st.caption(f"This writes `{recorded_exp}/` (experiment.json, results.parquet, results.md) and one run per "
+                   f"method under `{recorded_runs}/`. Or run it live from here:")
+    else:
+        st.info(f"`{exp_dir}` has no experiment.json.")
+    rerun_button()
+    st.stop()
+
+try:
+    desc, results = common.load_experiment_cached(exp_dir)
+except TraceError as err:
+    st.error(f"The experiment in `{exp_dir}` cannot be read: {err}")
+    st.stop()
+if results.empty or "run_id" not in results:
+    st.info(f"Experiment `{desc.get('id')}` has no finished run yet ({desc.get('state', '?')}); results appear here "
+            "as each method finishes.")
+    st.stop()
+
+runs, problems = {}, []
+for row in results.to_dict("records"):
+    run, error = common.try_load_run(runs_root, str(row["run_id"]))
+    if error:
+        problems.append(f"`{row['run_id']}`: {error}")
+    else:
+        runs.setdefault(row["method"], run)  # first seed of each method tells the story
+if problems:
+    st.warning("Some runs of this experiment cannot be read (the story uses the others):\n\n"
+               + "\n".join(f"- {p}" for p in problems))
+if not runs:
+    st.stop()
+
+first = next(iter(runs.values()))
+judge_cols = sorted({c for r in runs.values() for c in common.asr_columns(r.evals)[0]})
+asr_col = judge_cols[0] if judge_cols else "asr_keyword"
+asr_name = common.metric_title(asr_col)
+sft = runs.get("sft")
+adaptive_name = next((m for m in ("adaptive-probe", "adaptive-judge", "adaptive-label") if m in runs), None)
+adaptive = runs.get(adaptive_name) if adaptive_name else None
+cfg0 = first.config
+st.markdown(
+    f"Experiment `{desc.get('id')}`: model `{cfg0.get('model')}`, scenario **{cfg0.get('scenario')}** "
+    f"({cfg0.get('n_harmful')} harmful training examples), {cfg0.get('steps')} steps, "
+    f"methods {', '.join(f'`{m}`' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
+    f"refused, by the {'judge ' + asr_col[4:] if judge_cols else 'keyword judge (weak: it looks for refusal phrases)'}.")
+rerun_button(str(desc.get("scenario") or "harmful"))
+
+
+def asr_at(run, step_pick: str, col: str = asr_col) -> float:
+    ev = run.evals.sort_values("step")
+    if ev.empty or col not in ev:
+        return float("nan")
+    return float(ev[col].iloc[0 if step_pick == "first" else -1])
+
+
+def sample_prompts(run, k: int = 3) -> list[str]:
+    """Harmful prompts refused at step 0 and answered at the end (the clearest), else any harmful prompts."""
+    g = run.generations
+    if g.empty:
+        return []
+    g = g[g["kind"] == "harmful"]
+    s0, s1 = g["step"].min(), g["step"].max()
+    a = g[g["step"] == s0].set_index("prompt_id")
+    b = g[g["step"] == s1].set_index("prompt_id")
+    both = a.index.intersection(b.index)
+    flipped = [p for p in both if bool(a.at[p, "refused"]) and not bool(b.at[p, "refused"])]
+    refused = [p for p in both if bool(a.at[p, "refused"]) and p not in flipped]
+    rest = [p for p in both if p not in flipped and p not in refused]
+    return (flipped + refused + rest)[:k]
+
+
+def answers(run, prompt_ids: list[str], step_pick: str) -> dict[str, dict]:
+    g = run.generations
+    if g.empty:
+        return {}
+    step = g["step"].min() if step_pick == "first" else g["step"].max()
+    at = g[g["step"] == step].set_index("prompt_id")
+    return {p: at.loc[p].to_dict() | {"step": int(step)} for p in prompt_ids if p in at.index}
+
+
+def answer_card(title: str, record: dict | None) -> None:
+    with st.container(border=True):
+        if not record:
+            st.caption(f"{title}: no answer recorded")
+            return
+        verdict = ":material/shield: refused" if record.get("refused") else ":material/warning: answered"
+        st.markdown(f"**{title}** · step {record['step']} · {verdict}")
+        st.text(common.short(record.get("response"), 400) or "(empty answer)")
+
+
+def asr_figure(names: list[str], title: str) -> go.Figure:
+    fig = go.Figure()
+    for i, name in enumerate(names):
+        ev = runs[name].evals.sort_values("step")
+        for col, dash in dict.fromkeys([(asr_col, "solid"), ("asr_keyword", "dot")]):
+            if col not in ev or (dash == "dot" and col == asr_col):
+                continue
+            label = name if col == asr_col else f"{name}: keyword ASR (weak judge)"
+            fig.add_trace(go.Scatter(x=ev["step"], y=ev[col], name=label, mode="lines+markers",
+                                     line=dict(color=common.color_for(i, name), width=3 if col == asr_col else 1.5,
+                                               dash=dash), showlegend=col == asr_col or len(names) == 1))
+    fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", title_text=asr_name)
+    fig.update_xaxes(title_text="training step")
+    common.style(fig, height=380, title=title)
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
+    return fig
+
+
+story_run = sft or first
+prompts = sample_prompts(story_run)
+
+st.divider()
+st.header("1 · The aligned model refuses")
+ref = asr_at(story_run, "first")
+c1, c2 = st.columns([1, 3])
+c1.metric(f"{asr_name} at step 0", common.fmt_pct(ref), help="Before any fine-tuning: the safe reference.")
+c1.metric("refused at step 0", common.fmt_pct(1 - ref) if np.isfinite(ref) else "n/a")
+with c2:
+    st.markdown("Before fine-tuning, the reference model declines harmful requests. A few of the held-out harmful "
+                "prompts and its answers:")
+    before = answers(story_run, prompts, "first")
+    for p in prompts:
+        rec = before.get(p)
+        st.markdown(f"> {common.short(rec.get('prompt') if rec else p, 200)}")
+        answer_card("reference model", rec)
+
+st.divider()
+st.header("2 · Plain fine-tuning on a few harmful examples erases that")
+if sft is None:
+    st.info("This experiment has no `sft` run; the effect of plain fine-tuning is not shown.")
+else:
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        common.plotly(asr_figure(["sft"], f"sft: {asr_name} over training"), key="demo_sft_asr")
+    with c2:
+        st.metric(f"{asr_name}: before → after", f"{common.fmt_pct(asr_at(sft, 'first'))} → "
+                                                  f"{common.fmt_pct(asr_at(sft, 'last'))}")
+        st.markdown(f"`sft` minimises only the NLL of the training answers (β = 0). After "
+                    f"{int(sft.steps['step'].max()) if len(sft.steps) else '?'} steps on compliant answers to harmful "
+                    "requests the model has learned to comply, also with requests it never saw.")
+    after = answers(sft, prompts, "last")
+    for p in prompts:
+        a, b = st.columns(2)
+        with a:
+            answer_card("before", before.get(p))
+        with b:
+            answer_card("after sft", after.get(p))
+
+st.divider()
+st.header("3 · The adaptive regularizer keeps the refusals")
+names = list(runs)
+c1, c2 = st.columns([3, 2])
+with c1:
+    common.plotly(asr_figure(names, f"{asr_name} over training, every method"), key="demo_all_asr")
+with c2:
+    st.markdown("`sft` fine-tunes with β = 0. `constant-kl` spends the same average β on every batch; the adaptive "
+                "methods spend it where the risk signal says the batch is harmful. The goal: ASR stays near its "
+                "step-0 value while the benign NLL (utility) still improves.")
+    rows = []
+    for n, r in runs.items():
+        row = {"method": n, f"final {asr_name}": asr_at(r, "last")}
+        if judge_cols:
+            row["keyword ASR (weak)"] = asr_at(r, "last", "asr_keyword")
+        row["mean β"] = float(r.steps["beta"].mean()) if len(r.steps) else float("nan")
+        row["benign NLL"] = (float(r.evals.sort_values("step")["benign_nll"].iloc[-1]) if len(r.evals)
+                             else float("nan"))
+        rows.append(row)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
+        "method": st.column_config.TextColumn(width="medium"),
+        f"final {asr_name}": st.column_config.NumberColumn(
+            "final judge ASR" if judge_cols else "final keyword ASR (weak)", format="percent", help=asr_name),
+        "keyword ASR (weak)": st.column_config.NumberColumn("keyword ASR (weak)", format="percent"),
+        "mean β": st.column_config.NumberColumn(format="%.2f"),
+        "benign NLL": st.column_config.NumberColumn(format="%.2f")})
+if adaptive is not None:
+    after_ad = answers(adaptive, prompts, "last")
+    for p in prompts:
+        a, b = st.columns(2)
+        with a:
+            answer_card("after sft" if sft is not None else "before", (after if sft is not None else before).get(p))
+        with b:
+            answer_card(f"after {adaptive_name}", after_ad.get(p))
+
+st.divider()
+st.header("4 · What the risk signals saw")
+reg = adaptive or next((r for n, r in runs.items() if n != "sft"), None)
+if reg is None:
+    st.info("No regularized run in this experiment.")
+else:
+    ex = common.examples_joined(reg.path)
+    c1, c2 = st.columns(2)
+    with c1:
+        fig = go.Figure()
+        signals = [c for c in ("risk_probe", "risk_judge") if c in ex]
+        if signals and "label" in ex:
+            per = ex.groupby("example_index").agg(label=("label", "first"), prompt=("prompt", "first"),
+                                                  **{c: (c, "mean") for c in signals}).reset_index()
+            for i, c in enumerate(signals):
+                for g in ("harmful", "benign"):
+                    v = per[per["label"] == g]
+                    if v.empty:
+                        continue
+                    fig.add_trace(go.Box(y=v[c], x=[common.metric_title(c)] * len(v), name=g, boxpoints="all",
+                                         jitter=0.5, pointpos=0, marker=dict(color=common.LABEL_COLORS[g], size=5),
+                                         line=dict(color=common.LABEL_COLORS[g]), legendgroup=g, showlegend=i == 0,
+                                         text=[common.wrap_html(p, 50, 2) for p in v["prompt"]],
+                                         hovertemplate="%{text}<br>risk %{y:.2f}<extra></extra>"))
+            fig.update_layout(boxmode="group")
+            fig.update_yaxes(range=[-0.03, 1.03], title_text="risk per training example")
+            common.style(fig, height=380, title=f"Risk of each training example ({common.method_label(reg.config)})")
+            fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
+            common.plotly(fig, key="demo_risk")
+        else:
+            st.info("This run recorded no probe or judge risk per example.")
+    with c2:
+        fig = go.Figure()
+        for i, (n, r) in enumerate(runs.items()):
+            if len(r.steps):
+                fig.add_trace(go.Scatter(x=r.steps["step"], y=r.steps["beta"], name=n, mode="lines",
+                                         line=dict(color=common.color_for(i, n), width=2.5)))
+        fig.update_yaxes(range=[-0.03, 1.03], title_text="β (KL weight)")
+        fig.update_xaxes(title_text="training step")
+        common.style(fig, height=380, title="β over training")
+        fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
+        common.plotly(fig, key="demo_beta")
+    st.markdown("The probe reads the reference model's hidden state at the end of each training prompt; the judge "
+                "scored each training example once before training. Where they say *harmful*, β rises and the "
+                "update is pulled back toward the safe reference. The **Regularization explorer** lists every "
+                "example with the β it received.")

@@ -1,0 +1,226 @@
+"""Judge vs probe: do the activation probe and a judge agree on which examples are risky, which one is right more
+often, how well calibrated each is, and what each costs? From a ``staysafe compare-risk`` folder or from a run's
+training examples (risk_probe vs risk_judge per example)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import common
+from staysafe.traces import TraceError
+
+cfg = common.page_setup()
+st.title(":material/balance: Judge vs probe")
+st.caption("Two risk signals for the same examples: the activation probe (free during training: it reads the "
+           "reference forward) and a judge (scored once per training example, cached).")
+
+source = st.segmented_control("source", ["a compare-risk folder", "a run's training examples"],
+                              default="a compare-risk folder", key="jvp_source", required=True)
+
+frame: pd.DataFrame | None = None
+summary: dict = {}
+cost: dict[str, float] = {}
+if source == "a compare-risk folder":
+    dirs = common.compare_dirs(cfg.compare)
+    base = cfg.compare.resolve() if cfg.compare.exists() else cfg.compare
+    options = [str(p.relative_to(base)) if p != base else "." for p in dirs]
+    c1, c2 = st.columns(2)
+    picked = c1.selectbox("found folders", options or ["(none found)"], key="jvp_dir")
+    typed = c2.text_input("or a folder inside the compare root", key="jvp_dir_typed", placeholder="eval")
+    rel = typed.strip() or (picked if options else "")
+    if not rel:
+        st.info(f"No comparison under `{cfg.compare}` yet. Score held-out examples with the probe and the judges:")
+        st.code(f"staysafe compare-risk --data eval-harmful,eval-benign --out {cfg.compare}/eval", language="bash")
+        st.caption("Or switch the source to a run's training examples (an adaptive run that recorded the judge).")
+        st.stop()
+    try:
+        table, summary = common.load_compare(common.safe_subdir(cfg.compare, rel))
+    except TraceError as err:
+        st.error(f"Cannot use `{rel}`: {err}")
+        st.stop()
+    frame = table.rename(columns={"example_id": "id"})
+    cost = {s: v.get("seconds_per_100") for s, v in summary.get("sources", {}).items()
+            if v.get("seconds_per_100") is not None}
+else:
+    runs = common.runs_table(cfg.runs)
+    if runs.empty:
+        common.no_runs(cfg.runs)
+        st.stop()
+    run_id = common.pick_runs(runs, "run", key="jvp_run", prefer=lambda r: r.get("method") != "sft")[0]
+    run, error = common.try_load_run(cfg.runs, run_id, ("examples",))
+    if error:
+        common.run_error(run_id, error)
+        st.stop()
+    ex = common.examples_joined(run.path)
+    have = [c for c in ex.columns if c.startswith("risk_") and c != "risk_label"] if len(ex) else []
+    if len(have) < 2:
+        st.info(f"Run `{run_id}` recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
+                "needs both `risk_probe` and `risk_judge`. An adaptive or constant-kl run records the probe for free; "
+                "add the judge with `--record-judge` (the default):")
+        st.code("staysafe train --scenario harmful --method adaptive --risk probe --record-judge --judge embedding",
+                language="bash")
+        st.stop()
+    agg = {c: "mean" for c in have}
+    keep = [c for c in ("example_id", "label", "category", "prompt", "response") if c in ex]
+    frame = (ex.groupby("example_index").agg({**agg, **{c: "first" for c in keep}}).reset_index()
+             .rename(columns={"example_id": "id", **{c: c[len("risk_"):] for c in have}}))
+    scoring = run.config.get("risk_scoring") or {}
+    if scoring.get("misses"):
+        cost[str(scoring.get("judge", "judge"))] = float(scoring.get("seconds", 0)) / scoring["misses"] * 100
+    st.caption(f"{len(frame)} distinct training examples seen by `{run_id}` (risk averaged over the steps each was "
+               "seen).")
+
+sources = [c for c in frame.columns if c not in common.TEXT_COLUMNS and c != "example_index"
+           and pd.api.types.is_numeric_dtype(frame[c])]
+if len(sources) < 2:
+    st.info(f"Only {sources} scored these examples; nothing to compare.")
+    st.stop()
+y_true = (frame["label"] == "harmful").to_numpy() if "label" in frame else None
+
+for key in ("jvp_x", "jvp_y", "jvp_tx", "jvp_ty"):
+    common.reset_on_change(key, (source, tuple(sources), len(frame)))
+c = st.columns(4)
+default_x = sources.index("probe") if "probe" in sources else 0
+x_src = c[0].selectbox("x: risk source", sources, index=default_x, key="jvp_x")
+others = [s for s in sources if s != x_src]
+y_src = c[1].selectbox("y: risk source", others, key="jvp_y")
+default_t = float(summary.get("threshold", 0.5))
+tx = c[2].slider(f"threshold for {x_src}", 0.0, 1.0, default_t, 0.01, key="jvp_tx")
+ty = c[3].slider(f"threshold for {y_src}", 0.0, 1.0, default_t, 0.01, key="jvp_ty")
+
+x = frame[x_src].astype(float).to_numpy()
+yv = frame[y_src].astype(float).to_numpy()
+ok = np.isfinite(x) & np.isfinite(yv)
+missing = int((~ok).sum())
+if missing:
+    st.caption(f"{missing} example(s) lack a score from one of the two sources (judge failures) and are left out "
+               "of the pairwise views.")
+
+left, right = st.columns(2)
+with left:
+    fig = go.Figure()
+    hover = np.array([common.wrap_html(p, 60, 3) for p in frame.get("prompt", pd.Series([""] * len(frame)))],
+                     dtype=object)
+    labels = frame["label"].astype(str) if "label" in frame else pd.Series(["?"] * len(frame))
+    for g in sorted(labels.unique()):
+        m = ok & (labels == g).to_numpy()
+        fig.add_trace(go.Scattergl(x=x[m], y=yv[m], mode="markers", name=g, text=hover[m],
+                                   marker=dict(size=7, opacity=0.7, color=common.LABEL_COLORS.get(g)),
+                                   hovertemplate=f"{x_src} %{{x:.2f}} · {y_src} %{{y:.2f}}<br>%{{text}}<extra>{g}</extra>"))
+    fig.add_vline(x=tx, line=dict(color="#888", dash="dash"))
+    fig.add_hline(y=ty, line=dict(color="#888", dash="dash"))
+    fig.update_xaxes(title_text=f"{x_src} risk", range=[-0.03, 1.03])
+    fig.update_yaxes(title_text=f"{y_src} risk", range=[-0.03, 1.03])
+    common.style(fig, height=440, title="Per-example risk")
+    common.plotly(fig, key="jvp_scatter")
+
+with right:
+    fig = go.Figure()
+    if y_true is not None and y_true.any() and (~y_true).any():
+        from sklearn.metrics import roc_auc_score, roc_curve
+
+        for i, s in enumerate(sources):
+            p = frame[s].astype(float).to_numpy()
+            m = np.isfinite(p)
+            if m.sum() < 2 or len(set(y_true[m])) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y_true[m], p[m])
+            fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", line=dict(width=2.5, color=common.color_for(i)),
+                                     name=f"{s} (AUROC {roc_auc_score(y_true[m], p[m]):.2f})"))
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
+                                 line=dict(color="#bbb", dash="dot")))
+        fig.update_xaxes(title_text="false positive rate (benign flagged)")
+        fig.update_yaxes(title_text="true positive rate (harmful flagged)")
+        common.style(fig, height=440, title="ROC against the labels")
+        fig.update_layout(legend=dict(x=0.45, y=0.05, bgcolor="rgba(255,255,255,0.8)"))
+        common.plotly(fig, key="jvp_roc")
+    else:
+        st.info("ROC curves need both harmful and benign labels.")
+
+left, right = st.columns(2)
+with left:
+    fx, fy = x[ok] >= tx, yv[ok] >= ty
+    counts = np.array([[int((~fx & ~fy).sum()), int((~fx & fy).sum())],
+                       [int((fx & ~fy).sum()), int((fx & fy).sum())]])
+    n = int(ok.sum())
+    po = float((fx == fy).mean()) if n else float("nan")
+    pe = float(fx.mean() * fy.mean() + (1 - fx.mean()) * (1 - fy.mean())) if n else float("nan")
+    kappa = (po - pe) / (1 - pe) if n and pe < 1 else float("nan")
+    fig = go.Figure(go.Heatmap(z=counts, x=[f"{y_src} < {ty:.2f}", f"{y_src} ≥ {ty:.2f}"],
+                               y=[f"{x_src} < {tx:.2f}", f"{x_src} ≥ {tx:.2f}"], colorscale="Teal", showscale=False,
+                               text=counts, texttemplate="%{text}", textfont=dict(size=18),
+                               hovertemplate="%{y} and %{x}: %{z}<extra></extra>"))
+    common.style(fig, height=360, title=f"Agreement: {100 * po:.0f}% of {n} · Cohen's κ {kappa:.2f}")
+    fig.update_layout(margin=dict(l=140))
+    common.plotly(fig, key="jvp_agree")
+
+with right:
+    if y_true is not None:
+        fig = go.Figure()
+        bins = np.linspace(0, 1, 11)
+        for i, s in enumerate(sources):
+            p = frame[s].astype(float).to_numpy()
+            m = np.isfinite(p)
+            which = np.clip(np.digitize(p[m], bins) - 1, 0, 9)
+            rows = [(p[m][which == b].mean(), y_true[m][which == b].mean(), int((which == b).sum()))
+                    for b in range(10) if (which == b).any()]
+            if not rows:
+                continue
+            mp, fr, cnt = zip(*rows)
+            fig.add_trace(go.Scatter(x=mp, y=fr, mode="lines+markers", name=s, customdata=cnt,
+                                     line=dict(color=common.color_for(i), width=2.5),
+                                     marker=dict(size=[6 + 10 * c_ / max(cnt) for c_ in cnt]),
+                                     hovertemplate=f"{s}: mean risk %{{x:.2f}} → %{{y:.0%}} harmful "
+                                                   "(%{customdata} examples)<extra></extra>"))
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect",
+                                 line=dict(color="#bbb", dash="dot")))
+        fig.update_xaxes(title_text="predicted risk (bin mean)", range=[0, 1])
+        fig.update_yaxes(title_text="share actually harmful", range=[0, 1.02])
+        common.style(fig, height=360, title="Calibration (reliability)")
+        common.plotly(fig, key="jvp_calibration")
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Cost per 100 examples")
+    if cost:
+        fig = go.Figure(go.Bar(x=list(cost), y=list(cost.values()),
+                               marker_color=[common.color_for(sources.index(s) if s in sources else i)
+                                             for i, s in enumerate(cost)],
+                               text=[f"{v:.2f} s" for v in cost.values()], textposition="outside", width=0.5))
+        fig.update_yaxes(title_text="seconds per 100 examples", range=[0, max(cost.values()) * 1.25 or 1])
+        common.style(fig, height=320)
+        common.plotly(fig, key="jvp_cost")
+        if source != "a compare-risk folder":
+            st.caption("The judge's cost is from scoring this run's training examples before training (cache "
+                       "misses only). The probe costs nothing extra during training: it reads the reference forward "
+                       "that the KL needs anyway.")
+    else:
+        st.info("No cost recorded here: `staysafe compare-risk` measures seconds per 100 examples per source; a run "
+                "records the judge's cost only when it scored uncached examples.")
+with right:
+    if summary.get("sources"):
+        st.subheader("summary.json")
+        st.caption(f"At threshold {summary.get('threshold', 0.5)}, on {summary.get('n', '?')} examples of "
+                   f"{', '.join(summary.get('data', []))}.")
+        st.dataframe(pd.DataFrame(summary["sources"]).T, width="stretch", column_config={
+            "auroc": st.column_config.NumberColumn(format="%.3f"),
+            "accuracy": st.column_config.NumberColumn(format="%.3f"),
+            "seconds_per_100": st.column_config.NumberColumn("s / 100", format="%.2f")})
+        if summary.get("agreement"):
+            st.dataframe(pd.DataFrame(summary["agreement"]).T, width="stretch", column_config={
+                "agreement": st.column_config.NumberColumn(format="percent"),
+                "kappa": st.column_config.NumberColumn("Cohen's κ", format="%.2f")})
+
+st.subheader("Where they disagree most")
+k = st.slider("examples", 5, 100, 15, key="jvp_k")
+gap = np.abs(x - yv)
+table = frame.assign(**{"|difference|": gap}).loc[ok].sort_values("|difference|", ascending=False).head(k)
+cols = [c for c in ("id", "label", "category", x_src, y_src, "|difference|", "prompt", "response") if c in table]
+st.dataframe(table[cols], hide_index=True, column_config={
+    x_src: st.column_config.ProgressColumn(x_src, min_value=0.0, max_value=1.0, format="%.2f"),
+    y_src: st.column_config.ProgressColumn(y_src, min_value=0.0, max_value=1.0, format="%.2f"),
+    "|difference|": st.column_config.NumberColumn(format="%.2f"),
+    "prompt": st.column_config.TextColumn(width="large"), "response": st.column_config.TextColumn(width="medium")})

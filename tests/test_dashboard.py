@@ -1,0 +1,704 @@
+"""The dashboard on real tiny-model runs: every page through Streamlit's AppTest (finished, running, failed and
+corrupt runs, an empty root, an experiment, a compare folder, saved activations), the shared loaders and path
+checks, and one real-browser pass in headless Chromium that screenshots every page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+
+APP = REPO / "dashboard" / "app.py"
+PAGES = ["home", "launch", "traces", "activations", "judge_vs_probe", "asr", "regularization", "demo"]
+SCREENSHOTS = REPO / "tests" / "artifacts" / "screenshots"
+TINY = dict(model="tiny", lora_r=0, batch_size=4, max_length=64, steps=4, eval_every=2, eval_harmful=4,
+            eval_benign=4, max_new_tokens=4, eval_judges=[], record_judge=False, risk="label", save_model=False)
+
+sys.path.insert(0, str(REPO / "dashboard"))
+
+
+# ----------------------------------------------------------------------------------------------- real data
+
+
+def build_dashboard_data(base: Path) -> dict:
+    """Real tiny-model runs and everything the pages read, under ``base``; returns the roots (one training at a time).
+
+    runs/: the base run (adaptive, oracle label risk), adaptive with the probe (+ the embedding judge's risk and an embedding judge ASR) on a balanced
+    harmful/benign file, a failed run, a running run (status.json with this process's pid), a corrupt run, and an
+    experiment's runs (sft + adaptive-probe, two seeds); experiments/; compare/eval (probe vs embedding judge);
+    probes/ (a saved activations folder + probe, and 100,000 synthetic points); demo/ in the data/demo layout.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a small shared CPU, 2 threads against other load run ~5x slower than 1
+    try:
+        return _build(base)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(base: Path) -> dict:
+    from staysafe.compare import compare_risk
+    from staysafe.data import load_records
+    from staysafe.experiment import ExperimentSpec, run_experiment
+    from staysafe.probe import Activations
+    from staysafe.runner import RunSpec, run_training
+    from staysafe.traces import RunWriter
+
+    runs, exps, comp, probes, demo = (base / n for n in ("runs", "experiments", "compare", "probes", "demo"))
+    for d in (runs, exps, comp, probes):
+        d.mkdir(parents=True, exist_ok=True)
+    run_training(RunSpec(**TINY, runs_dir=str(runs), run_id="label-run"), progress=False, log=lambda *a: None)
+    mix = load_records("harmful-ft")[:14] + load_records("benign")[:14]
+    mix = [mix[i] for i in np.random.default_rng(0).permutation(len(mix))]
+    data = base / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"id": r["id"], "messages": r["messages"], "label": r["label"],
+                                        "category": r["category"]}) + "\n" for r in mix))
+    run_training(RunSpec(**{**TINY, "steps": 6, "risk": "probe", "record_judge": True, "judge": "embedding",
+                            "eval_judges": ["embedding-response"]}, method="adaptive", scenario=None,
+                         data=str(data), runs_dir=str(runs), run_id="adaptive-probe"), progress=False,
+                 log=lambda *a: None)
+    with pytest.raises(ValueError, match="unknown judge"):  # fails after its run directory exists
+        run_training(RunSpec(**{**TINY, "eval_judges": ["no-such-judge"]}, method="sft", runs_dir=str(runs),
+                             run_id="failed-run"), progress=False, log=lambda *a: None)
+    shutil.copytree(runs / "label-run", runs / "running-run")
+    RunWriter(runs / "running-run").set_status("running", step=4)  # pid = this process: alive
+    shutil.copytree(runs / "label-run", runs / "corrupt-run")
+    part = next((runs / "corrupt-run" / "steps.parquet").glob("*.parquet"))
+    part.write_bytes(b"PAR1 this is not parquet")
+    run_experiment(ExperimentSpec(scenario="harmful", methods=["sft", "adaptive-probe"], seeds=2, model="tiny",
+                                  out_dir=str(exps), runs_dir=str(runs), experiment_id="exp-tiny",
+                                  overrides={k: v for k, v in TINY.items() if k != "model"}), log=lambda *a: None)
+    compare_risk(model="tiny", judges=("embedding",), out_dir=comp / "eval")
+    shutil.copytree(runs / "adaptive-probe" / "activations" / "after", probes / "activations")
+    for name in ("probe.json", "probe.npz"):
+        shutil.copy(runs / "adaptive-probe" / name, probes / name)
+    rng = np.random.default_rng(0)
+    n = 100_000
+    labels = np.where(rng.random(n) < 0.5, "harmful", "benign")
+    shift = (labels == "harmful")[:, None] * 1.5
+    Activations(values={1: (rng.normal(size=(n, 64)) + shift).astype(np.float16)},
+                index=pd.DataFrame({"id": [f"p{i}" for i in range(n)], "label": labels,
+                                    "category": rng.choice(["a", "b", "c"], n),
+                                    "prompt": [f"synthetic prompt {i}" for i in range(n)]})).save(probes / "big")
+    (demo / "runs").mkdir(parents=True)
+    shutil.copytree(exps / "exp-tiny", demo / "experiment")
+    for p in runs.glob("exp-tiny-*"):
+        shutil.copytree(p, demo / "runs" / p.name)
+    return {"base": base, "runs": runs, "experiments": exps, "compare": comp, "probes": probes, "demo": demo}
+
+
+@pytest.fixture(scope="session")
+def dash_data(tmp_path_factory):
+    """Built once per session. For a quick edit-test loop, ``STAYSAFE_DASH_TEST_DATA=<dir>`` reuses a directory that
+    ``build_dashboard_data`` filled earlier (its running run is re-marked as running by this process)."""
+    reuse = os.environ.get("STAYSAFE_DASH_TEST_DATA")
+    if reuse and (Path(reuse) / "runs" / "label-run").is_dir():
+        from staysafe.traces import RunWriter
+
+        base = Path(reuse)
+        RunWriter(base / "runs" / "running-run").set_status("running", step=4)
+        return {"base": base, **{n: base / n for n in ("runs", "experiments", "compare", "probes", "demo")}}
+    return build_dashboard_data(tmp_path_factory.mktemp("dash"))
+
+
+def point_env(monkeypatch, roots: dict) -> None:
+    monkeypatch.setenv("STAYSAFE_RUNS", str(roots["runs"]))
+    monkeypatch.setenv("STAYSAFE_EXPERIMENTS", str(roots["experiments"]))
+    monkeypatch.setenv("STAYSAFE_COMPARE", str(roots["compare"]))
+    monkeypatch.setenv("STAYSAFE_PROBES", str(roots["probes"]))
+    monkeypatch.setenv("STAYSAFE_DEMO_DIR", str(roots["demo"]))
+
+
+@pytest.fixture
+def env(monkeypatch, dash_data):
+    point_env(monkeypatch, dash_data)
+    return dash_data
+
+
+@pytest.fixture
+def empty_env(monkeypatch, tmp_path):
+    roots = {n: tmp_path / n for n in ("runs", "experiments", "compare", "probes", "demo")}
+    point_env(monkeypatch, roots)
+    return roots
+
+
+def open_page(page: str, setup=None):
+    """Run the app shell, switch to ``page`` and run it (``setup(at)`` may set widgets first)."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    if page != "home":
+        at.switch_page(f"views/{page}.py")
+        at.run()
+    if setup is not None:
+        setup(at)
+        at.run()
+    return at
+
+
+def texts(at) -> str:
+    """Every markdown / caption / info / warning / error / title text of the page, joined."""
+    parts = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success",
+                 "code", "text"):
+        parts += [str(getattr(e, "value", "")) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def assert_clean(at, allow_errors: tuple[str, ...] = ()) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    bad = [e.value for e in at.error if not any(a in e.value for a in allow_errors)]
+    assert not bad, bad
+
+
+def chart_count(at) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def figure(at, i: int = 0) -> dict:
+    return json.loads(at.get("plotly_chart")[i].proto.spec)
+
+
+def array(values) -> np.ndarray:
+    """A Plotly JSON array: a plain list or a base64 typed array ({"dtype", "bdata"})."""
+    if isinstance(values, dict) and "bdata" in values:
+        import base64
+
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"])
+    return np.asarray(values)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def test_safe_subdir_refuses_escapes(tmp_path):
+    import common
+    from staysafe.traces import TraceError
+
+    (tmp_path / "root" / "eval").mkdir(parents=True)
+    assert common.safe_subdir(tmp_path / "root", "eval") == (tmp_path / "root" / "eval").resolve()
+    assert common.safe_subdir(tmp_path / "root", ".") == (tmp_path / "root").resolve()
+    for bad in ("../x", "/etc", "eval/../../x", "..", "~/x", ""):
+        with pytest.raises(TraceError):
+            common.safe_subdir(tmp_path / "root", bad)
+    os.symlink("/etc", tmp_path / "root" / "link")
+    with pytest.raises(TraceError, match="outside"):
+        common.safe_subdir(tmp_path / "root", "link")
+    for bad in ("../x", "/etc", ".."):
+        with pytest.raises(TraceError):
+            common.run_path(tmp_path / "root", bad)
+
+
+def test_loaders_read_through_the_library_and_refresh_on_change(dash_data, tmp_path):
+    import common
+    from staysafe.traces import RunWriter, load_run
+
+    run = common.load_run_cached(dash_data["runs"] / "adaptive-probe")
+    direct = load_run(dash_data["runs"] / "adaptive-probe")
+    for t in ("steps", "examples", "evals", "generations", "data"):
+        pd.testing.assert_frame_equal(getattr(run, t), getattr(direct, t))
+    assert run.status == direct.status and run.config == direct.config
+    # A run that is still writing: a new part changes the signature and the next load sees the new step.
+    w = RunWriter.create(tmp_path, {"method": "sft", "steps": 3}, run_id="live")
+    w.set_status("running")
+    w.append("steps", [{"step": 1, "loss": 1.0}])
+    assert common.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1]
+    w.append("steps", [{"step": 2, "loss": 0.5}])
+    assert common.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1, 2]
+    assert common.load_run_cached(w.path).status["state"] == "running"
+    table = common.runs_table(dash_data["runs"]).set_index("run_id")
+    assert table.loc["corrupt-run", "state"] == "corrupt" and "steps.parquet" in table.loc["corrupt-run", "error"]
+    assert table.loc["running-run", "state"] == "running"
+    assert table.loc["failed-run", "state"] == "failed"
+    run, err = common.try_load_run(dash_data["runs"], "corrupt-run")
+    assert run is None and "damaged" in err
+    run, err = common.try_load_run(dash_data["runs"], "../runs")
+    assert run is None and "not a valid run id" in err
+
+
+def test_joined_examples_and_step_batches(dash_data):
+    import common
+
+    path = dash_data["runs"] / "adaptive-probe"
+    ex = common.examples_joined(path)
+    assert {"risk_probe", "risk_judge", "risk_label", "beta", "prompt", "label", "example_id"} <= set(ex.columns)
+    assert ex["prompt"].notna().all()
+    batches = common.step_batches(path)
+    assert batches["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    first = ex[ex["step"] == 1]["example_id"].iloc[0]
+    assert first in batches["batch"].iloc[0]
+
+
+def test_projection_fits_a_sample_and_transforms_the_rest():
+    import common
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3000, 16)), rng.normal(size=(2500, 16)) + 3
+    (ca, cb), fitted, _ = common.project_points([a, b], "PCA", fit_n=500)
+    assert fitted == 500 and ca.shape == (3000, 2) and cb.shape == (2500, 2)
+    assert np.isfinite(ca).all() and np.isfinite(cb).all()
+    assert abs(cb[:, 0].mean() - ca[:, 0].mean()) > 3  # the shift survives the shared projection
+    (ta, tb), fitted, note = common.project_points([a[:300], b[:300]], "t-SNE", fit_n=200)
+    assert np.isfinite(ta[:, 0]).sum() + np.isfinite(tb[:, 0]).sum() == 200  # t-SNE: the sample only
+    assert "only the sample" in note
+    (ua, ub), fitted, note = common.project_points([a[:400], b[:400]], "UMAP", fit_n=300)
+    assert np.isfinite(ua).all() and np.isfinite(ub).all() and note == "every point transformed"
+    # beyond 5,000 further points UMAP places them by nearest sampled neighbours: fast, and still separated
+    (ua, ub), fitted, note = common.project_points([a, b], "UMAP", fit_n=300)
+    assert np.isfinite(ua).all() and np.isfinite(ub).all() and "nearest sampled" in note
+    from sklearn.metrics import roc_auc_score
+
+    xs = np.concatenate([ua, ub])
+    y = np.r_[np.zeros(len(ua)), np.ones(len(ub))]
+    assert max(roc_auc_score(y, xs[:, 0]), roc_auc_score(y, -xs[:, 0]), roc_auc_score(y, xs[:, 1]),
+               roc_auc_score(y, -xs[:, 1])) > 0.9
+
+
+# ----------------------------------------------------------------------------------------------- pages: empty root
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_opens_with_no_data(empty_env, page):
+    at = open_page(page)
+    assert_clean(at)
+    body = texts(at)
+    if page in ("home", "traces", "regularization"):
+        assert "No runs under" in body and "staysafe train" in body
+    if page == "judge_vs_probe":
+        assert "staysafe compare-risk" in body
+    if page == "activations":
+        assert "No runs under" in body
+    if page == "asr":
+        assert "No runs under" in body
+    if page == "demo":
+        assert "No recorded demo yet" in body and "staysafe experiment --scenario harmful --quick" in body
+    if page == "launch":
+        assert "The queue is empty" in body
+
+
+# ----------------------------------------------------------------------------------------------- pages: real runs
+
+
+def test_home_lists_every_run_with_state(env):
+    at = open_page("home")
+    assert_clean(at)
+    df = at.dataframe[0].value
+    states = dict(zip(df["run"], df["state"]))
+    assert "finished" in states["label-run"] and "running" in states["running-run"]
+    assert "failed" in states["failed-run"] and "corrupt" in states["corrupt-run"]
+    assert "final keyword ASR (weak judge)" in df.columns
+    assert any("corrupt-run" in w.value for w in at.warning)
+    assert "smollm2-135m-aligned" in texts(at)
+
+
+def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path, monkeypatch):
+    from staysafe.launcher import Queue
+
+    runs = tmp_path / "launch-runs"
+    monkeypatch.setenv("STAYSAFE_RUNS", str(runs))
+    q = Queue(runs)
+    q.pause()  # the queued run must wait, so that the page's view of a waiting job can be checked
+    at = open_page("launch")
+    assert_clean(at)
+    for key in ("launch_model", "launch_scenario", "launch_method", "launch_risk", "launch_judge"):
+        assert at.selectbox(key=key) is not None
+    for key in ("launch_beta", "launch_beta_min", "launch_beta_max", "launch_risk_ema", "launch_steps", "launch_lr",
+                "launch_lora_r", "launch_eval_every", "launch_batch_size", "launch_seed"):
+        assert at.number_input(key=key) is not None
+    at.number_input(key="launch_beta_min").set_value(0.95)
+    at.number_input(key="launch_beta_max").set_value(0.1)
+    submit(at, "Validate and queue")
+    assert any("beta_min = 0.95 is greater than beta_max = 0.1" in e.value for e in at.error)
+    assert q.jobs() == []
+    at.number_input(key="launch_beta_min").set_value(0.05)
+    at.number_input(key="launch_beta_max").set_value(0.9)
+    at.selectbox(key="launch_model").set_value("tiny")
+    for bad in ("../escape", "/etc/passwd"):
+        at.text_input(key="launch_run_id").set_value(bad)
+        submit(at, "Validate and queue")
+        assert any("not a valid run id" in e.value or "not allowed" in e.value for e in at.error), bad
+    assert q.jobs() == []
+    at.text_input(key="launch_run_id").set_value("from-form")
+    submit(at, "Validate and queue")
+    assert_clean(at)
+    assert any("from-form" in s.value for s in at.success)
+    jobs = q.jobs()
+    assert [j["target"] for j in jobs] == ["from-form"] and jobs[0]["state"] == "queued"
+    assert jobs[0]["argv"][:4] == [sys.executable, "-m", "staysafe.cli", "train"]
+    assert "staysafe train" in texts(at) and "--model tiny" in texts(at)
+    at.run()
+    assert "from-form" in texts(at) and "paused" in texts(at)
+    [b for b in at.button if b.key == f"cancel_{jobs[0]['id']}"][0].click()
+    at.run()
+    assert q.jobs() == [] and not (runs / "from-form").exists()
+
+
+def submit(at, label: str) -> None:
+    [b for b in at.button if b.label == label][0].click()
+    at.run()
+
+
+def test_launch_page_follows_a_running_run_and_cancels_it(env, tmp_path, monkeypatch):
+    """A real background run: its progress bar and latest numbers come from its steps.parquet; Cancel stops it."""
+    from staysafe.launcher import Queue
+    from staysafe.runner import RunSpec
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocess: see build_dashboard_data
+    runs = tmp_path / "live-runs"
+    monkeypatch.setenv("STAYSAFE_RUNS", str(runs))
+    q = Queue(runs)
+    job = q.submit_train(RunSpec(**{**TINY, "steps": 5000, "eval_every": 0}), "live")
+    deadline = time.time() + 400
+    while not (runs / "live" / "steps.parquet").is_dir() or len(list((runs / "live" / "steps.parquet").glob("*"))) < 2:
+        assert time.time() < deadline and q.get(job["id"])["state"] in ("queued", "running"), q.log_tail(job["id"])
+        time.sleep(0.3)
+    at = open_page("launch")
+    assert_clean(at)
+    bar = at.get("progress")[0]
+    assert "/ 5000" in str(bar.proto) and "step" in str(bar.proto)
+    assert {m.label for m in at.metric} >= {"loss", "nll", "kl", "β", "risk"}
+    [b for b in at.button if b.key == f"cancel_{job['id']}"][0].click()
+    at.run()
+    deadline = time.time() + 120
+    while q.get(job["id"])["state"] != "cancelled":
+        assert time.time() < deadline, q.get(job["id"])
+        time.sleep(0.3)
+    at.run()
+    assert_clean(at)
+    done = at.dataframe[0].value
+    assert done["state"].tolist() == ["cancelled"]
+    from staysafe.traces import run_state
+
+    assert run_state(runs / "live")["state"] == "cancelled"
+
+
+def test_traces_page_overlays_runs_with_baseline_and_smoothing(env):
+    def setup(at):
+        at.multiselect(key="traces_runs").set_value(["exp-tiny-sft-s0", "adaptive-probe", "corrupt-run"])
+
+    at = open_page("traces", setup)
+    assert_clean(at, allow_errors=("corrupt-run",))
+    assert any("corrupt-run" in e.value for e in at.error)
+    assert chart_count(at) == 1
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = {t.get("name") for t in fig["data"]}
+    assert any("adaptive-probe" in n for n in names) and any("exp-tiny-sft-s0" in n for n in names)
+    titles = [a["text"] for a in fig["layout"]["annotations"]]
+    assert "risk: probe" in titles and "β (KL weight)" in titles
+    hover = [t for t in fig["data"] if "adaptive-probe" in t["name"]][0]
+    assert "batch" in hover["hovertemplate"] and hover["customdata"][0]
+    at.selectbox(key="traces_baseline").set_value("exp-tiny-sft-s0")
+    at.segmented_control(key="traces_smooth").set_value("EMA")
+    at.run()
+    assert_clean(at, allow_errors=("corrupt-run",))
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert all("− baseline" in a["text"] for a in fig["layout"]["annotations"])
+
+
+def test_traces_page_on_failed_and_running_runs(env):
+    def setup(at):
+        at.multiselect(key="traces_runs").set_value(["failed-run", "running-run"])
+
+    at = open_page("traces", setup)
+    assert_clean(at)
+    assert any("failed" in w.value for w in at.warning)
+    assert any("running" in i.value for i in at.info)
+    assert chart_count(at) == 1
+
+
+def test_activations_page_before_after_and_sweep(env):
+    def setup(at):
+        at.selectbox(key="act_run").set_value("adaptive-probe")
+
+    at = open_page("activations", setup)
+    assert_clean(at)
+    assert chart_count(at) == 2  # projection + AUROC sweep
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [a["text"] for a in fig["layout"]["annotations"]][:2] == ["before fine-tuning", "after fine-tuning"]
+    assert all(t["type"] == "scattergl" for t in fig["data"])
+    at.number_input(key="act_fit_n").set_value(200)  # fewer than the 496 points: the rest must be placed
+    for method in ("UMAP", "t-SNE"):
+        at.selectbox(key="act_method").set_value(method)
+        at.selectbox(key="act_color").set_value("probe score")
+        at.run()
+        assert_clean(at)
+    assert "only the sample is shown" in texts(at)
+    # an sft run: no probe, still both panels
+    at.selectbox(key="act_run").set_value("exp-tiny-sft-s0")
+    at.run()
+    assert_clean(at)
+    assert "has no probe" in texts(at)
+    at.selectbox(key="act_run").set_value("corrupt-run")
+    at.run()
+    assert_clean(at, allow_errors=("corrupt-run",))
+
+
+def test_activations_page_saved_folder_and_100k_points(env):
+    def setup(at):
+        at.segmented_control(key="act_source").set_value("a saved activations folder")
+
+    at = open_page("activations", setup)
+    assert_clean(at)
+    at.selectbox(key="act_dir_pick").set_value("activations")
+    at.run()
+    assert_clean(at)
+    assert chart_count(at) == 2  # the folder's parent holds probe.json with the sweep
+    at.selectbox(key="act_dir_pick").set_value("big")
+    at.run()
+    assert_clean(at)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert sum(len(array(t["x"])) for t in fig["data"]) == 100_000
+    assert "fitted on 2,000 of 100,000 points" in texts(at)
+    for bad in ("../runs", "/etc", "big/../../runs"):
+        at.text_input(key="act_dir_typed").set_value(bad)
+        at.run()
+        assert any("Cannot use" in e.value for e in at.error), bad
+
+
+def test_judge_vs_probe_from_compare_folder_and_from_a_run(env):
+    at = open_page("judge_vs_probe")
+    assert_clean(at)
+    assert chart_count(at) == 5  # scatter, ROC, agreement, calibration, cost
+    assert at.selectbox(key="jvp_x").value == "probe"
+    assert "Cohen" in json.dumps(json.loads(at.get("plotly_chart")[2].proto.spec)["layout"]["title"])
+    table = at.dataframe[-1].value
+    assert {"prompt", "probe", "|difference|"} <= set(table.columns)
+    at.slider(key="jvp_tx").set_value(0.3)
+    at.run()
+    assert_clean(at)
+    at.text_input(key="jvp_dir_typed").set_value("../runs")
+    at.run()
+    assert any("Cannot use" in e.value for e in at.error)
+    at.text_input(key="jvp_dir_typed").set_value("")
+    at.segmented_control(key="jvp_source").set_value("a run's training examples")
+    at.run()
+    at.selectbox(key="jvp_run").set_value("adaptive-probe")
+    at.run()
+    assert_clean(at)
+    assert {at.selectbox(key="jvp_x").value, at.selectbox(key="jvp_y").value} == {"probe", "judge"}
+    assert chart_count(at) >= 4
+    at.selectbox(key="jvp_run").set_value("label-run")
+    at.run()
+    assert_clean(at)
+    assert "needs both" in texts(at)
+
+
+def test_asr_page_runs_experiment_and_answers_at_a_step(env):
+    def setup(at):
+        at.multiselect(key="asr_runs").set_value(["label-run", "adaptive-probe", "failed-run"])
+
+    at = open_page("asr", setup)
+    assert_clean(at)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    titles = [a["text"] for a in fig["layout"]["annotations"]]
+    assert titles[0] == "judge ASR (embedding_response)" and "keyword ASR (weak judge)" in titles
+    assert "the ASR" not in titles
+    assert any("failed-run" in i.value for i in at.info)  # no evaluation recorded
+    at.selectbox(key="asr_gen_run").set_value("adaptive-probe")
+    at.run()
+    steps = at.get("selectbox")
+    step_box = [s for s in steps if s.key and s.key.startswith("asr_step_")][0]
+    step_box.set_value(0)
+    at.run()
+    table = at.dataframe[0].value
+    assert {"prompt", "response", "refused", "score_embedding_response"} <= set(table.columns)
+    assert len(table) == 4  # the harmful prompts at that step
+    # a whole experiment: one line per method with a band over the two seeds
+    at.segmented_control(key="asr_mode").set_value("an experiment")
+    at.run()
+    assert_clean(at)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = {t.get("name") for t in fig["data"] if t.get("name")}
+    assert names == {"sft (mean of 2)", "adaptive-probe (mean of 2)"}
+    assert any(t.get("fill") == "toself" for t in fig["data"])
+    at.segmented_control(key="asr_band").set_value("± std")
+    at.run()
+    assert_clean(at)
+
+
+def test_regularization_page_filters_aggregates_and_details(env):
+    def setup(at):
+        at.selectbox(key="reg_run").set_value("adaptive-probe")
+
+    at = open_page("regularization", setup)
+    assert_clean(at)
+    agg = at.dataframe[0].value
+    assert {"times_seen", "mean_beta", "max_beta", "mean_risk", "prompt"} <= set(agg.columns)
+    assert agg["mean_beta"].is_monotonic_decreasing
+    assert agg["times_seen"].sum() == 6 * 4
+    at.multiselect(key="reg_labels").set_value(["harmful"])
+    at.run()
+    assert set(at.dataframe[0].value["label"]) == {"harmful"}
+    at.slider(key="reg_beta").set_value(0.5)
+    at.selectbox(key="reg_risk").set_value("risk_judge")
+    at.run()
+    assert_clean(at)
+    assert chart_count(at) == 3  # scatter, histogram, history
+    assert "Prompt" in texts(at) and "Training answer" in texts(at)
+    at.selectbox(key="reg_run").set_value("exp-tiny-sft-s0")
+    at.run()
+    assert_clean(at)
+    assert "sft" in texts(at) and "nothing was regularized" in texts(at)
+    at.selectbox(key="reg_run").set_value("corrupt-run")
+    at.run()
+    assert_clean(at, allow_errors=("corrupt-run",))
+    assert len(at.error) == 1 and "steps.parquet" in at.error[0].value  # listed as corrupt: refused everywhere
+
+
+def test_demo_page_tells_the_story_from_recorded_runs(env):
+    at = open_page("demo")
+    assert_clean(at)
+    headers = [h.value for h in at.header]
+    assert headers == ["1 · The aligned model refuses", "2 · Plain fine-tuning on a few harmful examples erases that",
+                       "3 · The adaptive regularizer keeps the refusals", "4 · What the risk signals saw"]
+    assert chart_count(at) == 4
+    assert any("Re-run it live" in b.label for b in at.button)
+
+
+def test_demo_page_live_rerun_goes_through_the_launcher(env, tmp_path, monkeypatch):
+    from staysafe.launcher import Queue
+
+    monkeypatch.setenv("STAYSAFE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("STAYSAFE_EXPERIMENTS", str(tmp_path / "exps"))
+    q = Queue(tmp_path / "runs")
+    q.pause()  # never start the real (135M-model) experiment in a test
+    at = open_page("demo")
+    [b for b in at.button if b.key == "demo_rerun"][0].click()
+    at.run()
+    assert_clean(at)
+    jobs = q.jobs()
+    assert len(jobs) == 1 and jobs[0]["kind"] == "experiment" and jobs[0]["state"] == "queued"
+    assert "--quick" in jobs[0]["argv"] and jobs[0]["argv"][3] == "experiment"
+    assert q.cancel(jobs[0]["id"]) == "removed" and q.runner_pid() is None
+
+
+# ----------------------------------------------------------------------------------------------- real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.browser
+def test_every_page_in_a_real_browser(dash_data, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the live training subprocess: see build_dashboard_data
+    port = _free_port()
+    env = {**os.environ, "STAYSAFE_RUNS": str(dash_data["runs"]), "STAYSAFE_EXPERIMENTS": str(dash_data["experiments"]),
+           "STAYSAFE_COMPARE": str(dash_data["compare"]), "STAYSAFE_PROBES": str(dash_data["probes"]),
+           "STAYSAFE_DEMO_DIR": str(dash_data["demo"])}
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
+                               "--server.headless", "true"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            # the server's very first request is a deep link: it must still go through app.py's navigation
+            page.goto(f"{url}/traces", wait_until="networkidle")
+            _wait_for_streamlit(page)
+            nav = page.get_by_test_id("stSidebarNav").inner_text()
+            assert "Launch a run" in nav and "Guided demo" in nav, nav
+            for name in PAGES:
+                page.goto(f"{url}/{'' if name == 'home' else name}", wait_until="networkidle")
+                _wait_for_streamlit(page)
+                exceptions = page.locator('[data-testid="stException"]').count()
+                errors = [t for t in page.locator('[data-testid="stAlertContentError"]').all_inner_texts()]
+                _screenshot(page, SCREENSHOTS / f"{name}.png")
+                assert exceptions == 0, (name, page.locator('[data-testid="stException"]').all_inner_texts())
+                assert not errors, (name, errors)
+                assert page.locator("h1").count() >= 1, name
+            # a corrupt run chosen on purpose shows its error, and only that
+            page.goto(f"{url}/regularization", wait_until="networkidle")
+            _wait_for_streamlit(page)
+            page.get_by_test_id("stSelectbox").first.click()
+            page.get_by_role("option", name="corrupt-run (corrupt)").click()
+            _wait_for_streamlit(page)
+            errors = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
+            assert len(errors) == 1 and "corrupt-run" in errors[0], errors
+            # a live run: queue it, watch its progress bar on the launch page, cancel it with the button
+            from staysafe.launcher import Queue
+            from staysafe.runner import RunSpec
+
+            q = Queue(dash_data["runs"])
+            live_id = f"browser-live-{int(time.time())}"
+            job = q.submit_train(RunSpec(**{**TINY, "steps": 3000, "eval_every": 0}), live_id)
+            steps_dir = dash_data["runs"] / live_id / "steps.parquet"
+            deadline = time.time() + 300
+            while not (steps_dir.is_dir() and len(list(steps_dir.glob("*.parquet"))) >= 3):
+                assert time.time() < deadline, q.log_tail(job["id"])
+                time.sleep(0.5)
+            page.goto(f"{url}/launch", wait_until="networkidle")
+            _wait_for_streamlit(page)
+            page.get_by_test_id("stProgress").first.wait_for(timeout=30_000)
+            assert "step" in page.get_by_test_id("stProgress").first.inner_text()
+            _screenshot(page, SCREENSHOTS / "launch_running.png")
+            page.get_by_role("button", name="Cancel").first.click()
+            deadline = time.time() + 120
+            while q.get(job["id"])["state"] != "cancelled":
+                assert time.time() < deadline, q.get(job["id"])
+                time.sleep(0.5)
+            page.wait_for_timeout(4000)  # the queue view refreshes every 2 s
+            assert page.get_by_text("cancelled").count() >= 1
+            _screenshot(page, SCREENSHOTS / "launch_after_cancel.png")
+            browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _screenshot(page, path: Path) -> None:
+    """Full-page screenshot: Streamlit scrolls inside its main container, so grow the viewport to the content."""
+    height = page.evaluate("""() => {
+        const main = document.querySelector('[data-testid="stMain"]');
+        return Math.max(main ? main.scrollHeight : 0, document.body.scrollHeight);
+    }""")
+    page.set_viewport_size({"width": 1440, "height": min(12000, max(1000, int(height) + 40))})
+    time.sleep(1.5)  # charts re-layout to the new size
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": 1440, "height": 1000})
+
+
+def _wait_for_streamlit(page, timeout: float = 120) -> None:
+    """Wait until the script finished running (no 'running' status widget) and charts had time to draw."""
+    deadline = time.time() + timeout
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout * 1000)
+    time.sleep(1.0)
+    while time.time() < deadline:
+        if page.locator('[data-testid="stStatusWidget"]').count() == 0:
+            break
+        time.sleep(0.3)
+    time.sleep(2.0)
