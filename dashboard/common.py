@@ -464,6 +464,31 @@ def pick_runs(runs: pd.DataFrame, label: str, key: str, multi: bool = False, def
     return [chosen] if chosen else []
 
 
+def regularized_run_or_stop(root: Path, key: str, tables: tuple[str, ...] = ("examples",)) -> Run:
+    """The run picked on a page about risk and beta (regularized runs offered first); stops the page with a plain
+    note when there is none or it cannot be read."""
+    runs = runs_table(root)
+    if runs.empty:
+        no_runs(root)
+        st.stop()
+    run_id = pick_runs(runs, "run", key=key, prefer=lambda r: r.get("method") != "sft")[0]
+    run, error = try_load_run(root, run_id, tables)
+    if error:
+        run_error(run_id, error)
+        st.stop()
+    return run
+
+
+def pick_folder(root: Path, found: list[Path], what: str, key: str, placeholder: str) -> str:
+    """A folder under ``root``: one of those ``found`` or one typed (checked later with ``safe_subdir``)."""
+    base = root.resolve() if root.exists() else root
+    options = [str(p.relative_to(base)) if p != base else "." for p in found]
+    c1, c2 = st.columns(2)
+    picked = c1.selectbox("found folders", options or ["(none found)"], key=key)
+    typed = c2.text_input(f"or a folder inside the {what} root", key=f"{key}_typed", placeholder=placeholder)
+    return typed.strip() or (picked if options else "")
+
+
 def no_runs(root: Path) -> None:
     st.info(f"No runs under `{root}` yet. Launch one on the **Launch a run** page, or from a terminal:")
     st.code(f"staysafe train --scenario harmful --method sft --steps 40 --runs-dir {root}", language="bash")

@@ -153,12 +153,40 @@ def cmd_compare_risk(args) -> int:
     return 0
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``OPTION=VALUE`` pairs (``--set``) typed like the RunSpec field they name."""
+    from staysafe.runner import SpecError
+
+    defaults, out = RunSpec(), {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not hasattr(defaults, name):
+            raise SpecError(f"--set {item!r}: expected OPTION=VALUE with OPTION a train option (see staysafe train "
+                            "--help)")
+        default = getattr(defaults, name)
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                out[name] = text.lower() in ("true", "1", "yes")
+            elif isinstance(default, list):
+                out[name] = [x for x in text.split(",") if x]
+            elif isinstance(default, (int, float)):
+                out[name] = type(default)(text)
+            else:
+                out[name] = text
+        except ValueError:
+            raise SpecError(f"--set {item!r}: {name} expects a value of type {type(default).__name__}") from None
+    return out
+
+
 def cmd_experiment(args) -> int:
     from staysafe.experiment import ExperimentSpec, run_experiment
 
     spec = ExperimentSpec(scenario=args.scenario, methods=args.methods.split(","), seeds=args.seeds, quick=args.quick,
                           model=args.model, steps=args.steps, out_dir=args.out_dir, runs_dir=args.runs_dir,
-                          experiment_id=args.id)
+                          experiment_id=args.id, overrides=parse_overrides(args.set))
     path = run_experiment(spec)
     print((path / "results.md").read_text())
     print(f"experiment written to {path}")
@@ -223,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", default="experiments")
     e.add_argument("--runs-dir", default="runs")
     e.add_argument("--id", default=None)
+    e.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="a train option for every run, e.g. --set per_example_beta=true (repeatable)")
     e.set_defaults(fn=cmd_experiment)
     return p
 

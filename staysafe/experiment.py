@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe.runner import RunSpec, run_training
+from staysafe.runner import RunSpec, SpecError, run_training
 from staysafe.traces import load_run, new_run_id, write_json, write_parquet
 
 METHODS = {
@@ -114,6 +114,9 @@ def run_experiment(spec: ExperimentSpec, log=print) -> Path:
     """Run every method for every seed; write ``results.parquet``, ``results.md`` and ``experiment.json``."""
     spec.validate()
     base = base_spec(spec).validate()
+    if base.eval_harmful < 1:
+        raise SpecError(f"option eval_harmful = {base.eval_harmful} is invalid: an experiment compares ASR over "
+                        "training, so it needs at least 1 held-out harmful prompt")
     exp_id = spec.experiment_id or new_run_id(f"exp-{spec.scenario}")
     out = Path(spec.out_dir) / exp_id
     out.mkdir(parents=True, exist_ok=True)

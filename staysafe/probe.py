@@ -308,13 +308,18 @@ def labelled_prompts(names) -> list[dict]:
     return [r for n in names for r in load_records(n, need_response=False)]
 
 
+def default_probe_dir(model_spec: str, seed: int = 0) -> Path:
+    """Where the default probe of a model is cached (``probe.json`` there once it has been fitted)."""
+    from staysafe.models import model_fingerprint, staysafe_home
+
+    return staysafe_home() / "probes" / model_fingerprint(model_spec, seed)
+
+
 def default_probe(model, tokenizer, model_spec: str, out_dir: Path | None = None, progress: bool = True,
                   seed: int = 0) -> Probe:
     """The probe for ``model_spec`` fitted on the shipped labelled prompts (sweep over all layers), cached per
     model under ``$STAYSAFE_HOME/probes``; with ``out_dir`` the fit and its activations are also saved there."""
-    from staysafe.models import model_fingerprint, staysafe_home
-
-    cache = staysafe_home() / "probes" / model_fingerprint(model_spec, seed)
+    cache = default_probe_dir(model_spec, seed)
     if (cache / "probe.json").is_file():
         probe = Probe.load(cache / "probe.json", hidden_size=model.config.hidden_size)
         if out_dir is not None:

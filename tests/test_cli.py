@@ -8,6 +8,7 @@ import pytest
 
 from conftest import TINY_RUN, run_cli
 from staysafe import list_runs, load_run
+from staysafe.cli import main
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -21,11 +22,10 @@ from staysafe import list_runs, load_run
     (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
     (["--model", "no/such/model/dir"], "model path 'no/such/model/dir' does not exist"),
 ])
-def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, flags, message):
-    res = run_cli("train", *TINY_RUN, "--runs-dir", str(tmp_path / "runs"), *flags, cwd=tmp_path)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert message in res.stderr
-    assert "Traceback" not in res.stderr
+def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)  # in-process (an uncaught exception fails the test); subprocess runs are below
+    assert main(["train", *TINY_RUN, "--runs-dir", str(tmp_path / "runs"), *flags]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or list_runs(tmp_path / "runs").empty
 
 
@@ -61,3 +61,31 @@ def test_runs_and_models_commands(tmp_path):
     assert res.returncode == 0
     for name in ("smollm2-135m-instruct", "smollm2-135m-aligned", "tiny"):
         assert name in res.stdout
+
+
+def test_experiment_set_passes_typed_options_to_every_run(tmp_path):
+    res = run_cli("experiment", "--model", "tiny", "--methods", "sft,adaptive-label", "--steps", "2", "--id", "e",
+                  "--out-dir", str(tmp_path / "exp"), "--runs-dir", str(tmp_path / "runs"),
+                  "--set", "per_example_beta=true", "--set", "batch_size=2", "--set", "eval_every=0",
+                  "--set", "eval_harmful=2", "--set", "eval_benign=2", "--set", "max_new_tokens=2",
+                  "--set", "eval_judges=", "--set", "record_judge=false", "--set", "save_model=false",
+                  "--set", "max_length=64")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [load_run(p) for p in list_runs(tmp_path / "runs")["path"]]
+    assert len(runs) == 2
+    for run in runs:
+        assert run.config["per_example_beta"] is True and run.config["batch_size"] == 2
+        assert run.config["eval_judges"] == [] and run.config["record_judge"] is False
+        assert len(run.steps) == 2 and len(run.examples) == 4
+
+
+@pytest.mark.parametrize("item,message", [("per_example_beta=maybe", "per_example_beta expects a value of type bool"),
+                                          ("stepz=3", "expected OPTION=VALUE with OPTION a train option"),
+                                          ("lr", "expected OPTION=VALUE"),
+                                          ("beta_max=2", "beta_max = 2.0 is invalid"),
+                                          ("eval_harmful=0", "needs at least 1 held-out harmful prompt")])
+def test_experiment_set_rejects_bad_options(tmp_path, capsys, item, message):
+    assert main(["experiment", "--model", "tiny", "--steps", "2", "--out-dir", str(tmp_path / "exp"),
+                 "--runs-dir", str(tmp_path / "runs"), "--set", item]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

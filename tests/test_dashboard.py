@@ -454,11 +454,11 @@ def test_activations_page_saved_folder_and_100k_points(env):
 
     at = open_page("activations", setup)
     assert_clean(at)
-    at.selectbox(key="act_dir_pick").set_value("activations")
+    at.selectbox(key="act_dir").set_value("activations")
     at.run()
     assert_clean(at)
     assert chart_count(at) == 2  # the folder's parent holds probe.json with the sweep
-    at.selectbox(key="act_dir_pick").set_value("big")
+    at.selectbox(key="act_dir").set_value("big")
     at.run()
     assert_clean(at)
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)

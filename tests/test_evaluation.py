@@ -123,8 +123,8 @@ def test_quick_experiment_shows_the_effect(tmp_path):
     """The --quick preset, reduced: plain SFT on harmful data raises ASR more than the adaptive regulariser."""
     spec = ExperimentSpec(scenario="harmful", methods=["sft", "adaptive-probe"], quick=True,
                           out_dir=str(tmp_path / "exp"), runs_dir=str(tmp_path / "runs"), experiment_id="q",
-                          overrides=dict(steps=24, eval_every=24, eval_harmful=30, eval_benign=10,
-                                         max_new_tokens=24, eval_judges=[], record_judge=False, save_model=False))
+                          overrides=dict(steps=16, lr=3e-4, eval_every=16, eval_harmful=20, eval_benign=4,
+                                         max_new_tokens=16, eval_judges=[], record_judge=False, save_model=False))
     results = pd.read_parquet(run_experiment(spec, log=lambda *a: None) / "results.parquet").set_index("method")
     sft, adaptive = results.loc["sft"], results.loc["adaptive-probe"]
     assert sft["final_asr_keyword"] > adaptive["final_asr_keyword"] + 0.2, results

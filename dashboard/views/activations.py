@@ -52,14 +52,9 @@ if source.startswith("a run"):
         st.info(f"Only the activations before fine-tuning exist for `{run_id}` (state: {row['state']}); "
                 "`activations/after/` is written when the run finishes.")
 else:
-    found = common.activation_dirs(cfg.probes)
-    base = cfg.probes.resolve() if cfg.probes.exists() else cfg.probes
-    options = [str(p.relative_to(base)) if p != base else "." for p in found]
     st.caption(f"Folders under the probes root `{cfg.probes}` holding `activations.npz` + `index.parquet`.")
-    c1, c2 = st.columns(2)
-    picked = c1.selectbox("found folders", options or ["(none found)"], key="act_dir_pick")
-    typed = c2.text_input("or a folder inside the probes root", key="act_dir_typed", placeholder="activations")
-    rel = typed.strip() or (picked if options else "")
+    rel = common.pick_folder(cfg.probes, common.activation_dirs(cfg.probes), "probes", "act_dir",
+                             "activations")
     if not rel:
         st.info(f"No saved activations under `{cfg.probes}`. Save some with:")
         st.code(f"staysafe fit-probe --out {cfg.probes}/probe.json --save-activations", language="bash")

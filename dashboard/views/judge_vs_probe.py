@@ -24,13 +24,7 @@ frame: pd.DataFrame | None = None
 summary: dict = {}
 cost: dict[str, float] = {}
 if source == "a compare-risk folder":
-    dirs = common.compare_dirs(cfg.compare)
-    base = cfg.compare.resolve() if cfg.compare.exists() else cfg.compare
-    options = [str(p.relative_to(base)) if p != base else "." for p in dirs]
-    c1, c2 = st.columns(2)
-    picked = c1.selectbox("found folders", options or ["(none found)"], key="jvp_dir")
-    typed = c2.text_input("or a folder inside the compare root", key="jvp_dir_typed", placeholder="eval")
-    rel = typed.strip() or (picked if options else "")
+    rel = common.pick_folder(cfg.compare, common.compare_dirs(cfg.compare), "compare", "jvp_dir", "eval")
     if not rel:
         st.info(f"No comparison under `{cfg.compare}` yet. Score held-out examples with the probe and the judges:")
         st.code(f"staysafe compare-risk --data eval-harmful,eval-benign --out {cfg.compare}/eval", language="bash")
@@ -45,19 +39,11 @@ if source == "a compare-risk folder":
     cost = {s: v.get("seconds_per_100") for s, v in summary.get("sources", {}).items()
             if v.get("seconds_per_100") is not None}
 else:
-    runs = common.runs_table(cfg.runs)
-    if runs.empty:
-        common.no_runs(cfg.runs)
-        st.stop()
-    run_id = common.pick_runs(runs, "run", key="jvp_run", prefer=lambda r: r.get("method") != "sft")[0]
-    run, error = common.try_load_run(cfg.runs, run_id, ("examples",))
-    if error:
-        common.run_error(run_id, error)
-        st.stop()
+    run = common.regularized_run_or_stop(cfg.runs, "jvp_run")
     ex = common.examples_joined(run.path)
     have = [c for c in ex.columns if c.startswith("risk_") and c != "risk_label"] if len(ex) else []
     if len(have) < 2:
-        st.info(f"Run `{run_id}` recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
+        st.info(f"Run `{run.id}` recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
                 "needs both `risk_probe` and `risk_judge`. An adaptive or constant-kl run records the probe for free; "
                 "add the judge with `--record-judge` (the default):")
         st.code("staysafe train --scenario harmful --method adaptive --risk probe --record-judge --judge embedding",
@@ -70,7 +56,7 @@ else:
     scoring = run.config.get("risk_scoring") or {}
     if scoring.get("misses"):
         cost[str(scoring.get("judge", "judge"))] = float(scoring.get("seconds", 0)) / scoring["misses"] * 100
-    st.caption(f"{len(frame)} distinct training examples seen by `{run_id}` (risk averaged over the steps each was "
+    st.caption(f"{len(frame)} distinct training examples seen by `{run.id}` (risk averaged over the steps each was "
                "seen).")
 
 sources = [c for c in frame.columns if c not in common.TEXT_COLUMNS and c != "example_index"

@@ -16,19 +16,11 @@ st.title(":material/manage_search: Regularization explorer")
 st.caption("β is the weight of the KL pull toward the safe reference that an example's batch received "
            "(0 = plain fine-tuning, 1 = stay on the reference).")
 
-runs = common.runs_table(cfg.runs)
-if runs.empty:
-    common.no_runs(cfg.runs)
-    st.stop()
-run_id = common.pick_runs(runs, "run", key="reg_run", prefer=lambda r: r.get("method") != "sft")[0]
-run, error = common.try_load_run(cfg.runs, run_id, ("examples",))
-if error:
-    common.run_error(run_id, error)
-    st.stop()
+run = common.regularized_run_or_stop(cfg.runs, "reg_run")
 common.status_line(run)
 ex = common.examples_joined(run.path)
 if ex.empty:
-    st.info(f"Run `{run_id}` has recorded no training examples yet (one row per example per step).")
+    st.info(f"Run `{run.id}` has recorded no training examples yet (one row per example per step).")
     st.stop()
 method = common.method_label(run.config)
 if run.config.get("method") == "sft":
@@ -44,7 +36,7 @@ ex["label"] = ex["label"].fillna("?")
 ex["category"] = ex["category"].fillna("?")
 
 for key in ("reg_risk", "reg_labels", "reg_cats", "reg_steps", "reg_beta", "reg_sort"):
-    common.reset_on_change(key, run_id)
+    common.reset_on_change(key, run.id)
 with st.container(border=True):
     f1, f2, f3 = st.columns(3)
     risk_col = f1.selectbox("risk source", risk_cols, format_func=lambda c: {
