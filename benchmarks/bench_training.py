@@ -1,0 +1,268 @@
+"""What the safety regulariser costs, measured against plain fine-tuning in the same process.
+
+Every variant trains on the same batches with the same seed; timed steps are interleaved across variants (round
+robin) so machine noise hits all of them alike, and each variant's time is the median of its timed steps after
+warm-up. Results are ratios against a baseline measured in the same run (absolute seconds are not comparable across
+runs on a shared machine). Peak memory is measured per variant in a fresh subprocess (peak RSS is process-wide).
+
+    python benchmarks/bench_training.py                       # embedded model, LoRA and full fine-tuning
+    python benchmarks/bench_training.py --model tiny --steps 3 --warmup 1   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = ("trainer-sft", "sft", "sft-notrace", "constant-kl", "adaptive-probe", "adaptive-judge")
+
+
+def batches(tokenizer, n: int, batch_size: int, max_length: int) -> list[dict]:
+    """n fixed batches of the harmful scenario (plus benign), tokenised and collated once."""
+    from staysafe.data import SafetyCollator, build_scenario, load_records, tokenize_dataset
+
+    records = build_scenario("harmful", n_harmful=100, seed=0) + load_records("benign")[:100]
+    ds = tokenize_dataset(tokenizer, records, max_length, extra_risk={"risk_judge": [0.5] * len(records)})
+    collate = SafetyCollator(tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(ds), generator=g).tolist()
+    return [collate([ds[i] for i in order[k * batch_size:(k + 1) * batch_size]]) for k in range(n)]
+
+
+def build(variant: str, model_spec: str, lora_r: int, tmp: Path, probe=None):
+    """A trainer for one variant, with its own model copy and optimizer, ready for timed steps."""
+    from transformers import Trainer, TrainingArguments
+
+    from staysafe.models import LoraSettings, load_model
+    from staysafe.probe import ProbeRisk
+    from staysafe.risk import ColumnRisk
+    from staysafe.traces import RunWriter
+    from staysafe.trainer import SafetyConfig, SafetyTrainer
+
+    torch.manual_seed(0)
+    model, tok = load_model(model_spec, lora=LoraSettings(r=lora_r) if lora_r else None)
+    common = dict(output_dir=str(tmp / variant), max_steps=10_000, learning_rate=1e-5, report_to="none",
+                  per_device_train_batch_size=8, use_cpu=not torch.cuda.is_available(), seed=0,
+                  disable_tqdm=True, logging_strategy="no", save_strategy="no")
+    if variant == "trainer-sft":
+        trainer = Trainer(model=model, args=TrainingArguments(**common))
+    else:
+        method = {"sft": "sft", "sft-notrace": "sft", "constant-kl": "constant-kl"}.get(variant, "adaptive")
+        risk = {"adaptive-probe": "probe", "adaptive-judge": "judge"}.get(variant, "label")
+        sources = {"judge": ColumnRisk("judge")}
+        if probe is not None:
+            sources["probe"] = ProbeRisk(probe)
+        if variant == "adaptive-judge":  # the judge run reads only its cached column, as in a real judge run
+            sources.pop("probe", None)
+        run = None if variant == "sft-notrace" else RunWriter.create(tmp / "runs", {"method": method}, variant)
+        trainer = SafetyTrainer(model=model, args=SafetyConfig(**common, method=method, risk=risk, beta=0.5),
+                                risk_sources=sources, run=run)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    trainer.current_gradient_accumulation_steps = 1  # normally set by the training loop
+    trainer.model.train()
+    return trainer, tok
+
+
+def timed_step(trainer, batch: dict, variant: str) -> float:
+    """One optimizer step as the Trainer loop does it: forward/backward, grad norm, optimizer, step callbacks."""
+    from staysafe.trainer import SafetyTrainer
+
+    if not isinstance(trainer, SafetyTrainer):
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    trainer.callback_handler.on_step_begin(trainer.args, trainer.state, trainer.control)
+    trainer.training_step(trainer.model, batch)
+    trainer._get_grad_norm(trainer.model)
+    trainer.optimizer.step()
+    trainer.model.zero_grad()
+    trainer.state.global_step += 1
+    trainer.callback_handler.on_step_end(trainer.args, trainer.state, trainer.control)
+    sync()
+    return time.perf_counter() - t0
+
+
+def step_times(model_spec: str, lora_r: int, steps: int, warmup: int, batch_size: int, max_length: int,
+               variants=VARIANTS) -> dict:
+    from staysafe.models import load_model
+    from staysafe.probe import default_probe
+
+    base, tok = load_model(model_spec)
+    probe = default_probe(base, tok, model_spec, progress=False)
+    del base
+    data = batches(tok, warmup + steps, batch_size, max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {v: build(v, model_spec, lora_r, Path(tmp), probe)[0] for v in variants}
+        times = {v: [] for v in variants}
+        for k, batch in enumerate(data):
+            order = list(variants) if k % 2 == 0 else list(reversed(variants))  # alternate who goes first
+            for v in order:
+                t = timed_step(trainers[v], batch, v)
+                if k >= warmup:
+                    times[v].append(t)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    return {"median_s": med, "all_s": times, "tokens_per_batch": int(data[0]["attention_mask"].sum())}
+
+
+def peak_memory(model_spec: str, lora_r: int, variant: str, steps: int, batch_size: int, max_length: int) -> float:
+    """Peak RSS (MiB) of a fresh process that loads the model and runs a few steps of one variant."""
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_training as b; "
+            f"print(b._memory_child({model_spec!r}, {lora_r}, {variant!r}, {steps}, {batch_size}, {max_length}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(model_spec, lora_r, variant, steps, batch_size, max_length) -> float:
+    from staysafe.models import load_model
+    from staysafe.probe import default_probe
+
+    probe = None
+    if variant == "adaptive-probe":
+        base, tok = load_model(model_spec)
+        probe = default_probe(base, tok, model_spec, progress=False)  # cached: reads two small files
+        del base
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, tok = build(variant, model_spec, lora_r, Path(tmp), probe)
+        for batch in batches(tok, steps, batch_size, max_length):
+            timed_step(trainer, batch, variant)
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def probe_throughput(model_spec: str, n: int = 1000) -> dict:
+    from staysafe.data import load_records
+    from staysafe.models import load_model
+    from staysafe.probe import collect_activations, default_probe
+
+    model, tok = load_model(model_spec)
+    probe = default_probe(model, tok, model_spec, progress=False)
+    pool = load_records("eval-harmful", need_response=False) + load_records("eval-benign", need_response=False)
+    prompts = [dict(pool[i % len(pool)], id=f"p{i}") for i in range(n)]
+    t0 = time.perf_counter()
+    acts = collect_activations(model, tok, prompts, layers=probe.layers, batch_size=32, progress=False)
+    probe.predict_proba(probe.features(acts))
+    probe_s = time.perf_counter() - t0
+    sub = prompts[:200]
+    t0 = time.perf_counter()
+    collect_activations(model, tok, sub, batch_size=32, progress=False)  # every layer
+    all_s = time.perf_counter() - t0
+    return {"probe_prompts": n, "probe_seconds": probe_s, "probe_prompts_per_s": n / probe_s,
+            "activations_all_layers_prompts_per_s": len(sub) / all_s}
+
+
+def judge_costs(n: int = 200) -> dict:
+    from staysafe.data import build_scenario, prompt_text, response_text
+    from staysafe.judges import KeywordJudge, LocalLMJudge, make_judge, score_cached
+
+    records = build_scenario("mixed", seed=0)[:n]
+    nonce = f" (bench {time.time_ns()})"  # fresh texts: a guaranteed cache miss without touching the user's cache
+    prompts, responses = [prompt_text(r) + nonce for r in records], [response_text(r) for r in records]
+    out = {}
+    for name, judge in (("embedding", make_judge("embedding")), ("keyword", KeywordJudge()),
+                        ("local-lm", LocalLMJudge("smollm2-135m-instruct"))):
+        k = n if name != "local-lm" else 40
+        t0 = time.perf_counter()
+        score_cached(judge, prompts[:k], responses[:k])
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, stats = score_cached(judge, prompts[:k], responses[:k])
+        hit = time.perf_counter() - t0
+        out[name] = {"examples": k, "first_examples_per_s": k / first, "cache_hit_examples_per_s": k / hit,
+                     "cache_hits": stats["hits"]}
+    return out
+
+
+def topk_kl(model_spec: str, ks=(16, 64, 256)) -> dict:
+    """Speed and error of the top-k KL against the exact KL, on real logits of two different models."""
+    from staysafe.models import EMBEDDED, load_model
+    from staysafe.trainer import answer_token_losses
+
+    policy, tok = load_model(model_spec)
+    ref_spec = EMBEDDED if model_spec != EMBEDDED else model_spec
+    ref, _ = load_model(ref_spec) if model_spec != "tiny" else load_model("tiny", seed=1)
+    batch = batches(tok, 1, 8, 128)[0]
+    with torch.no_grad():
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref_logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def timed(k):
+        ts = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            _, kl, _ = answer_token_losses(logits, batch["labels"], ref_logits, top_k=k)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts), kl
+
+    exact_s, exact = timed(0)
+    out = {"exact_kl_mean": float(exact.mean()), "exact_seconds": exact_s}
+    for k in ks:
+        s, kl = timed(k)
+        out[f"top{k}"] = {"speed_ratio_vs_exact": s / exact_s,
+                          "relative_error": float(((exact - kl).abs().sum() / exact.abs().sum())),
+                          "kl_mean": float(kl.mean())}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--out", default=str(HERE / "out" / "training.json"))
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: full,memory,probe,judges,topk")
+    a = p.parse_args()
+    skip = set(a.skip.split(","))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {"model": a.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "threads": torch.get_num_threads(), "batch": [a.batch_size, a.max_length]}
+    for label, lora_r in (("lora", 16), ("full", 0)):
+        if label == "full" and "full" in skip:
+            continue
+        res = step_times(a.model, lora_r, a.steps, a.warmup, a.batch_size, a.max_length)
+        med = res["median_s"]
+        res["ratios"] = {
+            "sft / trainer-sft": med["sft"] / med["trainer-sft"],
+            "sft / sft-notrace (tracing overhead)": med["sft"] / med["sft-notrace"],
+            "constant-kl / sft": med["constant-kl"] / med["sft"],
+            "adaptive-probe / constant-kl": med["adaptive-probe"] / med["constant-kl"],
+            "adaptive-judge / constant-kl": med["adaptive-judge"] / med["constant-kl"],
+        }
+        if "memory" not in skip:
+            mem = {v: peak_memory(a.model, lora_r, v, 3, a.batch_size, a.max_length)
+                   for v in ("trainer-sft", "sft", "constant-kl", "adaptive-probe")}
+            res["peak_memory_mib"] = mem
+            res["ratios"]["peak memory adaptive-probe / sft"] = mem["adaptive-probe"] / mem["sft"]
+        results[label] = res
+        print(json.dumps({label: {"median_s": med, "ratios": res["ratios"]}}, indent=2), flush=True)
+    if "probe" not in skip:
+        results["probe"] = probe_throughput(a.model)
+        print(json.dumps({"probe": results["probe"]}, indent=2), flush=True)
+    if "judges" not in skip:
+        results["judges"] = judge_costs()
+        print(json.dumps({"judges": results["judges"]}, indent=2), flush=True)
+    if "topk" not in skip:
+        results["topk_kl"] = topk_kl(a.model)
+        print(json.dumps({"topk_kl": results["topk_kl"]}, indent=2), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2))
+    print(f"written {a.out}")
+
+
+if __name__ == "__main__":
+    main()
