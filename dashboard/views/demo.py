@@ -163,7 +163,9 @@ st.header("1 · The aligned model refuses")
 ref = asr_at(story_run, "first")
 c1, c2 = st.columns([1, 3])
 c1.metric(f"{asr_name} at step 0", common.fmt_pct(ref), help="Before any fine-tuning: the safe reference.")
-c1.metric("refused at step 0", common.fmt_pct(1 - ref) if np.isfinite(ref) else "n/a")
+refused = 1 - asr_at(story_run, "first", "asr_keyword")
+c1.metric("refused at step 0 (keyword)", common.fmt_pct(refused) if np.isfinite(refused) else "n/a",
+          help="Share of held-out harmful prompts answered with a refusal phrase.")
 with c2:
     st.markdown("Before fine-tuning, the reference model declines harmful requests. A few of the held-out harmful "
                 "prompts and its answers:")
