@@ -188,11 +188,11 @@ def judge_costs(n: int = 200) -> dict:
 
 def topk_kl(model_spec: str, ks=(16, 64, 256)) -> dict:
     """Speed and error of the top-k KL against the exact KL, on real logits of two different models."""
-    from staysafe.models import EMBEDDED, load_model
+    from staysafe.models import ALIGNED, EMBEDDED, load_model
     from staysafe.trainer import answer_token_losses
 
     policy, tok = load_model(model_spec)
-    ref_spec = EMBEDDED if model_spec != EMBEDDED else model_spec
+    ref_spec = EMBEDDED if model_spec != EMBEDDED else ALIGNED  # two different models, or the KL is 0
     ref, _ = load_model(ref_spec) if model_spec != "tiny" else load_model("tiny", seed=1)
     batch = batches(tok, 1, 8, 128)[0]
     with torch.no_grad():
@@ -225,14 +225,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--out", default=str(HERE / "out" / "training.json"))
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: full,memory,probe,judges,topk")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: lora,full,memory,probe,judges,topk")
     a = p.parse_args()
     skip = set(a.skip.split(","))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {"model": a.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
                "threads": torch.get_num_threads(), "batch": [a.batch_size, a.max_length]}
     for label, lora_r in (("lora", 16), ("full", 0)):
-        if label == "full" and "full" in skip:
+        if label in skip:
             continue
         res = step_times(a.model, lora_r, a.steps, a.warmup, a.batch_size, a.max_length)
         med = res["median_s"]
