@@ -212,13 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("align", help="build the aligned default reference smollm2-135m-aligned")
     from staysafe.align import AlignSettings
+    from staysafe.models import PRECISIONS
 
     d = AlignSettings()
     a.add_argument("--steps", type=int, default=d.steps)
     a.add_argument("--lr", type=float, default=d.lr)
     a.add_argument("--batch-size", type=int, default=d.batch_size)
     a.add_argument("--seed", type=int, default=d.seed)
-    a.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"])
+    a.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     a.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     a.set_defaults(fn=cmd_align)
 

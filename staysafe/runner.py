@@ -122,8 +122,10 @@ class RunSpec:
             bad("harmful_percent", "a percentage from 1 to 10")
         if self.max_length < 16:
             bad("max_length", "at least 16 tokens")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            bad("precision", "auto | fp32 | bf16")
+        from staysafe.models import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            bad("precision", " | ".join(PRECISIONS))
         try:
             check_safety_settings(self)
             from staysafe.risk import Calibration

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, TINY_RUN, make_records
 from staysafe.data import DataError, load_records, normalize_record
+from staysafe.launcher import spec_arguments
 from staysafe.runner import RunSpec, SpecError, latest_checkpoint, run_training
 from staysafe.traces import load_run
 
@@ -41,18 +42,8 @@ def tiny_spec(tmp_path, **kw) -> RunSpec:
 
 
 def spec_flags(spec: RunSpec) -> list[str]:
-    flags = []
-    for k, v in spec.__dict__.items():
-        if v is None:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            flags.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif isinstance(v, list):
-            flags += [flag, ",".join(v)]
-        else:
-            flags += [flag, str(v)]
-    return flags
+    """The run's ``staysafe train`` flags, encoded as the dashboard's launcher encodes them."""
+    return spec_arguments(spec) + (["--run-id", spec.run_id] if spec.run_id else []) + ["--runs-dir", spec.runs_dir]
 
 
 # ----------------------------------------------------------------------------------------------- resume
