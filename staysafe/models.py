@@ -270,19 +270,19 @@ def model_status() -> list[dict]:
     rows.append({"name": EMBEDDED, "ready": wheel_ok,
                  "detail": ("converted: " + str(cached_model_dir(EMBEDDED))) if embedded_ready else
                  (f"GGUF at {gguf}; converted on first use (~20 s)" if wheel_ok else gguf)})
+    from staysafe.align import ESTIMATED_MINUTES, cache_problem
+
     aligned_dir = cached_model_dir(ALIGNED)
-    report = aligned_dir / "alignment.json"
-    if report.is_file():
-        info = json.loads(report.read_text())
+    problem = cache_problem(aligned_dir)
+    if problem is None:
+        info = json.loads((aligned_dir / "alignment.json").read_text())
         m = info.get("metrics", {})
         detail = (f"harmful refused {m.get('harmful_refusal_rate', float('nan')):.0%}, "
                   f"benign refused {m.get('benign_refusal_rate', float('nan')):.0%} "
                   f"(held-out, keyword judge); built in {info.get('seconds', 0) / 60:.1f} min")
         rows.append({"name": ALIGNED, "ready": True, "detail": detail, **m})
     else:
-        from staysafe.align import ESTIMATED_MINUTES
-
         rows.append({"name": ALIGNED, "ready": False,
-                     "detail": f"not built yet: `staysafe align` builds it (about {ESTIMATED_MINUTES} min on 2 CPU cores)"})
+                     "detail": f"{problem}: `staysafe align` builds it (about {ESTIMATED_MINUTES} min on 2 CPU cores)"})
     rows.append({"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"})
     return rows

@@ -6,7 +6,6 @@ import pandas as pd
 import streamlit as st
 
 import common
-from staysafe.align import ESTIMATED_MINUTES
 
 cfg = common.page_setup()
 st.title(":material/shield: StaySafe")
@@ -73,9 +72,8 @@ if aligned.get("ready"):
     b.metric("held-out benign refused", common.fmt_pct(aligned.get("benign_refusal_rate")))
     d.markdown(f"`{ALIGNED}` is built and is the default safe reference of every run.  \n{aligned.get('detail', '')}")
 else:
-    st.info(f"`{ALIGNED}` (the default safe reference) is not built yet. `staysafe align` builds it in about "
-            f"{ESTIMATED_MINUTES} minutes on 2 CPU cores; the first run that needs it builds it too. Runs on `--model tiny` need no "
-            "aligned model.")
+    st.info(f"`{ALIGNED}` (the default safe reference) is not ready: {aligned.get('detail', 'not built yet')}. "
+            "The first run that needs it builds it too; runs on `--model tiny` need no aligned model.")
     st.code("staysafe align", language="bash")
 
 st.subheader("Where to go next")
