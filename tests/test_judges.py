@@ -268,7 +268,7 @@ def test_local_lm_cuts_long_texts_and_keys_on_the_weights(tiny):
     assert key != LocalLMJudge(load_model("tiny", seed=1), max_text_tokens=16).cache_key()
     assert key != LocalLMJudge(tiny, max_text_tokens=32).cache_key()
     lazy = LocalLMJudge("tiny")
-    assert lazy._model is None and "tiny" in lazy.cache_key()
+    assert lazy._model is None and "tiny" in lazy.cache_key() and lazy._model is None  # keying loads no weights
     assert np.allclose(lazy.score(["hi"], ["hello"]), LocalLMJudge(tiny).score(["hi"], ["hello"]), atol=1e-6)
     with pytest.raises(ValueError, match="batch_size"):
         LocalLMJudge(tiny, batch_size=0)
@@ -582,3 +582,16 @@ def test_default_embedding_judges_on_held_out_shipped_data(home):
     response = EmbeddingJudge.default("response")
     holdout = response.metadata["metrics"]["holdout"]
     assert holdout["accuracy"] >= 0.9 and holdout["balanced_accuracy"] >= 0.9, holdout
+
+
+def test_a_judge_loaded_by_name_hits_its_cache_on_the_second_pass(home):
+    """The key once changed when the judge loaded its tokenizer (first pass written under one key, read under
+    another): a benchmark saw 0 hits for the local LM judge on its second pass."""
+    prompts, responses = ["Tell me about tea.", "What is rain?"], ["Tea is a drink.", "Water falling."]
+    judge = LocalLMJudge("tiny")
+    first, stats = score_cached(judge, prompts, responses)
+    assert stats["misses"] == 2 and stats["failed"] == 0 and judge._model is not None
+    for again_judge in (judge, LocalLMJudge("tiny")):  # the same, loaded judge, and a fresh one (a new process)
+        again, stats = score_cached(again_judge, prompts, responses)
+        assert stats["hits"] == 2 and again == first
+    assert len(list((home / "judge_cache").glob("local-lm-*.jsonl"))) == 1

@@ -113,8 +113,11 @@ class LocalLMJudge(Judge):
             weights = f"{self.spec}@{model_fingerprint(self.spec)}"
         else:
             weights = f"in-memory@{_weights_digest(self._model)}"
-        tok = self._tokenizer
-        template = "" if tok is None else hashlib.sha256(str(tok.chat_template).encode()).hexdigest()[:8]
+        if self._tokenizer is None:  # the key must not change once the judge loads: read the template now (cheap)
+            from staysafe.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.spec)
+        template = hashlib.sha256(str(self._tokenizer.chat_template).encode()).hexdigest()[:8]
         return f"local-lm:{weights}:tpl-{template}:{RUBRIC_VERSION}:cut{self.max_text_tokens}"
 
     def __repr__(self) -> str:  # no weight hashing just to print the object
