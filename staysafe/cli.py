@@ -154,30 +154,30 @@ def cmd_compare_risk(args) -> int:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``OPTION=VALUE`` pairs (``--set``) typed like the RunSpec field they name."""
+    """``OPTION=VALUE`` pairs (``--set``), parsed by the very flags of ``staysafe train`` (one typing of options)."""
     from staysafe.runner import SpecError
 
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    add_spec_arguments(parser)
     defaults, out = RunSpec(), {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or not hasattr(defaults, name):
+        if not sep or name not in {f.name for f in dataclasses.fields(RunSpec)}:
             raise SpecError(f"--set {item!r}: expected OPTION=VALUE with OPTION a train option (see staysafe train "
                             "--help)")
-        default = getattr(defaults, name)
+        flag = name.replace("_", "-")
+        if isinstance(getattr(defaults, name), bool):
+            switch = {"true": "", "1": "", "yes": "", "false": "no-", "0": "no-", "no": "no-"}.get(text.lower())
+            if switch is None:
+                raise SpecError(f"--set {item!r}: {name} expects true or false")
+            argv = [f"--{switch}{flag}"]
+        else:
+            argv = [f"--{flag}={text}"]
         try:
-            if isinstance(default, bool):
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                out[name] = text.lower() in ("true", "1", "yes")
-            elif isinstance(default, list):
-                out[name] = [x for x in text.split(",") if x]
-            elif isinstance(default, (int, float)):
-                out[name] = type(default)(text)
-            else:
-                out[name] = text
-        except ValueError:
-            raise SpecError(f"--set {item!r}: {name} expects a value of type {type(default).__name__}") from None
+            out[name] = getattr(parser.parse_args(argv), name)
+        except argparse.ArgumentError as err:
+            raise SpecError(f"--set {item!r}: {err}") from None
     return out
 
 

@@ -79,7 +79,8 @@ def test_experiment_set_passes_typed_options_to_every_run(tmp_path):
         assert len(run.steps) == 2 and len(run.examples) == 4
 
 
-@pytest.mark.parametrize("item,message", [("per_example_beta=maybe", "per_example_beta expects a value of type bool"),
+@pytest.mark.parametrize("item,message", [("per_example_beta=maybe", "per_example_beta expects true or false"),
+                                          ("steps=x", "argument --steps: invalid int value: 'x'"),
                                           ("stepz=3", "expected OPTION=VALUE with OPTION a train option"),
                                           ("lr", "expected OPTION=VALUE"),
                                           ("beta_max=2", "beta_max = 2.0 is invalid"),
