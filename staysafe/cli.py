@@ -105,8 +105,9 @@ def cmd_models(args) -> int:
     from staysafe.models import model_status, staysafe_home
 
     print(f"cache: {staysafe_home()}")
+    print(f"{'ready':6} {'model':24} detail")
     for row in model_status():
-        print(f"{'ready' if row['ready'] else 'missing':8} {row['name']:24} {row['detail']}")
+        print(f"{'yes' if row['ready'] else 'no':6} {row['name']:24} {row['detail']}")
     return 0
 
 
