@@ -27,6 +27,7 @@ ESTIMATED_MINUTES = 13
 # alignment data) is rebuilt instead of silently serving as the reference (an old cache once refused 31% of benign).
 RECIPE_VERSION = 3
 TRAIN_SETS = ("refusals", "align-benign")
+NOT_BUILT = "not built yet"
 
 
 @dataclass
@@ -75,7 +76,7 @@ def cache_problem(target: Path | None = None) -> str | None:
     """Why the cached aligned model cannot be used (not built, unreadable, older recipe, other data), or None."""
     report_path = (target or cached_model_dir(ALIGNED)) / "alignment.json"
     if not report_path.is_file():
-        return "not built yet"
+        return NOT_BUILT
     try:
         report = json.loads(report_path.read_text())
     except (OSError, ValueError) as err:
@@ -103,7 +104,7 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
         if problem is None and not force:
             return target
         t0 = time.time()
-        why = "" if problem in (None, "not built yet") else f"The cached one is stale ({problem}). "
+        why = "" if problem in (None, NOT_BUILT) else f"The cached one is stale ({problem}). "
         print(f"{why}Building the aligned reference model {ALIGNED} (about {ESTIMATED_MINUTES} minutes on 2 CPU "
               "cores): LoRA on refusal data + matched benign data, then merged and cached.", flush=True)
         records = [r for name in TRAIN_SETS for r in load_records(name)]

@@ -160,11 +160,11 @@ def parse_overrides(items: list[str]) -> dict:
 
     parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     add_spec_arguments(parser)
-    defaults, out = RunSpec(), {}
+    defaults, fields, out = RunSpec(), {f.name for f in dataclasses.fields(RunSpec)}, {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or name not in {f.name for f in dataclasses.fields(RunSpec)}:
+        if not sep or name not in fields:
             raise SpecError(f"--set {item!r}: expected OPTION=VALUE with OPTION a train option (see staysafe train "
                             "--help)")
         flag = name.replace("_", "-")
