@@ -47,6 +47,25 @@ class AlignSettings:
     precision: str = "auto"
 
 
+ADAPTER_DIR = "adapter"
+
+
+def save_adapter_fp16(peft_model, out: Path) -> None:
+    """Save the LoRA adapter in fp16 (half the size; the shipped form) after rounding the live adapter to the same
+    values, so that the merged model measured next is exactly the one the saved adapter gives."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.half().float())
+    state = {k: v.detach().half().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.peft_config["default"].save_pretrained(str(out))
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def refusal_rates(model, tokenizer, max_new_tokens: int = 32) -> dict:
     """Share of held-out harmful and benign prompts the model refuses (keyword judge), on every eval prompt."""
     from staysafe.data import load_records
@@ -121,9 +140,10 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                                 use_cpu=not torch.cuda.is_available())
             SafetyTrainer(model=model, args=args, train_dataset=dataset,
                           data_collator=SafetyCollator(tokenizer.pad_token_id)).train()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ALIGNED}-", dir=target.parent))
+        save_adapter_fp16(model, tmp / ADAPTER_DIR)  # rounds the adapter in place: what is measured is what ships
         merged = model.merge_and_unload()
         metrics = refusal_rates(merged, tokenizer, settings.eval_max_new_tokens)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ALIGNED}-", dir=target.parent))
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report = {"base": EMBEDDED, "recipe_version": RECIPE_VERSION, "data_sha": training_data_sha(),

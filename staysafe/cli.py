@@ -102,7 +102,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from staysafe.models import model_status, staysafe_home
+    from staysafe.models import model_status
+    from staysafe.paths import staysafe_home
 
     print(f"cache: {staysafe_home()}")
     print(f"{'ready':6} {'model':24} detail")

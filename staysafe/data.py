@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from staysafe.errors import StaySafeError
+
 LABELS = ("harmful", "benign")
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -34,7 +36,7 @@ SHIPPED = {
 SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 
 
-class DataError(ValueError):
+class DataError(StaySafeError, ValueError):
     """A dataset could not be read; the message names the file, line or field and what was expected."""
 
 

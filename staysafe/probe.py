@@ -18,12 +18,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from staysafe.errors import StaySafeError
 from staysafe.data import prompt_messages, prompt_text, render_prompt
 
 POSITIONS = ("last_prompt_token", "mean")
 
 
-class ProbeError(ValueError):
+class ProbeError(StaySafeError, ValueError):
     """A probe cannot be used here (another model's hidden size, a damaged file)."""
 
 
@@ -314,7 +315,8 @@ def labelled_prompts(names) -> list[dict]:
 
 def default_probe_dir(model_spec: str, seed: int = 0) -> Path:
     """Where the default probe of a model is cached (``probe.json`` there once it has been fitted)."""
-    from staysafe.models import model_fingerprint, staysafe_home
+    from staysafe.models import model_fingerprint
+    from staysafe.paths import staysafe_home
 
     return staysafe_home() / "probes" / model_fingerprint(model_spec, seed)
 

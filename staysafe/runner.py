@@ -17,6 +17,7 @@ import traceback
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from staysafe.errors import StaySafeError
 from staysafe.data import DataError, SCENARIOS, build_scenario, load_records, records_table, tokenize_dataset
 from staysafe.trainer import FALLBACKS, METHODS, check_safety_settings
 
@@ -25,7 +26,7 @@ RECORDED = {"versions", "command", "n_examples", "risk_scoring", "processes", "p
 OPTIONAL = ("scenario",)  # string options that may also be None (the others with a None default are optional too)
 
 
-class SpecError(ValueError):
+class SpecError(StaySafeError, ValueError):
     """An option of a run is invalid; the message names the option and what was expected."""
 
 

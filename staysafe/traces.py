@@ -31,6 +31,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from staysafe.errors import StaySafeError
+
 TABLES = {  # table name -> columns that identify a row (duplicates keep the newest)
     "steps": ("step",),
     "examples": ("step", "slot"),
@@ -41,7 +43,7 @@ STATES = ("created", "running", "finished", "failed", "cancelled", "interrupted"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class TraceError(RuntimeError):
+class TraceError(StaySafeError, RuntimeError):
     """A run directory or trace file is missing or damaged; the message names the file."""
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
-from staysafe.models import staysafe_home
+from staysafe.paths import staysafe_home
 
 CACHE_FORMAT = 1
 

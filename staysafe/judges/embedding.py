@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from staysafe.errors import StaySafeError
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -40,7 +41,7 @@ HEAD_JSON, HEAD_NPZ = "judge.json", "head.npz"
 FORMAT = 1
 
 
-class JudgeFileError(ValueError):
+class JudgeFileError(StaySafeError, ValueError):
     """A saved judge head is missing or damaged; the message names the file."""
 
 
@@ -335,7 +336,7 @@ class EmbeddingJudge(Judge):
         (harmful request, compliant answer); negatives = refusals (harmful request, refusal) + align-benign + benign.
         """
         from staysafe.data import SHIPPED, data_dir, load_records, prompt_text, response_text
-        from staysafe.models import staysafe_home
+        from staysafe.paths import staysafe_home
 
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
