@@ -44,23 +44,28 @@ def eval_prompts(n_harmful: int, n_benign: int, seed: int = 0) -> list[dict]:
 
 @torch.no_grad()
 def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 25) -> list[str]:
-    """Greedy answers, batched with left padding (deterministic)."""
+    """Greedy answers, batched with left padding (deterministic). Prompts are batched in order of length, so little
+    compute goes to padding; each answer stops at the end of its turn and a batch when all its answers have."""
     device = next(model.parameters()).device
     texts = [render_prompt(tokenizer, prompt_messages(r)) for r in records]
+    order = sorted(range(len(texts)), key=lambda i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]))
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
-    out = []
+    out = [""] * len(texts)
     try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        for k in range(0, len(order), batch_size):
+            chunk = order[k:k + batch_size]
+            enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                 top_k=None, pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                 top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for i, text in zip(chunk, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+                out[i] = text.strip()
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
-    return [t.strip() for t in out]
+    return out
 
 
 @torch.no_grad()

@@ -262,10 +262,12 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
                           records_table(records).assign(truncated=dataset["truncated"],
                                                         **{k: v for k, v in extra_risk.items()}))
         if needs_probe and probe is None:
+            from staysafe.aligned import ALIGNED, shipped_probe_path
             from staysafe.probe import default_probe, default_probe_dir
 
             with procs.main_first():
-                if procs.main and not (default_probe_dir(spec.model, spec.seed) / "probe.json").is_file():
+                if procs.main and not (default_probe_dir(spec.model, spec.seed) / "probe.json").is_file() and not (
+                        spec.model == ALIGNED and shipped_probe_path(spec.seed)):
                     log("fitting the activation probe on the reference model (shipped labelled prompts, once per "
                         "model)...")
                 probe = default_probe(model, tokenizer, spec.model, out_dir=run_dir if procs.main else None,
