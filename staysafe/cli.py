@@ -30,6 +30,7 @@ HELP = {
     "per_example_beta": "one beta per example instead of one per batch",
     "risk_fallback": "when the risk source has no score: probe | last | max",
     "kl_top_k": "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)",
+    "reference_cache": "reuse the reference's top-k outputs (needs --kl-top-k) and probe reading after the first epoch",
     "lora_r": "LoRA rank (0 = full fine-tuning with a frozen reference copy)",
     "eval_every": "evaluate ASR every N steps (plus step 0 and the last step; 0 = only those)",
     "eval_judges": "response judges for judge ASR, comma-separated (keyword ASR is always measured)",

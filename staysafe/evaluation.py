@@ -72,18 +72,23 @@ def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, ba
 def answer_nll(model, tokenizer, records: list[dict], batch_size: int = 16, max_length: int = 256) -> float:
     """Token-mean NLL of the records' reference answers given their prompts."""
     from staysafe.data import SafetyCollator, tokenize_record
-    from staysafe.trainer import answer_token_losses
+    from staysafe.trainer import answer_positions, answer_token_losses, lm_head_positions_supported
 
     device = next(model.parameters()).device
     collate = SafetyCollator(tokenizer.pad_token_id)
+    head_positions = lm_head_positions_supported(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     feats = [{**tokenize_record(tokenizer, r, max_length), "example_index": i} for i, r in enumerate(records)]
     for i in range(0, len(feats), batch_size):
         batch = collate(feats[i:i + batch_size])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        nll, _, _ = answer_token_losses(logits, batch["labels"].to(device))
+        labels = batch["labels"].to(device)
+        keep = answer_positions(labels) if head_positions else None
+        extra = {"logits_to_keep": keep} if keep is not None else {}
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       **extra).logits
+        nll, _, _ = answer_token_losses(logits, labels, positions=keep)
         total += float(nll.sum())
         count += nll.numel()
     model.train(was_training)

@@ -58,6 +58,7 @@ class RunSpec:
     per_example_beta: bool = False
     risk_fallback: str = "probe"
     kl_top_k: int = 0
+    reference_cache: bool = False
     steps: int = 40
     batch_size: int = 8
     grad_accum: int = 1
@@ -360,6 +361,7 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
         output_dir=str(writer.path / "checkpoints"), method=spec.method, beta=spec.beta, beta_min=spec.beta_min,
         beta_max=spec.beta_max, risk=spec.risk, risk_ema=spec.risk_ema, batch_risk=spec.batch_risk,
         per_example_beta=spec.per_example_beta, risk_fallback=spec.risk_fallback, kl_top_k=spec.kl_top_k,
+        reference_cache=spec.reference_cache,
         max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
         seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="no",
