@@ -114,6 +114,8 @@ class RunSpec:
                      "threads"):
             if getattr(self, name) < 0:
                 bad(name, "a whole number >= 0")
+        if self.reference_cache and not self.kl_top_k:
+            bad("reference_cache", "False, or a positive --kl-top-k (the cache keeps the reference's top-k)")
         if self.max_new_tokens < 1:
             bad("max_new_tokens", "a whole number >= 1")
         if self.lr <= 0:
