@@ -230,11 +230,13 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
 
         sources["probe"] = ProbeRisk(probe, calibration if spec.risk == "probe" else None)
     args = SafetyConfig(
-        output_dir=str(writer.path / "checkpoints"), **spec.safety_options(), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
+        output_dir=str(writer.path / "checkpoints"), **spec.safety_options(), max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
-        seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="no",
+        seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="steps",
+        logging_steps=1, report_to="none",
         save_strategy="steps" if spec.checkpoint_every else "no", save_steps=spec.checkpoint_every or 500,
-        save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(), report_to="none",
+        save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(),
         bf16=resolve_precision(spec.precision) == "bf16",
     )
     trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,

@@ -11,7 +11,8 @@ from conftest import make_records
 from staysafe.data import SafetyCollator, tokenize_dataset
 from staysafe.models import LoraSettings, add_lora, build_tiny
 from staysafe.traces import RunWriter, load_run
-from staysafe.trainer import SafetyConfig, SafetyTrainer, answer_token_losses
+from staysafe.losses import answer_token_losses
+from staysafe.trainer import SafetyConfig, SafetyTrainer
 
 
 def train(tokenizer, tmp_path, records, steps=4, lora=False, run=True, risk_sources=None, seed=0, **cfg):

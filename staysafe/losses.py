@@ -1,0 +1,63 @@
+"""The regulariser's losses as pure functions of logits and labels (no trainer state), so they can be tested alone
+and extended (other heads, cached reference outputs) without touching the training step.
+
+    loss = (1 - beta) * NLL + beta * KL(ref || model)      over answer tokens
+"""
+
+from __future__ import annotations
+
+import torch
+
+from staysafe.data import IGNORE
+
+
+def answer_token_losses(logits, labels, ref_logits=None, top_k: int = 0):
+    """NLL and KL(ref || model) of every answer token, with the batch row each token belongs to."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    rows = mask.nonzero(as_tuple=True)[0]
+    logp = logits[:, :-1][mask].float().log_softmax(-1)
+    nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)
+    if ref_logits is None:
+        return nll, None, rows
+    ref_logp = ref_logits[:, :-1][mask].float().log_softmax(-1)
+    return nll, token_kl(logp, ref_logp, top_k), rows
+
+
+def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    """KL(ref || model) per token from log-probabilities [T, V]. With ``top_k``: the KL between the two
+    distributions coarsened to {top-k tokens of the reference, everything else}, a lower bound of the exact KL that
+    avoids the full-vocabulary product."""
+    if top_k and top_k < ref_logp.shape[-1]:
+        ref_top, idx = ref_logp.topk(top_k, dim=-1)
+        top = logp.gather(1, idx)
+        p, q = ref_top.exp(), top.exp()
+        p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
+        q_rest = (1 - q.sum(-1)).clamp_min(1e-12)
+        return (p * (ref_top - top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
+def per_example_mean(values: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of token values per batch row (0 for a row without answer tokens)."""
+    sums = torch.zeros(batch_size, device=values.device, dtype=values.dtype).index_add(0, rows, values)
+    counts = torch.bincount(rows, minlength=batch_size).clamp_min(1)
+    return sums / counts
+
+
+def regularised_loss(nll_tok, kl_tok, rows, beta: torch.Tensor, per_example_beta: bool):
+    """The blended loss of a micro-batch, plus the per-example NLL and KL it was made of.
+
+    ``beta`` has one value per example. Per batch, the NLL and KL are means over all answer tokens; per example,
+    each example's token means are blended with its own beta and averaged. Without a reference (``kl_tok`` None:
+    sft) the loss is the NLL.
+    """
+    n = beta.shape[0]
+    nll_i = per_example_mean(nll_tok, rows, n)
+    kl_i = per_example_mean(kl_tok, rows, n) if kl_tok is not None else torch.zeros_like(nll_i)
+    if per_example_beta:
+        return ((1 - beta) * nll_i + beta * kl_i).mean(), nll_i, kl_i
+    if kl_tok is None:
+        return nll_tok.mean(), nll_i, kl_i
+    b = beta[0]
+    return (1 - b) * nll_tok.mean() + b * kl_tok.mean(), nll_i, kl_i
