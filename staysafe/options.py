@@ -188,6 +188,9 @@ class RunSpec(SafetyOptions):
                                     "ASR is always measured)", choices=JUDGES, open_choices=True)
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)
     save_model: bool = option(True, "save the final adapter (or model)")
+    report_to: str = option("none", "where the Trainer's logs (every step's loss, nll, kl, beta, risks; every "
+                            "evaluation) also go, comma-separated: none | tensorboard | wandb | trackio | mlflow | "
+                            "all; the traces are written either way")
     precision: str = option("auto", "auto (bf16 autocast where the hardware is fast at it) | fp32 | bf16",
                             choices=PRECISIONS)
     threads: int = option(0, "CPU threads for torch (0 = its default; 1 is faster when other work shares a small "

@@ -234,7 +234,7 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
         per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
         seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="steps",
-        logging_steps=1, report_to="none",
+        logging_steps=1, report_to=[r for r in spec.report_to.split(",") if r] or "none",
         save_strategy="steps" if spec.checkpoint_every else "no", save_steps=spec.checkpoint_every or 500,
         save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(),
         bf16=resolve_precision(spec.precision) == "bf16",
