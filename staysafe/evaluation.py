@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from staysafe.data import load_records, prompt_messages, prompt_text, render_prompt, response_text
-from staysafe.trainer import fault_pause
+from staysafe.faults import fault_pause
 
 
 @dataclass
@@ -72,7 +72,8 @@ def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, ba
 def answer_nll(model, tokenizer, records: list[dict], batch_size: int = 16, max_length: int = 256) -> float:
     """Token-mean NLL of the records' reference answers given their prompts."""
     from staysafe.data import SafetyCollator, tokenize_record
-    from staysafe.trainer import answer_positions, answer_token_losses, lm_head_positions_supported
+    from staysafe.losses import answer_positions, answer_token_losses
+    from staysafe.reference import lm_head_positions_supported
 
     device = next(model.parameters()).device
     collate = SafetyCollator(tokenizer.pad_token_id)
@@ -158,6 +159,9 @@ class EvalCallback(TrainerCallback):
             row, gens = self.evaluator.evaluate(unwrapped, step)
             self.run.append("generations", gens)
             self.run.append("evals", [row])
+            if self.trainer is not None:  # the same numbers through the Trainer's log (report_to integrations)
+                self.trainer.log({f"eval_{k}": float(v) for k, v in row.items()
+                                  if k not in ("step", "time", "wall_time") and isinstance(v, (int, float))})
         if self.trainer is not None:
             self.trainer.accelerator.wait_for_everyone()
 

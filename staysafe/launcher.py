@@ -43,36 +43,15 @@ class LaunchError(StaySafeError, RuntimeError):
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def spec_arguments(spec: RunSpec) -> list[str]:
     """Every RunSpec field as a ``staysafe train`` flag (the inverse of ``cli.spec_from_args``).
 
     All fields are passed, not only non-defaults, so the command in ``config.json`` reruns the run even after a
     default changes. ``runs_dir`` and ``run_id`` are left to the caller.
     """
-    from staysafe.runner import RunSpec
+    from staysafe.options import spec_flags
 
-    args: list[str] = []
-    for f in dataclasses.fields(RunSpec):
-        if f.name in ("runs_dir", "run_id"):
-            continue
-        value = getattr(spec, f.name)
-        if f.name == "scenario" and spec.data:
-            continue  # --data replaces the scenario
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            args += [_flag(f.name), ",".join(str(v) for v in value)]
-        elif isinstance(value, float):
-            args += [_flag(f.name), repr(value)]
-        else:
-            args += [_flag(f.name), str(value)]
-    return args
+    return spec_flags(spec)
 
 
 def train_argv(spec: RunSpec, run_id: str, runs_root: Path) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 
 from staysafe.aligned import ALIGNED, aligned_status, served_aligned
 from staysafe.embedded import EMBEDDED, ModelError, convert_embedded, embedded_gguf_path, embedded_tokenizer_dir
+from staysafe.options import PRECISIONS  # noqa: F401  (defined once, there; re-exported)
 from staysafe.paths import cached_model_dir
 
 TINY = "tiny"
@@ -137,7 +138,6 @@ def load_model(spec: str = ALIGNED, *, lora: LoraSettings | None = None, dtype: 
     return model, tokenizer
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str) -> str:

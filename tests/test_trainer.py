@@ -11,7 +11,8 @@ from conftest import make_records
 from staysafe.data import SafetyCollator, tokenize_dataset
 from staysafe.models import LoraSettings, add_lora, build_tiny
 from staysafe.traces import RunWriter, load_run
-from staysafe.trainer import SafetyConfig, SafetyTrainer, answer_token_losses
+from staysafe.losses import answer_token_losses
+from staysafe.trainer import SafetyConfig, SafetyTrainer
 
 
 def train(tokenizer, tmp_path, records, steps=4, lora=False, run=True, risk_sources=None, seed=0, **cfg):
@@ -178,7 +179,7 @@ def test_step_trace_has_the_documented_columns(tokenizer, tmp_path):
 def test_the_lm_head_at_answer_positions_only_gives_the_full_computation(tokenizer, tmp_path):
     """The NLL and KL need logits only where the next token is an answer token; projecting just those positions
     must give the numbers of the full B x T x V projection (per token, and through whole training steps)."""
-    from staysafe.trainer import answer_positions
+    from staysafe.losses import answer_positions
 
     model, ref = build_tiny(tokenizer, seed=0), build_tiny(tokenizer, seed=1)
     records = make_records(6)
