@@ -161,6 +161,8 @@ def cmd_experiment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from staysafe.presets import PRESETS
+
     p = argparse.ArgumentParser(prog="staysafe", description="Study and prevent safety degradation in fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -168,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_arguments(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory from its last checkpoint")
     t.add_argument("--config", metavar="FILE", help="options from a JSON file (a run's config.json); flags override")
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="defaults for a common use (flags override): " +
+                        "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
     t.set_defaults(fn=cmd_train)
+    p.train_parser = t  # main() gives it a preset's defaults
 
     r = sub.add_parser("runs", help="list run directories")
     r.add_argument("--runs-dir", default="runs")
@@ -211,8 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare")
     c.set_defaults(fn=cmd_compare_risk)
 
-    from staysafe.presets import PRESETS
-
     e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
     e.add_argument("--scenario", default="harmful")
     e.add_argument("--methods", default=None,
@@ -234,7 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.preset:  # a preset's options become defaults; explicit flags still win
+        from staysafe.presets import preset_options
+
+        parser.train_parser.set_defaults(**preset_options(args.preset))
+        args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except (StaySafeError, FileExistsError, ValueError) as err:
