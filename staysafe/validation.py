@@ -89,12 +89,16 @@ def load_validation_set(data: str | Path | None = None, split: str | None = None
     rows = _read_jsonl(path)
     if not rows:
         raise DataError(f"{path}: empty file (expected one labelled item per line)")
-    items, seen = [], {}
+    items, seen, split_of = [], {}, {}
     for where, raw in rows:
         item = _check_item(raw, where)
         if item["id"] in seen:
             raise DataError(f"{where}: duplicate id {item['id']!r} (first at {seen[item['id']]})")
         seen[item["id"]] = where
+        first = split_of.setdefault(item["request"], (item["split"], where))
+        if first[0] != item["split"]:
+            raise DataError(f"{where}: this request is in split {first[0]!r} at {first[1]}; every answer to one "
+                            f"request must be in the same split, got {item['split']!r}")
         items.append(item)
     chosen = [i for i in items if split is None or i["split"] == split]
     if not chosen:
@@ -198,20 +202,32 @@ def validate_judges(judges: list[Judge], items: list[dict], *, data: str = "", s
     return _clean(report)
 
 
+RESPONSE_JUDGES = ("keyword", "embedding-response", "local-lm", "openai")
+
+
+def check_judge_names(text: str) -> list[str]:
+    """``--judges`` as a list of response-judge names; DataError for an empty list or an unknown name."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise DataError(f"--judges is empty: name at least one of {', '.join(RESPONSE_JUDGES)}")
+    for n in names:
+        if n == "embedding":
+            raise DataError("--judges: 'embedding' rates requests, not answers; validate 'embedding-response' instead")
+        if n not in RESPONSE_JUDGES:
+            raise DataError(f"--judges: unknown response judge {n!r}; choose from {', '.join(RESPONSE_JUDGES)}")
+    return names
+
+
 def build_judge(name: str, *, judge_url: str | None = None, judge_model: str | None = None,
                 judge_key_env: str = "OPENAI_API_KEY", local_lm_model: str = "smollm2-135m-aligned") -> Judge:
     """A response judge by its ``--judges`` name (the request-only ``embedding`` judge cannot judge answers)."""
     from staysafe.judges import make_judge
 
-    if name == "embedding":
-        raise DataError("judge 'embedding' rates requests, not answers; validate 'embedding-response' instead")
+    check_judge_names(name)
     if name == "openai":
         if not judge_url or not judge_model:
             raise DataError("--judges openai needs --judge-url (an OpenAI-compatible base URL) and --judge-model")
         return make_judge("openai", base_url=judge_url, model=judge_model, api_key_env=judge_key_env)
     if name == "local-lm":
         return make_judge("local-lm", model=local_lm_model)
-    try:
-        return make_judge(name)
-    except ValueError as err:
-        raise DataError(f"--judges: {err}") from None
+    return make_judge(name)
