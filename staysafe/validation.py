@@ -178,7 +178,11 @@ def _judge_report(judge: Judge, harmful: list[dict], benign: list[dict], boot: d
 
 def validate_judges(judges: list[Judge], items: list[dict], *, data: str = "", split: str | None = "test",
                     resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> dict:
-    """The validation report (strict JSON) of each judge on ``items`` (already the chosen split)."""
+    """The validation report (strict JSON) of each judge on ``items`` (already the chosen split).
+
+    ``labelled`` holds the labelled figures of all items; each judge's figures are over the items it scored (an
+    unscored item is listed under ``unscored`` with its error, never given a default verdict).
+    """
     boot = {"resamples": resamples, "level": level, "seed": seed}
     harmful = [i for i in items if i["kind"] == "harmful"]
     benign = [i for i in items if i["kind"] == "benign"]
