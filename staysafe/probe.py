@@ -323,11 +323,16 @@ def default_probe_dir(model_spec: str, seed: int = 0) -> Path:
 
 def default_probe(model, tokenizer, model_spec: str, out_dir: Path | None = None, progress: bool = True,
                   seed: int = 0) -> Probe:
-    """The probe for ``model_spec`` fitted on the shipped labelled prompts (sweep over all layers), cached per
-    model under ``$STAYSAFE_HOME/probes``; with ``out_dir`` the fit and its activations are also saved there."""
+    """The probe for ``model_spec`` fitted on the shipped labelled prompts (sweep over all layers): shipped for the
+    shipped aligned reference, else fitted once and cached per model under ``$STAYSAFE_HOME/probes``; with
+    ``out_dir`` the probe is also saved there."""
+    from staysafe.aligned import ALIGNED, shipped_probe_path
+
     cache = default_probe_dir(model_spec, seed)
-    if (cache / "probe.json").is_file():
-        probe = Probe.load(cache / "probe.json", hidden_size=model.config.hidden_size)
+    ready = shipped_probe_path(seed) if model_spec == ALIGNED else None
+    ready = ready or (cache / "probe.json" if (cache / "probe.json").is_file() else None)
+    if ready is not None:
+        probe = Probe.load(ready, hidden_size=model.config.hidden_size)
         if out_dir is not None:
             probe.save(Path(out_dir) / "probe")
         return probe

@@ -58,6 +58,7 @@ class RunSpec:
     per_example_beta: bool = False
     risk_fallback: str = "probe"
     kl_top_k: int = 0
+    reference_cache: bool = False
     steps: int = 40
     batch_size: int = 8
     grad_accum: int = 1
@@ -113,6 +114,8 @@ class RunSpec:
                      "threads"):
             if getattr(self, name) < 0:
                 bad(name, "a whole number >= 0")
+        if self.reference_cache and not self.kl_top_k:
+            bad("reference_cache", "False, or a positive --kl-top-k (the cache keeps the reference's top-k)")
         if self.max_new_tokens < 1:
             bad("max_new_tokens", "a whole number >= 1")
         if self.lr <= 0:
@@ -262,10 +265,12 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
                           records_table(records).assign(truncated=dataset["truncated"],
                                                         **{k: v for k, v in extra_risk.items()}))
         if needs_probe and probe is None:
+            from staysafe.aligned import ALIGNED, shipped_probe_path
             from staysafe.probe import default_probe, default_probe_dir
 
             with procs.main_first():
-                if procs.main and not (default_probe_dir(spec.model, spec.seed) / "probe.json").is_file():
+                if procs.main and not (default_probe_dir(spec.model, spec.seed) / "probe.json").is_file() and not (
+                        spec.model == ALIGNED and shipped_probe_path(spec.seed)):
                     log("fitting the activation probe on the reference model (shipped labelled prompts, once per "
                         "model)...")
                 probe = default_probe(model, tokenizer, spec.model, out_dir=run_dir if procs.main else None,
@@ -358,6 +363,7 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
         output_dir=str(writer.path / "checkpoints"), method=spec.method, beta=spec.beta, beta_min=spec.beta_min,
         beta_max=spec.beta_max, risk=spec.risk, risk_ema=spec.risk_ema, batch_risk=spec.batch_risk,
         per_example_beta=spec.per_example_beta, risk_fallback=spec.risk_fallback, kl_top_k=spec.kl_top_k,
+        reference_cache=spec.reference_cache,
         max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
         seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="no",

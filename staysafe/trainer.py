@@ -46,6 +46,12 @@ class SafetyConfig(TrainingArguments):
     risk_fallback: str = field(default="probe", metadata={
         "help": "when the risk source has no score for an example: probe (then last, then 1) | last (then 1) | max (1)"})
     kl_top_k: int = field(default=0, metadata={"help": "KL over the reference's top-k tokens only (0 = exact)"})
+    reference_cache: bool = field(default=False, metadata={
+        "help": "keep the reference's top-k outputs (kl_top_k, required) and probe reading per example from the "
+                "first epoch and reuse them after it, instead of a reference forward every step"})
+    lm_head_all_positions: bool = field(default=False, metadata={
+        "help": "project every position through the LM head, not only answer positions (the old, slower path; "
+                "same numbers)"})
     # Defaults that differ from TrainingArguments: keep our batch columns, log every step, no external reporting.
     remove_unused_columns: bool = False
     logging_steps: float = 1
@@ -80,6 +86,9 @@ def check_safety_settings(c) -> None:
         bad("risk_fallback", " | ".join(FALLBACKS))
     if c.kl_top_k < 0:
         bad("kl_top_k", "0 (exact KL) or a positive number of tokens")
+    if c.reference_cache and not c.kl_top_k:
+        raise ValueError("reference_cache keeps the reference's top-k log-probabilities: it needs kl_top_k > 0 "
+                         "(64 is within 1% of the exact KL here, see benchmarks/README.md)")
     if getattr(c, "learning_rate", 0) < 0:
         bad("learning_rate", "a number >= 0")
     if getattr(c, "max_steps", -1) == 0:
@@ -89,28 +98,92 @@ def check_safety_settings(c) -> None:
 # ----------------------------------------------------------------------------------------------- losses
 
 
-def answer_token_losses(logits, labels, ref_logits=None, top_k: int = 0):
-    """NLL and KL(ref || model) of every answer token, with the batch row each token belongs to."""
-    targets = labels[:, 1:]
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is an answer token in at least one row: the only positions where the
+    NLL and the KL need the language-model head (``logits_to_keep``), instead of a full B x T x V projection."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+
+
+def lm_head_positions_supported(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` as a tensor of positions (transformers' causal LMs do)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def answer_token_losses(logits, labels, ref_logits=None, top_k: int = 0, positions=None, ref_topk=None):
+    """NLL and KL(ref || model) of every answer token, with the batch row each token belongs to. ``logits`` (and
+    ``ref_logits``) are either over every position, or only at ``positions`` (see :func:`answer_positions`).
+    ``ref_topk`` (the reference's top-k log-probabilities and token ids per answer token, e.g. from the
+    :class:`ReferenceCache`) stands in for ``ref_logits`` and gives the top-k KL."""
+    if positions is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+        ref_logits = ref_logits[:, :-1] if ref_logits is not None else None
+    else:
+        targets = labels[:, positions + 1]
     mask = targets != IGNORE
     rows = mask.nonzero(as_tuple=True)[0]
-    logp = logits[:, :-1][mask].float().log_softmax(-1)
+    logp = logits[mask].float().log_softmax(-1)
     nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)
+    if ref_topk is not None:
+        return nll, topk_kl(logp, *ref_topk), rows
     if ref_logits is None:
         return nll, None, rows
-    ref_logp = ref_logits[:, :-1][mask].float().log_softmax(-1)
+    ref_logp = ref_logits[mask].float().log_softmax(-1)
     if top_k and top_k < ref_logp.shape[-1]:
-        # KL between the two distributions coarsened to {top-k tokens of the reference, everything else}:
-        # a lower bound of the exact KL that avoids the full-vocabulary product.
-        ref_top, idx = ref_logp.topk(top_k, dim=-1)
-        top = logp.gather(1, idx)
-        p, q = ref_top.exp(), top.exp()
-        p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
-        q_rest = (1 - q.sum(-1)).clamp_min(1e-12)
-        kl = (p * (ref_top - top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+        return nll, topk_kl(logp, *ref_logp.topk(top_k, dim=-1)), rows
+    return nll, (ref_logp.exp() * (ref_logp - logp)).sum(-1), rows
+
+
+def reference_topk(ref_logits, labels, top_k: int, positions=None):
+    """The reference's top-k log-probabilities and their token ids at every answer token (what the top-k KL and
+    the reference cache keep)."""
+    if positions is None:
+        ref_logits, targets = ref_logits[:, :-1], labels[:, 1:]
     else:
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    return nll, kl, rows
+        targets = labels[:, positions + 1]
+    return ref_logits[targets != IGNORE].float().log_softmax(-1).topk(top_k, dim=-1)
+
+
+def topk_kl(logp, ref_top, idx):
+    """KL between the two distributions coarsened to {top-k tokens of the reference, everything else}: a lower
+    bound of the exact KL that needs only the reference's top-k (its error is measured in benchmarks/)."""
+    top = logp.gather(1, idx.long())
+    p, q = ref_top.exp(), top.exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - q.sum(-1)).clamp_min(1e-12)
+    return (p * (ref_top - top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+class ReferenceCache:
+    """The frozen reference's outputs per training example, kept from the epoch that first saw it for the later
+    ones (the reference never changes, so they are the same): its top-k log-probabilities and token ids at each
+    answer token, and each hidden-state risk source's score of the prompt. In memory, per process: about
+    k x 8 bytes per answer token (k = 64: 0.5 KB)."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple] = {}
+        self.hits = self.misses = 0
+
+    def lookup(self, example_index: torch.Tensor):
+        """``((ref_top, idx), signals)`` for a batch whose every example is cached (in batch order), else None."""
+        keys = example_index.tolist()
+        if not all(k in self.entries for k in keys):
+            self.misses += 1
+            return None
+        self.hits += 1
+        got = [self.entries[k] for k in keys]
+        top = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+        names = got[0][2].keys()
+        return top, {n: torch.tensor([g[2][n] for g in got]) for n in names}
+
+    def add(self, example_index: torch.Tensor, rows: torch.Tensor, ref_topk, signals: dict) -> None:
+        ref_top, idx = ref_topk
+        for slot, key in enumerate(example_index.tolist()):
+            sel = rows == slot
+            self.entries[key] = (ref_top[sel].detach().cpu(), idx[sel].detach().to(torch.int32).cpu(),
+                                 {n: float(v[slot]) for n, v in signals.items()})
 
 
 def per_example_mean(values: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -153,6 +226,8 @@ class SafetyTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         self.run = run
+        self._head_positions_ok = lm_head_positions_supported(self.accelerator.unwrap_model(model))
+        self.ref_cache = ReferenceCache() if args.reference_cache and args.method != "sft" else None
         self.reference_calls = 0
         self.risk_state = {"ema": None, "last": None}
         self._pending: list[dict] = []
@@ -178,8 +253,28 @@ class SafetyTrainer(Trainer):
         """One no-grad forward of the safe reference: logits for the KL, hidden states for the probe."""
         self.reference_calls += 1
         with self._reference(model) as ref:
-            return ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       output_hidden_states=self._needs_hidden_states())
+            return ref(**inputs, output_hidden_states=self._needs_hidden_states())
+
+    def reference_step(self, model, model_inputs, inputs, keep):
+        """The reference's part of a step: ``(its logits, or its cached top-k, and the risk signals)``. ``sft``
+        has no reference at all; with ``reference_cache`` a batch seen before costs no reference forward."""
+        if self.args.method == "sft":
+            return None, None, self.risk_signals(inputs, None)
+        device = inputs["labels"].device
+        cached = self.ref_cache.lookup(inputs["example_index"]) if self.ref_cache is not None else None
+        if cached is not None:
+            (ref_top, idx), hidden_signals = cached
+            return None, (ref_top.to(device), idx.to(device)), {**self.risk_signals(inputs, None), **hidden_signals}
+        ref = self.reference_forward(model, model_inputs)
+        signals = self.risk_signals(inputs, ref.hidden_states)
+        if self.ref_cache is None:
+            return ref.logits, None, signals
+        labels = inputs["labels"]
+        topk = reference_topk(ref.logits, labels, self.args.kl_top_k, keep)
+        rows = ((labels[:, 1:] if keep is None else labels[:, keep + 1]) != IGNORE).nonzero(as_tuple=True)[0]
+        from_hidden = {n: v for n, v in signals.items() if getattr(self.risk_sources[n], "needs_hidden_states", False)}
+        self.ref_cache.add(inputs["example_index"], rows, topk, from_hidden)
+        return None, topk, signals
 
     # -- risk --------------------------------------------------------------------------------------------
 
@@ -234,8 +329,10 @@ class SafetyTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        ref = self.reference_forward(model, model_inputs) if self.args.method != "sft" else None
-        signals = self.risk_signals(inputs, ref.hidden_states if ref is not None else None)
+        keep = None if self.args.lm_head_all_positions or not self._head_positions_ok else answer_positions(labels)
+        if keep is not None:
+            model_inputs["logits_to_keep"] = keep
+        ref_logits, ref_topk, signals = self.reference_step(model, model_inputs, inputs, keep)
         if self.args.method == "adaptive":
             risk, fallback = self.primary_risk({k: v.to(labels.device) for k, v in signals.items()})
         else:  # the risk is recorded but sets nothing
@@ -246,8 +343,8 @@ class SafetyTrainer(Trainer):
             self.risk_state["last"] = batch_risk
 
         out = model(**model_inputs)
-        nll_tok, kl_tok, rows = answer_token_losses(out.logits, labels, ref.logits if ref is not None else None,
-                                                    self.args.kl_top_k)
+        nll_tok, kl_tok, rows = answer_token_losses(out.logits, labels, ref_logits, self.args.kl_top_k,
+                                                    positions=keep, ref_topk=ref_topk)
         n = labels.shape[0]
         nll_i = per_example_mean(nll_tok, rows, n)
         kl_i = per_example_mean(kl_tok, rows, n) if kl_tok is not None else torch.zeros_like(nll_i)

@@ -304,6 +304,7 @@ def test_home_lists_every_run_with_state(env):
     assert "final keyword ASR (weak judge)" in df.columns
     assert any("corrupt-run" in w.value for w in at.warning)
     assert "smollm2-135m-aligned" in texts(at)
+    assert "is ready, shipped with StaySafe" in texts(at) or "is ready, built locally" in texts(at)  # no build
 
 
 def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path, monkeypatch):
