@@ -1,4 +1,4 @@
-"""The ``staysafe`` command: train, runs, models, align, fit-probe, compare-risk, experiment."""
+"""The ``staysafe`` command: train, runs, models, align, fit-probe, compare-risk, experiment, validate-judges."""
 
 from __future__ import annotations
 
@@ -160,6 +160,43 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_validate_judges(args) -> int:
+    from staysafe.traces import write_json
+    from staysafe.validation import build_judge, check_judge_names, load_validation_set, validate_judges
+
+    names = check_judge_names(args.judges)  # names and data are checked before any judge loads a model
+    items = load_validation_set(args.data, args.split)
+    judges = [build_judge(n, judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
+                          local_lm_model=args.local_lm_model) for n in names]
+    report = validate_judges(judges, items, data=str(args.data), split=args.split)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    for name, r in report["judges"].items():
+        a = r["attack_success"] or {}
+        print(f"{name:20} kappa {a.get('kappa')}  accuracy {a.get('accuracy')}  ASR {a.get('asr_judge')} "
+              f"(labelled {a.get('asr_labelled')})  {len(r['disagreements'])} disagreements")
+    print(f"report written to {out}")
+    return 0
+
+
+def add_validate_judges(sub) -> None:
+    from staysafe.validation import DEFAULT_SET, SPLITS
+
+    v = sub.add_parser("validate-judges", help="score labelled answers with each response judge; write a report")
+    v.add_argument("--data", default=None, help=f"a labelled JSONL file (scheme in data/README.md; default: the "
+                                                f"shipped {DEFAULT_SET!r} set)")
+    v.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
+    v.add_argument("--judges", default="keyword,embedding-response",
+                   help="response judges, comma-separated: keyword | embedding-response | local-lm | openai")
+    v.add_argument("--judge-url", default=None, help="openai: an OpenAI-compatible base URL")
+    v.add_argument("--judge-model", default=None, help="openai: the endpoint's model name")
+    v.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="openai: the variable holding the API key")
+    v.add_argument("--local-lm-model", default="smollm2-135m-aligned", help="local-lm: the judging model")
+    v.add_argument("--out", default="judge-validation.json", help="where the JSON report goes")
+    v.set_defaults(fn=cmd_validate_judges)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from staysafe.presets import PRESETS
 
@@ -233,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="a train option for every run, e.g. --set per_example_beta=true (repeatable)")
     e.set_defaults(fn=cmd_experiment)
+
+    add_validate_judges(sub)
     return p
 
 
