@@ -56,26 +56,14 @@ def option_input(name: str, where=st, *, extra_choices: tuple = (), **widget):
 
 # ------------------------------------------------------------------------------------ pickers and labels
 
-STATE_ICONS = {"finished": ":material/check_circle:", "running": ":material/hourglass_top:",  # markdown only
-               "created": ":material/hourglass_empty:", "failed": ":material/error:", "cancelled": ":material/cancel:",
-               "interrupted": ":material/warning:", "corrupt": ":material/broken_image:"}
-
 
 TEXT_COLUMNS = {"example_id", "label", "category", "prompt", "response", "messages", "id", "kind", "prompt_id"}
-
-
-
-
-
-
 
 
 def asr_columns(evals: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(judge ASR columns, keyword ASR column if present): judge ASR first, keyword is the weak judge."""
     judges = sorted(c for c in evals.columns if c.startswith("asr_") and c != "asr_keyword")
     return judges, (["asr_keyword"] if "asr_keyword" in evals.columns else [])
-
-
 
 
 def reset_on_change(key: str, signature) -> None:
@@ -155,9 +143,5 @@ def status_line(run: Run) -> None:
         st.warning(f"Run `{run.id}` was {state} after {steps}/{total} steps: {run.status.get('error') or ''}")
     elif state in ("running", "created"):
         st.info(f"Run `{run.id}` is {state}: {steps}/{total} steps so far (this page refreshes on every rerun).")
-
-
-
-
 
 
