@@ -173,3 +173,16 @@ def test_step_trace_has_the_documented_columns(tokenizer, tmp_path):
         assert col in run.examples.columns, col
     assert not math.isnan(run.steps["grad_norm"].iloc[0])
     assert len(run.examples) == 8
+
+
+def test_full_fine_tuning_reference_is_a_frozen_prepared_copy_that_training_leaves_alone(tokenizer, tmp_path):
+    trainer, run = train(tokenizer, tmp_path, make_records(8), steps=3, method="constant-kl", beta=0.5,
+                         learning_rate=1e-2)
+    ref, model = trainer.ref_model, trainer.accelerator.unwrap_model(trainer.model)
+    assert ref is not model and not ref.training
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert all(p.device == trainer.args.device for p in ref.parameters())
+    start = build_tiny(tokenizer, seed=0).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in ref.state_dict().items())  # still the starting weights
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())  # while the model moved
+    assert run.steps["kl"].iloc[-1] > 0
