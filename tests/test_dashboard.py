@@ -368,6 +368,7 @@ def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path
     assert [j["target"] for j in jobs] == ["from-form"] and jobs[0]["state"] == "queued"
     assert jobs[0]["argv"][:4] == [sys.executable, "-m", "staysafe.cli", "train"]
     assert "staysafe train" in texts(at) and "--model tiny" in texts(at)
+    assert "--beta-min" not in texts(at) and "--method" not in texts(at)  # defaults are not repeated
     at.run()
     assert "from-form" in texts(at) and "paused" in texts(at)
     [b for b in at.button if b.key == f"cancel_{jobs[0]['id']}"][0].click()
