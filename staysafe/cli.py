@@ -94,7 +94,7 @@ def cmd_align(args) -> int:
 
 def cmd_fit_probe(args) -> int:
     from staysafe.models import load_model
-    from staysafe.probe import PROBE_TEST, PROBE_TRAIN, collect_activations, fit_probe, labelled_prompts
+    from staysafe.probe import collect_activations, fit_probe, labelled_prompts
 
     model, tok = load_model(args.model)
     train = collect_activations(model, tok, labelled_prompts(args.train.split(",")), position=args.position)

@@ -12,10 +12,13 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import common
+import charts
+import loaders
+import settings
+import widgets
 from staysafe.traces import TraceError
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/target: ASR over training")
 st.caption("Attack success rate (ASR): the share of held-out harmful requests the model answers instead of "
            "refusing, measured every few steps. Over-refusal and benign NLL show what safety costs in utility.")
@@ -27,25 +30,25 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 mode = st.segmented_control("show", ["runs", "an experiment"], default="runs", key="asr_mode", required=True)
-runs = common.runs_table(cfg.runs)
+runs = loaders.runs_table(cfg.runs)
 loaded: dict[str, object] = {}
 group_of: dict[str, str] = {}
 band = "min–max"
 results = pd.DataFrame()
 if mode == "runs":
     if runs.empty:
-        common.no_runs(cfg.runs)
+        widgets.no_runs(cfg.runs)
         st.stop()
-    chosen = common.pick_runs(runs, "runs", key="asr_runs", multi=True, default_n=3)
+    chosen = widgets.pick_runs(runs, "runs", key="asr_runs", multi=True, default_n=3)
     for run_id in chosen:
-        run, error = common.try_load_run(cfg.runs, run_id, ("evals", "generations"))
+        run, error = loaders.try_load_run(cfg.runs, run_id, ("evals", "generations"))
         if error:
-            common.run_error(run_id, error)
+            widgets.run_error(run_id, error)
         else:
             loaded[run_id] = run
             group_of[run_id] = run_id
 else:
-    exps = common.experiments_under(cfg.experiments)
+    exps = loaders.experiments_under(cfg.experiments)
     if not exps:
         st.info(f"No experiment under `{cfg.experiments}` yet. Run one (or launch it from **Launch a run**):")
         st.code(f"staysafe experiment --scenario harmful --quick --out-dir {cfg.experiments} --runs-dir {cfg.runs}",
@@ -56,7 +59,7 @@ else:
     band = c2.segmented_control("band over seeds", ["min–max", "± std"], default="min–max", key="asr_band",
                                 required=True)
     try:
-        desc, results = common.load_experiment_cached(exp_dir)
+        desc, results = loaders.load_experiment_cached(exp_dir)
     except TraceError as err:
         st.error(f"Experiment `{exp_dir.name}` cannot be read: {err}")
         st.stop()
@@ -64,11 +67,11 @@ else:
     for row in runs.to_dict("records"):
         if row["state"] == "corrupt":
             continue
-        run, error = common.try_load_run(cfg.runs, row["run_id"], ("evals", "generations"))
+        run, error = loaders.try_load_run(cfg.runs, row["run_id"], ("evals", "generations"))
         if error or run.config.get("experiment") != exp_id:
             continue
         loaded[row["run_id"]] = run
-        group_of[row["run_id"]] = common.method_label(run.config)
+        group_of[row["run_id"]] = charts.method_label(run.config)
     st.caption(f"Experiment `{exp_id}` ({desc.get('state', '?')}): scenario {desc.get('scenario')}, "
                        f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under `{cfg.runs}`.")
     if not loaded:
@@ -83,11 +86,11 @@ for rid in loaded:
 if not with_evals:
     st.stop()
 
-judge_cols = sorted({c for r in with_evals.values() for c in common.asr_columns(r.evals)[0]})
+judge_cols = sorted({c for r in with_evals.values() for c in widgets.asr_columns(r.evals)[0]})
 metrics_all = judge_cols + ["asr_keyword", "over_refusal", "benign_nll"]
 metrics_all = [m for m in metrics_all if any(m in r.evals for r in with_evals.values())]
-common.reset_on_change("asr_metrics", tuple(metrics_all))
-metrics = st.multiselect("measures", metrics_all, default=metrics_all, format_func=common.metric_title,
+widgets.reset_on_change("asr_metrics", tuple(metrics_all))
+metrics = st.multiselect("measures", metrics_all, default=metrics_all, format_func=charts.metric_title,
                          key="asr_metrics")
 if not judge_cols:
     st.caption("Only keyword ASR was measured (a weak judge: it counts answers without a refusal phrase). Add "
@@ -97,12 +100,12 @@ if not metrics:
 
 ncols = 2 if len(metrics) > 1 else 1
 nrows = math.ceil(len(metrics) / ncols)
-fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[common.metric_title(m) for m in metrics],
+fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[charts.metric_title(m) for m in metrics],
                     vertical_spacing=0.16 if nrows > 1 else 0.1, horizontal_spacing=0.08)
 groups = list(dict.fromkeys(group_of[r] for r in with_evals))
 for gi, group in enumerate(groups):
     members = [r for r in with_evals if group_of[r] == group]
-    color = common.color_for(gi, group)
+    color = charts.color_for(gi, group)
     for k, m in enumerate(metrics):
         row, col = k // ncols + 1, k % ncols + 1
         frames = [with_evals[r].evals[["step", m]].set_index("step")[m].rename(r) for r in members
@@ -128,7 +131,7 @@ for gi, group in enumerate(groups):
                                                                  dash="dot" if m == "asr_keyword" and judge_cols
                                                                  else "solid"),
                                  marker=dict(size=7),
-                                 hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{common.metric_title(m)}: "
+                                 hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
                                                + ("%{y:.0%}" if pct else "%{y:.3f}") + "<extra></extra>"),
                       row=row, col=col)
 for k, m in enumerate(metrics):
@@ -136,7 +139,7 @@ for k, m in enumerate(metrics):
     if m.startswith("asr_") or m == "over_refusal":
         fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", row=row, col=col)
     fig.update_xaxes(title_text="step", row=row, col=col)
-common.style(fig, height=300 * nrows + 80)
+charts.style(fig, height=300 * nrows + 80)
 fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.04 / nrows, x=0),
                   margin=dict(t=110), clickmode="event+select")
 event = st.plotly_chart(fig, key="asr_chart", on_select="rerun", selection_mode=("points",),
@@ -156,7 +159,7 @@ if points and "x" in points[0]:
 
 st.subheader("What the model answered")
 c1, c2, c3 = st.columns([2, 1, 1])
-rid = c1.selectbox("run", list(with_evals), format_func=lambda r: f"{r} ({common.method_label(with_evals[r].config)})",
+rid = c1.selectbox("run", list(with_evals), format_func=lambda r: f"{r} ({charts.method_label(with_evals[r].config)})",
                    key="asr_gen_run")
 run = with_evals[rid]
 gen = run.generations
@@ -183,7 +186,7 @@ summary = []
 if step in ev.index:
     for m in judge_cols + ["asr_keyword"]:
         if m in ev.columns and pd.notna(ev.at[step, m]):
-            summary.append(f"{common.metric_title(m)} {common.fmt_pct(ev.at[step, m])}")
+            summary.append(f"{charts.metric_title(m)} {charts.fmt_pct(ev.at[step, m])}")
 st.caption(f"Step {step}: {len(at)} prompt(s). " + " · ".join(summary))
 st.dataframe(view[cols], hide_index=True, column_config={
     "prompt": st.column_config.TextColumn(width="large"), "response": st.column_config.TextColumn(width="large"),

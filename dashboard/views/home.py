@@ -5,9 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-import common
+import charts
+import loaders
+import settings
+import widgets
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/shield: StaySafe")
 st.markdown(
     "Fine-tuning an aligned chat model, even on a handful of harmful examples, erases its refusals. "
@@ -17,7 +20,7 @@ st.markdown(
     "space, how judge and probe risks compare, and which training examples triggered the regularizer."
 )
 
-runs = common.runs_table(cfg.runs)
+runs = loaders.runs_table(cfg.runs)
 counts = runs["state"].value_counts() if len(runs) else pd.Series(dtype=int)
 c = st.columns(5)
 c[0].metric("runs", len(runs))
@@ -29,13 +32,13 @@ c[4].metric("unreadable", int(counts.get("corrupt", 0)))
 
 st.subheader(f"Runs under `{cfg.runs}`")
 if runs.empty:
-    common.no_runs(cfg.runs)
+    widgets.no_runs(cfg.runs)
 else:
     runs = runs.sort_values("created", ascending=False, na_position="last", kind="stable")  # newest first
     view = pd.DataFrame({
         "run": runs["run_id"],
         "state": runs["state"],
-        "method": [common.method_label(r) if r.get("state") != "corrupt" else "" for r in runs.to_dict("records")],
+        "method": [charts.method_label(r) if r.get("state") != "corrupt" else "" for r in runs.to_dict("records")],
         "risk": runs["risk"],
         "scenario": runs["scenario"],
         "steps": [f"{int(d)}/{int(m)}" if pd.notna(d) and pd.notna(m) else "" for d, m in
@@ -68,8 +71,8 @@ except Exception as err:  # a missing model wheel must not take the home page do
     ALIGNED = "smollm2-135m-aligned"
 if aligned.get("ready"):
     a, b, d = st.columns([1, 1, 3])
-    a.metric("held-out harmful refused", common.fmt_pct(aligned.get("harmful_refusal_rate")))
-    b.metric("held-out benign refused", common.fmt_pct(aligned.get("benign_refusal_rate")))
+    a.metric("held-out harmful refused", charts.fmt_pct(aligned.get("harmful_refusal_rate")))
+    b.metric("held-out benign refused", charts.fmt_pct(aligned.get("benign_refusal_rate")))
     where = {"shipped": "shipped with StaySafe (no build needed)",
              "built locally": "built locally by `staysafe align`"}.get(aligned.get("source"), "")
     d.markdown(f"`{ALIGNED}` is ready, {where}, and is the default safe reference of every run.")

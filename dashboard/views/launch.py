@@ -12,7 +12,10 @@ import time
 import pandas as pd
 import streamlit as st
 
-import common
+import charts
+import loaders
+import settings
+import widgets
 from staysafe.experiment import METHODS as EXPERIMENT_METHODS, ExperimentSpec
 from staysafe.launcher import ACTIVE, LaunchError, Queue
 from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
@@ -30,7 +33,7 @@ MORE = (("eval_harmful", "eval_benign"), ("max_new_tokens", "max_length"), ("eva
 WIDGET = {"beta": {"step": 0.05}, "beta_min": {"step": 0.05}, "beta_max": {"step": 0.05}, "risk_ema": {"step": 0.1},
           "harmful_percent": {"step": 1.0}, "lr": {"step": 1e-5, "format": "%.6f"}}
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 queue = Queue(cfg.runs)
 
 st.title(":material/rocket_launch: Launch a run")
@@ -150,7 +153,7 @@ def _running_job(job: dict) -> None:
             if not path.is_dir():
                 st.progress(0.0, text="loading the model and data…")
             else:
-                run, error = common.try_load_run(cfg.runs, job["target"], ("steps", "evals"))
+                run, error = loaders.try_load_run(cfg.runs, job["target"], ("steps", "evals"))
                 if error:
                     st.warning(f"progress unavailable: {error}")
                 else:
@@ -166,11 +169,11 @@ def _running_job(job: dict) -> None:
                                        "n/a" if value is None or pd.isna(value) else f"{float(value):.3g}")
                     if len(run.evals):
                         ev = run.evals.iloc[-1]
-                        judges, kw = common.asr_columns(run.evals)
-                        parts = [f"{common.metric_title(c)} {common.fmt_pct(ev[c])}" for c in judges + kw]
+                        judges, kw = widgets.asr_columns(run.evals)
+                        parts = [f"{charts.metric_title(c)} {charts.fmt_pct(ev[c])}" for c in judges + kw]
                         st.caption(f"last evaluation (step {int(ev['step'])}): " + " · ".join(parts))
         else:
-            runs = common.runs_table(cfg.runs)
+            runs = loaders.runs_table(cfg.runs)
             mine = runs[runs["run_id"].str.startswith(job["target"] + "-")]
             st.caption(f"{int((mine['state'] == 'finished').sum())} run(s) finished so far: "
                        + ", ".join(f"`{r}`" for r in mine["run_id"]) if len(mine) else "starting…")

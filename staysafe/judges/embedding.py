@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from staysafe.errors import StaySafeError
+from staysafe.logistic import fit_logistic
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -206,7 +207,6 @@ class EmbeddingJudge(Judge):
         With ``holdout`` > 0 a stratified split is held out first and its accuracy / AUROC (per ``groups`` too,
         when given) go into ``metadata["metrics"]``; the final head is then refit on all items.
         """
-        from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import accuracy_score, balanced_accuracy_score
         from sklearn.model_selection import train_test_split
 
@@ -223,17 +223,17 @@ class EmbeddingJudge(Judge):
         X = self.features(p_rows, r_rows)
         y = np.asarray(labels)[item]
 
-        def new_head():
-            return LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000)
+        def fit(rows):
+            return fit_logistic(X[rows], y[rows], C=self.C, standardize=False, max_iter=5000)
 
         metrics: dict = {"n_items": len(prompts), "n_harmful": int(sum(labels)), "n_rows": int(len(y))}
         if holdout:
             train, test = train_test_split(np.arange(len(prompts)), test_size=holdout, random_state=seed,
                                            stratify=labels)
-            head = new_head().fit(X[np.isin(item, train)], y[np.isin(item, train)])
+            head = fit(np.isin(item, train))
             first = np.searchsorted(item, test)  # each held-out item's full form
             y_test = y[first]
-            prob = head.predict_proba(X[first])[:, 1]
+            prob = head.predict_proba(X[first])
             pred = (prob >= 0.5).astype(int)
             metrics["holdout"] = {
                 "fraction": holdout, "seed": seed, "n": len(test),
@@ -244,7 +244,7 @@ class EmbeddingJudge(Judge):
             if self.kind == "request":  # the same held-out items as bare prompts, which is what eval sets hold
                 held = set(test.tolist())
                 bare = np.array([k for k, i in enumerate(item) if i in held and r_rows[k] is None])  # one per item
-                bare_prob = head.predict_proba(X[bare])[:, 1]
+                bare_prob = head.predict_proba(X[bare])
                 metrics["holdout"]["prompt_only_auroc"] = _auroc(y[bare], bare_prob)
             if groups is not None:
                 per = {}
@@ -253,7 +253,7 @@ class EmbeddingJudge(Judge):
                     right = pred[members] == y_test[members]
                     per[g] = {"n": int(members.sum()), "accuracy": round(float(np.mean(right)), 4)}
                 metrics["holdout"]["groups"] = per
-        head = new_head().fit(X, y)
+        head = fit(np.ones(len(y), dtype=bool))
         self.coef = head.coef_[0].astype(np.float64)
         self.intercept = float(head.intercept_[0])
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
