@@ -160,8 +160,8 @@ class EvalCallback(TrainerCallback):
             self.run.append("generations", gens)
             self.run.append("evals", [row])
             if self.trainer is not None:  # the same numbers through the Trainer's log (report_to integrations)
-                self.trainer.log({f"eval_{k}": float(v) for k, v in row.items()
-                                  if k not in ("step", "time", "wall_time") and isinstance(v, (int, float))})
+                self.trainer.log_evaluation({f"eval_{k}": float(v) for k, v in row.items()
+                                             if k not in ("step", "time", "wall_time") and isinstance(v, (int, float))})
         if self.trainer is not None:
             self.trainer.accelerator.wait_for_everyone()
 

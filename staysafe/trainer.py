@@ -83,6 +83,7 @@ class SafetyTrainer(Trainer):
         self.reference_calls = 0
         self._pending: list[dict] = []  # this optimizer step's micro-batch records
         self._unlogged: list[dict] = []  # step metrics since the last Trainer log
+        self._unlogged_eval: dict = {}  # an evaluation of this step, sent with the step's log
         self._last_grad_norm = float("nan")
         self.add_callback(_StepRecorder(self))
 
@@ -153,11 +154,19 @@ class SafetyTrainer(Trainer):
     # -- logging: our step metrics replace the Trainer's own loss in its logs ------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._unlogged:  # the Trainer's training-step log (it averages since the last one)
-            logs = {**logs, **{k: _mean(m[k] for m in self._unlogged if k in m)
-                               for k in dict.fromkeys(k for m in self._unlogged for k in m)}}
-            self._unlogged = []
+        if "loss" in logs and (self._unlogged or self._unlogged_eval):  # the Trainer's training-step log
+            logs = {**logs, **{k: _mean(m[k] for m in self._unlogged if k in m)  # averaged since the last one
+                               for k in dict.fromkeys(k for m in self._unlogged for k in m)}, **self._unlogged_eval}
+            self._unlogged, self._unlogged_eval = [], {}
         super().log(logs, start_time)
+
+    def log_evaluation(self, metrics: dict[str, float]) -> None:
+        """Log evaluation metrics (``eval_*``) at the current step. A log of their own during a step that the
+        Trainer is about to log would make it skip that step's log, so they then go out with it."""
+        if self.control.should_log:
+            self._unlogged_eval.update(metrics)
+        else:
+            self.log(metrics)
 
     def _get_grad_norm(self, model, grad_norm=None):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
