@@ -254,8 +254,8 @@ class EmbeddingJudge(Judge):
                     per[g] = {"n": int(members.sum()), "accuracy": round(float(np.mean(right)), 4)}
                 metrics["holdout"]["groups"] = per
         head = fit(np.ones(len(y), dtype=bool))
-        self.coef = head.coef_[0].astype(np.float64)
-        self.intercept = float(head.intercept_[0])
+        self.coef = np.asarray(head.coef, dtype=np.float64)  # not standardised: mean 0, scale 1
+        self.intercept = float(head.intercept)
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
         self.metadata = {"description": description, "metrics": metrics}
         return self
