@@ -42,6 +42,8 @@ HEAD_JSON, HEAD_NPZ = "judge.json", "head.npz"
 FORMAT = 1
 
 
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "assets" / "judges"
+
 class JudgeFileError(StaySafeError, ValueError):
     """A saved judge head is missing or damaged; the message names the file."""
 
@@ -329,7 +331,8 @@ class EmbeddingJudge(Judge):
 
     @classmethod
     def default(cls, kind: str = "request", *, refit: bool = False) -> "EmbeddingJudge":
-        """The judge fitted on StaySafe's shipped sets, fitted once and cached under ``$STAYSAFE_HOME/judges/``.
+        """The judge fitted on StaySafe's shipped sets: shipped in ``staysafe/assets/judges/``, else fitted once and
+        cached under ``$STAYSAFE_HOME/judges/``.
 
         Refitted when the shipped files change. Request kind: harmful = refusals, benign = align-benign (the
         alignment-stage sets, never the fine-tuning sets it will score). Response kind: positives = harmful-ft
@@ -350,13 +353,16 @@ class EmbeddingJudge(Judge):
             digest.update(file.read_bytes())
         data_sha = digest.hexdigest()[:16]
         target = staysafe_home() / "judges" / f"embedding-{kind}"
-        if not refit and (target / HEAD_JSON).is_file():
+        shipped = SHIPPED_HEADS / f"embedding-{kind}"  # fitted on these sets before release: no 40 s fit on first use
+        for place in ([] if refit else [shipped, target]):
+            if not (place / HEAD_JSON).is_file():
+                continue
             try:
-                judge = cls.load(target)
+                judge = cls.load(place)
                 if judge.metadata.get("training_data", {}).get("sha256") == data_sha and judge.kind == kind:
                     return judge
             except JudgeFileError:
-                pass  # damaged: fit again
+                pass  # damaged: the next place, else fit again
         prompts, responses, labels, groups = [], [], [], []
         for s in sets:
             for rec in load_records(s):
