@@ -150,7 +150,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
         elif probe is not None and resume is None and procs.main:
             probe.save(run_dir / "probe")
         if resume is None and procs.main:
-            save_activations(model, tokenizer, probe, run_dir / "activations" / "before")
+            reference_activations(model, tokenizer, probe, spec, run_dir / "activations" / "before")
         if lora is not None:
             from staysafe.models import add_lora
 
@@ -271,6 +271,24 @@ def save_activations(model, tokenizer, probe, directory: Path) -> None:
     layers = sorted({0, n // 4, n // 2, 3 * n // 4, n, *(probe.layers if probe else [])})
     collect_activations(model, tokenizer, labelled_prompts(ACTIVATION_PROMPTS), layers=layers,
                         progress=False).save(directory)
+
+
+def reference_activations(model, tokenizer, probe, spec: RunSpec, directory: Path) -> None:
+    """The reference's held-out prompt activations ("before"): the same for every run on one model, so they are
+    collected once per model and layer set and cached under ``$STAYSAFE_HOME/activations`` (not for tiny, whose
+    weights depend on the seed)."""
+    import shutil
+
+    from staysafe.models import TINY, model_fingerprint
+    from staysafe.paths import staysafe_home
+
+    if spec.model == TINY or not spec.model:
+        return save_activations(model, tokenizer, probe, directory)
+    layers = "-".join(map(str, probe.layers)) if probe else "none"
+    cache = staysafe_home() / "activations" / f"{model_fingerprint(spec.model)}-{layers}"
+    if not (cache / "index.parquet").is_file():
+        save_activations(model, tokenizer, probe, cache)
+    shutil.copytree(cache, directory, dirs_exist_ok=True)
 
 
 def finish_run(spec: RunSpec, trainer, tokenizer, probe, run_dir: Path) -> None:

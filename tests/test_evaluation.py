@@ -169,3 +169,25 @@ def test_presets_set_defaults_that_explicit_options_override():
         ExperimentSpec(preset="nope").validate()
     with pytest.raises(SpecError, match="contradict"):
         ExperimentSpec(preset="live", quick=True).validate()
+
+
+def test_reference_activations_are_collected_once_per_model(tmp_path, tiny, monkeypatch):
+    """The "before" activations are the reference's: a second run on the same model copies them from the cache."""
+    from staysafe import runner
+    from staysafe.probe import Activations
+    from staysafe.runner import RunSpec, reference_activations
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(runner, "ACTIVATION_PROMPTS", ("eval-harmful",))
+    spec = RunSpec(model=str(tmp_path / "m"))
+    reference_activations(model, tok, None, spec, tmp_path / "a" / "before")
+    first = Activations.load(tmp_path / "a" / "before")
+    calls = []
+    monkeypatch.setattr(runner, "save_activations", lambda *a: calls.append(a))
+    reference_activations(model, tok, None, spec, tmp_path / "b" / "before")
+    assert calls == []  # served from the cache
+    second = Activations.load(tmp_path / "b" / "before")
+    assert second.layers == first.layers and (second.values[0] == first.values[0]).all()
