@@ -244,6 +244,9 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
     trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,
                             data_collator=SafetyCollator(tokenizer.pad_token_id), risk_sources=sources, run=writer,
                             processing_class=tokenizer)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the metrics go to report_to and the traces, not as dicts to stdout
     if spec.eval_every or spec.eval_harmful or spec.eval_benign:
         from staysafe.judges import make_judge
 
