@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from staysafe.runner import RunSpec, SpecError, run_training
+from staysafe.atomic import write_text
 from staysafe.traces import load_run, new_run_id, write_json, write_parquet
 
 METHODS = {
@@ -141,7 +142,7 @@ def run_experiment(spec: ExperimentSpec, log=print) -> Path:
             rows.append(row)
             results = pd.DataFrame(rows)
             write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
-            (out / "results.md").write_text(markdown_table(results, spec.methods))
+            write_text(out / "results.md", markdown_table(results, spec.methods))
     write_json(out / "experiment.json", {**asdict(spec), "id": exp_id, "base": asdict(base), "state": "finished",
                                          "minutes": (time.time() - t0) / 60,
                                          "runs": [r["run_id"] for r in rows]})
