@@ -16,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import common` from
 import common  # noqa: E402
 
 st.set_page_config(**common.PAGE_CONFIG)
+problem = common.binding_problem()
+if problem:  # refuse to serve anything on an address nobody asked for
+    st.error(problem)
+    st.stop()
 
 PAGES = [
     st.Page("views/home.py", title="Home", icon=":material/home:", default=True),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +60,61 @@ def _default(name: str) -> str:
     return os.environ.get(env) or default
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=&^\"'])")
+
+
+def md(text) -> str:
+    """Text from a run, a data file or a model, made inert inside Markdown: every punctuation character that
+    Markdown, HTML or Streamlit's directives (``:red[...]``, ``:material/...:``, ``$...$``) could read is
+    backslash-escaped, so a prompt, an answer, an id or an error message is shown exactly as written."""
+    text = "" if text is None else str(text)
+    return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
+
+
+def code(text) -> str:
+    """An id or a path as inline code: a code span never renders links, HTML or emphasis; its fence is longer
+    than any run of backticks inside (so a directory named with backticks cannot close it)."""
+    text = " ".join(("" if text is None else str(text)).split())
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or longest else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+PUBLIC_ENV = "STAYSAFE_DASHBOARD_PUBLIC"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def binding_problem() -> str | None:
+    """Why this dashboard must not serve, or None.
+
+    Streamlit reads ``.streamlit/config.toml`` from the *current directory*, so started anywhere but the
+    repository root it listens on every interface, and anyone who reaches the port can launch runs. A
+    non-loopback address is accepted only when the user asked for it: ``--server.address`` on the command line,
+    ``$STREAMLIT_SERVER_ADDRESS``, or ``$STAYSAFE_DASHBOARD_PUBLIC=1`` (e.g. for an address set in a config file).
+    """
+    from streamlit import config
+
+    address = config.get_option("server.address")
+    if address and (address in LOOPBACK or str(address).startswith("127.")):
+        return None
+    where = config.get_where_defined("server.address")
+    if where in (config._DEFINED_BY_FLAG, config._DEFINED_BY_ENV_VAR) or os.environ.get(PUBLIC_ENV) == "1":
+        return None
+    shown = f"address {address}" if address else "every network interface (no server.address is set)"
+    return (f"This dashboard is listening on {shown}, not on 127.0.0.1 only (set in: {where}); anyone who can "
+            "reach the port could launch training runs. Start it from the repository root (its "
+            "`.streamlit/config.toml` binds 127.0.0.1), or with `streamlit run dashboard/app.py --server.address "
+            f"127.0.0.1`. To expose it deliberately, pass `--server.address 0.0.0.0` or set `{PUBLIC_ENV}=1`.")
+
+
 def sidebar_settings() -> Settings:
     """The roots, editable in the sidebar (defaults: ``./runs`` etc. or the STAYSAFE_* environment variables)."""
     with st.sidebar.expander("Settings: data folders", expanded=False):
         for name, (env, default, what) in ROOTS.items():
             st.text_input(f"{name} root", value=_default(name), key=f"root_{name}",
-                          help=f"Folder with {what}. Default `{default}` or `${env}`.")
-        st.caption(f"Demo data: `{demo_dir()}` (`${DEMO_ENV}`)")
+                          help=f"Folder with {what}. Default {code(default)} or `${env}`.")
+        st.caption(f"Demo data: {code(demo_dir())} (`${DEMO_ENV}`)")
     return settings()
 
 
@@ -490,12 +539,12 @@ def pick_folder(root: Path, found: list[Path], what: str, key: str, placeholder:
 
 
 def no_runs(root: Path) -> None:
-    st.info(f"No runs under `{root}` yet. Launch one on the **Launch a run** page, or from a terminal:")
+    st.info(f"No runs under {code(root)} yet. Launch one on the **Launch a run** page, or from a terminal:")
     st.code(f"staysafe train --scenario harmful --method sft --steps 40 --runs-dir {root}", language="bash")
 
 
 def run_error(run_id: str, error: str) -> None:
-    st.error(f"Run `{run_id}` cannot be read: {error}")
+    st.error(f"Run {code(run_id)} cannot be read: {md(error)}")
 
 
 def status_line(run: Run) -> None:
@@ -504,11 +553,11 @@ def status_line(run: Run) -> None:
     steps = int(run.steps["step"].max()) if len(run.steps) else 0
     total = run.config.get("steps")
     if state == "failed":
-        st.warning(f"Run `{run.id}` failed after {steps} steps: {run.status.get('error')}")
+        st.warning(f"Run {code(run.id)} failed after {steps} steps: {md(run.status.get('error'))}")
     elif state in ("interrupted", "cancelled"):
-        st.warning(f"Run `{run.id}` was {state} after {steps}/{total} steps: {run.status.get('error') or ''}")
+        st.warning(f"Run {code(run.id)} was {state} after {steps}/{total} steps: {md(run.status.get('error') or '')}")
     elif state in ("running", "created"):
-        st.info(f"Run `{run.id}` is {state}: {steps}/{total} steps so far (this page refreshes on every rerun).")
+        st.info(f"Run {code(run.id)} is {state}: {steps}/{total} steps so far (this page refreshes on every rerun).")
 
 
 # ----------------------------------------------------------------------------------------------- charts

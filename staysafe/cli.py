@@ -89,6 +89,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_queue(args) -> int:
+    """``staysafe queue list|pause|resume|cancel|work``: the launch queue of a runs root (see staysafe.queue)."""
+    from staysafe.queue import LaunchError, Queue
+
+    q = Queue(Path(args.runs_dir))
+    if args.action == "work":
+        return q.work(poll=args.poll)
+    if args.action in ("pause", "resume"):
+        getattr(q, args.action)()
+        print(f"queue of {q.root} {'paused' if q.paused else 'running'}")
+        return 0
+    if args.action == "list":
+        for job in q.jobs():
+            print(f"{job['id']:60} {job['state']:12} {job.get('error') or ''}")
+        if q.paused:
+            print("(paused)")
+        return 0
+    if not args.job_id:
+        print("staysafe queue cancel: error: give the job id (see `staysafe queue list`)", file=sys.stderr)
+        return 2
+    try:
+        print(q.cancel(args.job_id))
+    except LaunchError as err:
+        print(f"staysafe queue cancel: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_runs(args) -> int:
     from staysafe.traces import list_runs
 
@@ -257,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="a train option for every run, e.g. --set per_example_beta=true (repeatable)")
     e.set_defaults(fn=cmd_experiment)
+
+    q = sub.add_parser("queue", help="the dashboard's launch queue: list, pause, resume, cancel")
+    q.add_argument("action", choices=("list", "pause", "resume", "cancel", "work"),
+                   help="work: run the queued jobs one by one (started for you by every launch)")
+    q.add_argument("job_id", nargs="?", default=None, help="the job to cancel")
+    q.add_argument("--runs-dir", default=os.environ.get("STAYSAFE_RUNS", "runs"))
+    q.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
+    q.set_defaults(fn=cmd_queue)
     return p
 
 

@@ -45,25 +45,25 @@ if source.startswith("a run"):
             sets[f"{name} fine-tuning"] = run_dir / "activations" / name
     probe_path = run_dir / "probe.json"
     if not sets:
-        st.info(f"Run `{run_id}` has no saved activations yet: a run saves `activations/before/` when training "
+        st.info(f"Run {common.code(run_id)} has no saved activations yet: a run saves `activations/before/` when training "
                 "starts and `activations/after/` when it finishes.")
         st.stop()
     if len(sets) == 1:
-        st.info(f"Only the activations before fine-tuning exist for `{run_id}` (state: {row['state']}); "
+        st.info(f"Only the activations before fine-tuning exist for {common.code(run_id)} (state: {common.md(row['state'])}); "
                 "`activations/after/` is written when the run finishes.")
 else:
-    st.caption(f"Folders under the probes root `{cfg.probes}` holding `activations.npz` + `index.parquet`.")
+    st.caption(f"Folders under the probes root {common.code(cfg.probes)} holding `activations.npz` + `index.parquet`.")
     rel = common.pick_folder(cfg.probes, common.activation_dirs(cfg.probes), "probes", "act_dir",
                              "activations")
     if not rel:
-        st.info(f"No saved activations under `{cfg.probes}`. Save some with:")
+        st.info(f"No saved activations under {common.code(cfg.probes)}. Save some with:")
         st.code(f"staysafe fit-probe --out {cfg.probes}/probe.json --save-activations", language="bash")
         st.stop()
     try:
         directory = common.safe_subdir(cfg.probes, rel)
         common.load_activations(directory)
     except TraceError as err:
-        st.error(f"Cannot use `{rel}`: {err}")
+        st.error(f"Cannot use {common.code(rel)}: {common.md(err)}")
         st.stop()
     sets[directory.name] = directory
     for candidate in (directory / "probe.json", directory.parent / "probe.json"):
@@ -162,7 +162,7 @@ if right is not None:
     with right:
         st.markdown("**Probe AUROC per layer**")
         if probe_error:
-            st.warning(f"The probe file cannot be read: {probe_error}")
+            st.warning(f"The probe file cannot be read: {common.md(probe_error)}")
         else:
             sweep = pd.DataFrame(probe.metrics.get("sweep", []))
             if sweep.empty:
@@ -183,7 +183,7 @@ if right is not None:
                 common.style(f2, height=400)
                 f2.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
                 common.plotly(f2, key="act_sweep")
-                st.caption(f"Probe fitted on layer {probe.layers} of `{probe.model or 'the reference'}`; grey line: "
+                st.caption(f"Probe fitted on layer {probe.layers} of {common.code(probe.model or 'the reference')}; grey line: "
                            "the layer shown.")
 elif source.startswith("a run"):
     st.caption("This run has no probe (sft runs do not fit one); an adaptive or constant-kl run saves `probe.json` "

@@ -47,7 +47,7 @@ if mode == "runs":
 else:
     exps = common.experiments_under(cfg.experiments)
     if not exps:
-        st.info(f"No experiment under `{cfg.experiments}` yet. Run one (or launch it from **Launch a run**):")
+        st.info(f"No experiment under {common.code(cfg.experiments)} yet. Run one (or launch it from **Launch a run**):")
         st.code(f"staysafe experiment --scenario harmful --quick --out-dir {cfg.experiments} --runs-dir {cfg.runs}",
                 language="bash")
         st.stop()
@@ -58,7 +58,7 @@ else:
     try:
         desc, results = common.load_experiment_cached(exp_dir)
     except TraceError as err:
-        st.error(f"Experiment `{exp_dir.name}` cannot be read: {err}")
+        st.error(f"Experiment {common.code(exp_dir.name)} cannot be read: {common.md(err)}")
         st.stop()
     exp_id = desc.get("id", exp_dir.name)
     for row in runs.to_dict("records"):
@@ -69,17 +69,17 @@ else:
             continue
         loaded[row["run_id"]] = run
         group_of[row["run_id"]] = common.method_label(run.config)
-    st.caption(f"Experiment `{exp_id}` ({desc.get('state', '?')}): scenario {desc.get('scenario')}, "
-                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under `{cfg.runs}`.")
+    st.caption(f"Experiment {common.code(exp_id)} ({common.md(desc.get('state', '?'))}): scenario {common.md(desc.get('scenario'))}, "
+                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under {common.code(cfg.runs)}.")
     if not loaded:
-        st.info(f"None of this experiment's runs are under `{cfg.runs}` (runs whose config has "
+        st.info(f"None of this experiment's runs are under {common.code(cfg.runs)} (runs whose config has "
                 f"\"experiment\": \"{exp_id}\"). Point the runs root at the experiment's `--runs-dir`.")
         st.stop()
 
 with_evals = {rid: r for rid, r in loaded.items() if not r.evals.empty}
 for rid in loaded:
     if rid not in with_evals:
-        st.info(f"Run `{rid}` has no evaluation yet (the first one runs at step 0).")
+        st.info(f"Run {common.code(rid)} has no evaluation yet (the first one runs at step 0).")
 if not with_evals:
     st.stop()
 
@@ -161,7 +161,7 @@ rid = c1.selectbox("run", list(with_evals), format_func=lambda r: f"{r} ({common
 run = with_evals[rid]
 gen = run.generations
 if gen.empty:
-    st.info(f"Run `{rid}` recorded no generations.")
+    st.info(f"Run {common.code(rid)} recorded no generations.")
     st.stop()
 steps = sorted(gen["step"].unique().tolist())
 clicked = st.session_state.get("asr_clicked_step")

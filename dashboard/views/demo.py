@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import common
-from staysafe.launcher import LaunchError, Queue
+from staysafe.queue import LaunchError, Queue
 from staysafe.runner import SpecError
 from staysafe.traces import TraceError
 
@@ -37,32 +37,32 @@ def rerun_button(scenario: str = "harmful") -> None:
         try:
             job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, quick=True)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {common.md(err)}")
         else:
-            st.success(f"Queued experiment `{job['target']}`. Watch it on **Launch a run**; when it finishes, pick it "
+            st.success(f"Queued experiment {common.code(job['target'])}. Watch it on **Launch a run**; when it finishes, pick it "
                        "above.")
 
 
 if not (exp_dir / "experiment.json").is_file():
     if source == RECORDED:
-        st.info(f"No recorded demo yet: `{recorded_exp}` does not exist. Record one (about 30 minutes on 2 CPU "
+        st.info(f"No recorded demo yet: {common.code(recorded_exp)} does not exist. Record one (about 30 minutes on 2 CPU "
                 "cores; the aligned model is built first if needed):")
         st.code(f"staysafe experiment --scenario harmful --quick --id experiment --out-dir {cfg.demo} "
                 f"--runs-dir {recorded_runs}", language="bash")
         st.caption(f"This writes `{recorded_exp}/` (experiment.json, results.parquet, results.md) and one run per "
                    f"method under `{recorded_runs}/`. Or run it live from here:")
     else:
-        st.info(f"`{exp_dir}` has no experiment.json.")
+        st.info(f"{common.code(exp_dir)} has no experiment.json.")
     rerun_button()
     st.stop()
 
 try:
     desc, results = common.load_experiment_cached(exp_dir)
 except TraceError as err:
-    st.error(f"The experiment in `{exp_dir}` cannot be read: {err}")
+    st.error(f"The experiment in {common.code(exp_dir)} cannot be read: {common.md(err)}")
     st.stop()
 if results.empty or "run_id" not in results:
-    st.info(f"Experiment `{desc.get('id')}` has no finished run yet ({desc.get('state', '?')}); results appear here "
+    st.info(f"Experiment {common.code(desc.get('id'))} has no finished run yet ({common.md(desc.get('state', '?'))}); results appear here "
             "as each method finishes.")
     st.stop()
 
@@ -70,7 +70,7 @@ runs, problems = {}, []
 for row in results.to_dict("records"):
     run, error = common.try_load_run(runs_root, str(row["run_id"]))
     if error:
-        problems.append(f"`{row['run_id']}`: {error}")
+        problems.append(f"{common.code(row['run_id'])}: {common.md(error)}")
     else:
         runs.setdefault(row["method"], run)  # first seed of each method tells the story
 if problems:
@@ -88,9 +88,9 @@ adaptive_name = next((m for m in ("adaptive-probe", "adaptive-judge", "adaptive-
 adaptive = runs.get(adaptive_name) if adaptive_name else None
 cfg0 = first.config
 st.markdown(
-    f"Experiment `{desc.get('id')}`: model `{cfg0.get('model')}`, scenario **{cfg0.get('scenario')}** "
+    f"Experiment {common.code(desc.get('id'))}: model {common.code(cfg0.get('model'))}, scenario **{common.md(cfg0.get('scenario'))}** "
     f"({cfg0.get('n_harmful')} harmful training examples), {cfg0.get('steps')} steps, "
-    f"methods {', '.join(f'`{m}`' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
+    f"methods {', '.join(f'{common.code(m)}' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
     f"refused, by the {'judge ' + asr_col[4:] if judge_cols else 'keyword judge (weak: it looks for refusal phrases)'}.")
 rerun_button(str(desc.get("scenario") or "harmful"))
 
@@ -172,7 +172,7 @@ with c2:
     before = answers(story_run, prompts, "first")
     for p in prompts:
         rec = before.get(p)
-        st.markdown(f"> {common.short(rec.get('prompt') if rec else p, 200)}")
+        st.markdown("> " + common.md(common.short(rec.get('prompt') if rec else p, 200)))
         answer_card("reference model", rec)
 
 st.divider()

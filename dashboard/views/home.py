@@ -27,7 +27,7 @@ c[3].metric("failed / interrupted", int(counts.get("failed", 0) + counts.get("in
                                         + counts.get("cancelled", 0)))
 c[4].metric("unreadable", int(counts.get("corrupt", 0)))
 
-st.subheader(f"Runs under `{cfg.runs}`")
+st.subheader(f"Runs under {common.code(cfg.runs)}")
 if runs.empty:
     common.no_runs(cfg.runs)
 else:
@@ -55,7 +55,7 @@ else:
     bad = runs[runs["state"] == "corrupt"]
     if len(bad):
         st.warning("Unreadable run directories (the other runs are unaffected):\n\n" + "\n".join(
-            f"- `{r.run_id}`: {r.error}" for r in bad.itertuples()))
+            f"- {common.code(r.run_id)}: {common.md(r.error)}" for r in bad.itertuples()))
 
 st.subheader("The aligned reference model")
 try:
@@ -70,9 +70,9 @@ if aligned.get("ready"):
     a, b, d = st.columns([1, 1, 3])
     a.metric("held-out harmful refused", common.fmt_pct(aligned.get("harmful_refusal_rate")))
     b.metric("held-out benign refused", common.fmt_pct(aligned.get("benign_refusal_rate")))
-    d.markdown(f"`{ALIGNED}` is built and is the default safe reference of every run.  \n{aligned.get('detail', '')}")
+    d.markdown(f"{common.code(ALIGNED)} is built and is the default safe reference of every run.  \n{common.md(aligned.get('detail', ''))}")
 else:
-    st.info(f"`{ALIGNED}` (the default safe reference) is not ready: {aligned.get('detail', 'not built yet')}. "
+    st.info(f"{common.code(ALIGNED)} (the default safe reference) is not ready: {common.md(aligned.get('detail', 'not built yet'))}. "
             "The first run that needs it builds it too; runs on `--model tiny` need no aligned model.")
     st.code("staysafe align", language="bash")
 

@@ -1,6 +1,6 @@
 """Launch a run: a form over RunSpec, validated before anything is queued; the queue with live progress and cancel.
 
-Runs are started by ``staysafe.launcher`` as background processes (argument lists, never a shell), one at a time
+Runs are started by the queue worker (``staysafe.queue``) as background processes (argument lists, never a shell), one at a time
 on CPU; the queue lives on disk, so it keeps advancing with the browser closed.
 """
 
@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 import common
-from staysafe.launcher import ACTIVE, LaunchError, Queue, spec_arguments
+from staysafe.queue import ACTIVE, LaunchError, Queue, spec_arguments
 from staysafe.runner import RISKS, RunSpec, SpecError
 
 SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
@@ -28,7 +28,7 @@ queue = Queue(cfg.runs)
 d = RunSpec()
 
 st.title(":material/rocket_launch: Launch a run")
-st.caption(f"Runs go to `{cfg.runs}`. One run trains at a time; further launches wait in the queue "
+st.caption(f"Runs go to {common.code(cfg.runs)}. One run trains at a time; further launches wait in the queue "
            f"(`{cfg.runs}/.queue/`), which keeps advancing when this tab is closed.")
 
 tab_run, tab_exp = st.tabs(["Training run", "Experiment (several methods)"])
@@ -106,10 +106,10 @@ with tab_run:
                 raise SpecError("option model is empty: choose a model")
             job = queue.submit_train(RunSpec(**values), run_id.strip() or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {common.md(err)}")
         else:
             st.session_state["launch_last"] = job["id"]
-            st.success(f"Queued run `{job['run_id']}` (job `{job['id']}`).")
+            st.success(f"Queued run {common.code(job['run_id'])} (job {common.code(job['id'])}).")
             spec = RunSpec(**{**values, "runs_dir": str(cfg.runs)})
             st.caption("The same run from a terminal:")
             st.code("staysafe train " + shlex.join(spec_arguments(spec) + ["--run-id", job["run_id"],
@@ -140,18 +140,25 @@ with tab_exp:
                                           model=str(exp_model or "").strip() or None,
                                           steps=int(exp_steps) or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {common.md(err)}")
         else:
-            st.success(f"Queued experiment `{job['target']}` (job `{job['id']}`); results in `{cfg.experiments}`.")
+            st.success(f"Queued experiment {common.code(job['target'])} (job {common.code(job['id'])}); results in {common.code(cfg.experiments)}.")
 
 # ----------------------------------------------------------------------------------------------- the queue
 
 head, toggle = st.columns([4, 1], vertical_alignment="bottom")
 head.subheader("Queue")
-paused = toggle.toggle("pause the queue", value=queue.paused, key="launch_paused",
-                       help="Queued runs wait while paused; a running one finishes. Useful to keep the CPU free.")
-if paused != queue.paused:
-    queue.pause() if paused else queue.resume()
+
+
+def _set_paused() -> None:
+    """Only a click changes the queue's state; the widget itself always shows the state on disk."""
+    queue.pause() if st.session_state["launch_paused"] else queue.resume()
+
+
+st.session_state["launch_paused"] = queue.paused  # paused elsewhere (another tab, `staysafe queue pause`)
+toggle.toggle("pause the queue", key="launch_paused", on_change=_set_paused,
+              help="Queued runs wait while paused; a running one finishes. Useful to keep the CPU free. "
+                   "From a terminal: `staysafe queue pause|resume`.")
 initial_jobs = queue.jobs()
 polling = any(j.get("state") in ACTIVE for j in initial_jobs)
 
@@ -168,14 +175,14 @@ def _cancel(job_id: str) -> None:
         outcome = queue.cancel(job_id)
         st.toast(f"job {job_id}: {outcome}")
     except LaunchError as err:
-        st.toast(f"cannot cancel: {err}")
+        st.toast(f"cannot cancel: {common.md(err)}")
 
 
 def _running_job(job: dict) -> None:
     with st.container(border=True):
         top, btn = st.columns([5, 1], vertical_alignment="center")
-        top.markdown(f":material/hourglass_top: **{job['kind']}** `{job['target']}` · started {_ago(job.get('started'))} · pid "
-                     f"{job.get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
+        top.markdown(f":material/hourglass_top: **{job['kind']}** {common.code(job['target'])} · started {_ago(job.get('started'))} · pid "
+                     f"{(job.get('process') or {}).get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
         btn.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],),
                    disabled=bool(job.get("cancel_requested")))
         if job["kind"] == "train":
@@ -185,7 +192,7 @@ def _running_job(job: dict) -> None:
             else:
                 run, error = common.try_load_run(cfg.runs, job["target"], ("steps", "evals"))
                 if error:
-                    st.warning(f"progress unavailable: {error}")
+                    st.warning(f"progress unavailable: {common.md(error)}")
                 else:
                     total = int(run.config.get("steps") or 1)
                     done = int(run.steps["step"].max()) if len(run.steps) else 0
@@ -206,7 +213,7 @@ def _running_job(job: dict) -> None:
             runs = common.runs_table(cfg.runs)
             mine = runs[runs["run_id"].str.startswith(job["target"] + "-")]
             st.caption(f"{int((mine['state'] == 'finished').sum())} run(s) finished so far: "
-                       + ", ".join(f"`{r}`" for r in mine["run_id"]) if len(mine) else "starting…")
+                       + ", ".join(f"{common.code(r)}" for r in mine["run_id"]) if len(mine) else "starting…")
         with st.expander("log"):
             st.code(queue.log_tail(job["id"]) or "(no output yet)", language=None)
 
@@ -228,14 +235,14 @@ def queue_view() -> None:
         st.markdown(f"**Waiting** ({len(waiting)})")
         for i, job in enumerate(waiting, 1):
             a, b = st.columns([5, 1], vertical_alignment="center")
-            a.markdown(f"{i}. **{job['kind']}** `{job['target']}` · queued {_ago(job.get('created'))}")
+            a.markdown(f"{i}. **{job['kind']}** {common.code(job['target'])} · queued {_ago(job.get('created'))}")
             b.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],))
     if waiting and queue.paused:
         st.caption("The queue is paused: waiting runs start when you resume it.")
-    elif waiting and not running and queue.runner_pid() is None:
-        st.warning("Runs are waiting but no queue runner is alive.")
-        if st.button("Start the queue runner", key="start_runner"):
-            queue.ensure_runner()
+    elif waiting and not running and queue.worker_pid() is None:
+        st.warning("Runs are waiting but no queue worker is alive.")
+        if st.button("Start the queue worker", key="start_runner"):
+            queue.ensure_worker()
     if done:
         st.markdown("**Finished jobs**")
         st.dataframe(pd.DataFrame([{

@@ -20,7 +20,7 @@ run = common.regularized_run_or_stop(cfg.runs, "reg_run")
 common.status_line(run)
 ex = common.examples_joined(run.path)
 if ex.empty:
-    st.info(f"Run `{run.id}` has recorded no training examples yet (one row per example per step).")
+    st.info(f"Run {common.code(run.id)} has recorded no training examples yet (one row per example per step).")
     st.stop()
 method = common.method_label(run.config)
 if run.config.get("method") == "sft":
@@ -152,7 +152,8 @@ a, b = st.columns([2, 3])
 with a:
     if len(record):
         r = record.iloc[0]
-        st.markdown(f"**{r.get('example_id', choice)}** · label **{r.get('label')}** · {r.get('category')}")
+        st.markdown(f"**{common.md(r.get('example_id', choice))}** · label **{common.md(r.get('label'))}** · "
+                    f"{common.md(r.get('category'))}")
         st.markdown("**Prompt**")
         st.text(str(r.get("prompt", "")))
         st.markdown("**Training answer**")

@@ -63,7 +63,7 @@ else:
 
 empty = [rid for rid, run in loaded.items() if run.steps.empty]
 for rid in empty:
-    st.info(f"Run `{rid}` has no steps recorded yet.")
+    st.info(f"Run {common.code(rid)} has no steps recorded yet.")
 plotted = {rid: run for rid, run in loaded.items() if not run.steps.empty}
 if not plotted or not metrics:
     st.stop()
