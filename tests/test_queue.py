@@ -168,9 +168,9 @@ def test_a_running_job_whose_process_is_gone_reads_interrupted(tmp_path):
 
 
 def test_command_line_lists_jobs(tmp_path):
-    res = run_cli("queue", "list", "--runs-dir", str(tmp_path), timeout=120)
+    res = run_cli("queue", "list", "--runs-dir", str(tmp_path))
     assert res.returncode == 0 and res.stdout == ""
-    res = run_cli("queue", "cancel", "1234567890123-train-nope", "--runs-dir", str(tmp_path), timeout=120)
+    res = run_cli("queue", "cancel", "1234567890123-train-nope", "--runs-dir", str(tmp_path))
     assert res.returncode == 2 and "no readable job" in res.stderr
 
 
@@ -180,7 +180,7 @@ def test_a_paused_queue_holds_jobs_until_resumed(tmp_path):
     job = q.submit_train(RunSpec(**TINY), "held")
     time.sleep(2)
     assert q.paused and q.worker_pid() is None and q.get(job["id"])["state"] == "queued"
-    res = run_cli("queue", "resume", "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    res = run_cli("queue", "resume", "--runs-dir", str(tmp_path / "runs"))
     assert res.returncode == 0, res.stderr
     assert not q.paused
     wait_for(lambda: q.get(job["id"])["state"] == "finished", 400, what="the resumed job")
