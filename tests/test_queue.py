@@ -263,4 +263,4 @@ def test_a_worker_started_by_this_process_is_reaped(tmp_path):
         except OSError:
             return True
 
-    wait_for(reaped, 120, 0.5, what="the finished worker to be reaped")
+    wait_for(reaped, 900, 0.5, what="the finished worker to be reaped")
