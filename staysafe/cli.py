@@ -9,61 +9,23 @@ import os
 import sys
 from pathlib import Path
 
-from staysafe.runner import RunSpec
-
-HELP = {
-    "model": "smollm2-135m-aligned (default reference), smollm2-135m-instruct, tiny, a local directory or a hub id",
-    "scenario": "harmful | mixed | benign | identity-shift",
-    "data": "your own training file (.jsonl/.csv/.parquet) or hub dataset id, instead of --scenario",
-    "n_harmful": "harmful scenario: number of harmful examples",
-    "harmful_percent": "mixed scenario: percent of harmful examples (1-10)",
-    "method": "sft | constant-kl | adaptive",
-    "beta": "constant-kl: the fixed KL weight",
-    "beta_min": "adaptive: KL weight at risk 0",
-    "beta_max": "adaptive: KL weight at risk 1",
-    "risk": "adaptive: risk source that sets beta: probe | judge | label (oracle)",
-    "judge": "judge used by --risk judge: embedding | local-lm | openai | keyword",
-    "probe": "a saved probe (.json); default: fit one on the reference model",
-    "calibration": "map raw risk to [0,1]: identity | step | sigmoid | clamp",
-    "risk_ema": "weight of the past in an EMA of the batch risk (0 = off)",
-    "batch_risk": "batch risk from per-example risks: max | mean",
-    "per_example_beta": "one beta per example instead of one per batch",
-    "risk_fallback": "when the risk source has no score: probe | last | max",
-    "kl_top_k": "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)",
-    "lora_r": "LoRA rank (0 = full fine-tuning with a frozen reference copy)",
-    "eval_every": "evaluate ASR every N steps (plus step 0 and the last step; 0 = only those)",
-    "eval_judges": "response judges for judge ASR, comma-separated (keyword ASR is always measured)",
-    "checkpoint_every": "save a resumable checkpoint every N steps (0 = none)",
-    "runs_dir": "where run directories go",
-    "precision": "auto (bf16 autocast where the hardware is fast at it) | fp32 | bf16",
-    "threads": "CPU threads for torch (0 = its default; 1 is faster when other work shares a small CPU)",
-}
-
-def _error_types():
-    from staysafe.data import DataError
-    from staysafe.models import ModelError
-    from staysafe.probe import ProbeError
-    from staysafe.runner import SpecError
-    from staysafe.traces import TraceError
-
-    return (DataError, SpecError, ModelError, ProbeError, TraceError, FileExistsError)
+from staysafe.errors import StaySafeError
+from staysafe.options import RunSpec, SpecError, default_of, flag, help_text
 
 
-def add_spec_arguments(p: argparse.ArgumentParser, defaults: RunSpec = RunSpec()) -> None:
-    """One flag per RunSpec field, so the CLI and config.json can never disagree."""
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per RunSpec field, its help from the field's metadata: the CLI and config.json can never disagree.
+    Choices are not enforced by argparse, so that a bad value gets the same message as from a config file."""
     for f in dataclasses.fields(RunSpec):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = HELP.get(f.name, "")
+        default = default_of(f)
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text(f))
         elif isinstance(default, list):
-            p.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], default=default,
-                           help=help_text + f" (default: {','.join(default)})")
-        elif f.name in ("scenario", "data", "probe", "run_id", "experiment"):
-            p.add_argument(flag, type=str, default=default, help=help_text)
+            p.add_argument(flag(f.name), type=lambda s: [x for x in s.split(",") if x], default=default,
+                           help=help_text(f))
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: {default})")
+            kind = type(default) if default is not None else str
+            p.add_argument(flag(f.name), type=kind, default=default, help=help_text(f))
 
 
 def spec_from_args(args) -> RunSpec:
@@ -185,8 +147,6 @@ def cmd_compare_risk(args) -> int:
 
 def parse_overrides(items: list[str]) -> dict:
     """``OPTION=VALUE`` pairs (``--set``), parsed by the very flags of ``staysafe train`` (one typing of options)."""
-    from staysafe.runner import SpecError
-
     parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     add_spec_arguments(parser)
     defaults, fields, out = RunSpec(), {f.name for f in dataclasses.fields(RunSpec)}, {}
@@ -301,10 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except _error_types() as err:
-        print(f"staysafe {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # invalid settings rejected by the config classes
+    except (StaySafeError, FileExistsError, ValueError) as err:
+        # User errors: the message says what to fix, a traceback would only hide it. (ValueError: the invalid
+        # arguments that the library's classes reject, e.g. an unknown judge name.)
         print(f"staysafe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run is already marked cancelled, its rows kept

@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 
 from staysafe.errors import StaySafeError
+from staysafe.options import SCENARIOS
 
 LABELS = ("harmful", "benign")
 ROLES = ("system", "user", "assistant")
@@ -33,7 +34,6 @@ SHIPPED = {
     "eval-harmful": "eval_harmful.jsonl",
     "eval-benign": "eval_benign.jsonl",
 }
-SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 
 
 class DataError(StaySafeError, ValueError):

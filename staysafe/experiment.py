@@ -47,9 +47,9 @@ class ExperimentSpec:
     def validate(self) -> "ExperimentSpec":
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+            raise SpecError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
         if self.seeds < 1:
-            raise ValueError(f"seeds = {self.seeds} is invalid: expected a whole number >= 1")
+            raise SpecError(f"seeds = {self.seeds} is invalid: expected a whole number >= 1")
         return self
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from staysafe.errors import StaySafeError
+from staysafe.options import PRECISIONS  # noqa: F401  (defined once, there; re-exported)
 from staysafe.paths import cached_model_dir, staysafe_home  # noqa: F401  (re-exported)
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -220,7 +221,6 @@ def load_model(spec: str = ALIGNED, *, lora: LoraSettings | None = None, dtype: 
     return model, tokenizer
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-CALIBRATIONS = ("identity", "step", "sigmoid", "clamp")
+from staysafe.options import CALIBRATIONS
 
 
 @dataclass

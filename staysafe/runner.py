@@ -1,148 +1,23 @@
 """One training run end to end: options -> data, model, risk sources -> SafetyTrainer -> a run directory.
 
-``RunSpec`` holds every option of ``staysafe train`` and is saved as the run's ``config.json``; everything is
-validated before a run directory exists, so bad input never leaves a half-written run.
+The options are :class:`staysafe.options.RunSpec` (saved as the run's ``config.json``); everything is validated
+before a run directory exists, so bad input never leaves a half-written run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import signal
 import sys
 import time
 import traceback
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
-from staysafe.errors import StaySafeError
-from staysafe.data import DataError, SCENARIOS, build_scenario, load_records, records_table, tokenize_dataset
-from staysafe.trainer import FALLBACKS, METHODS, check_safety_settings
-
-RISKS = ("label", "probe", "judge")
-RECORDED = {"versions", "command", "n_examples", "risk_scoring", "processes", "precision_used"}  # what config.json adds to the options
-OPTIONAL = ("scenario",)  # string options that may also be None (the others with a None default are optional too)
-
-
-class SpecError(StaySafeError, ValueError):
-    """An option of a run is invalid; the message names the option and what was expected."""
-
-
-@dataclass
-class RunSpec:
-    """Every option of a run (the CLI's flags, one for one)."""
-
-    model: str = "smollm2-135m-aligned"
-    scenario: str | None = "harmful"
-    data: str | None = None
-    n_harmful: int = 100
-    harmful_percent: float = 5.0
-    method: str = "adaptive"
-    beta: float = 0.5
-    beta_min: float = 0.05
-    beta_max: float = 0.9
-    risk: str = "probe"
-    judge: str = "embedding"
-    judge_url: str | None = None
-    judge_model: str | None = None
-    judge_key_env: str = "OPENAI_API_KEY"
-    record_judge: bool = True
-    probe: str | None = None
-    calibration: str = "identity"
-    risk_threshold: float = 0.5
-    risk_temperature: float = 0.1
-    risk_ema: float = 0.0
-    batch_risk: str = "max"
-    per_example_beta: bool = False
-    risk_fallback: str = "probe"
-    kl_top_k: int = 0
-    steps: int = 40
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    max_length: int = 128
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    seed: int = 0
-    eval_every: int = 10
-    eval_harmful: int = 50
-    eval_benign: int = 50
-    max_new_tokens: int = 64
-    eval_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
-    checkpoint_every: int = 0
-    save_model: bool = True
-    precision: str = "auto"
-    threads: int = 0
-    runs_dir: str = "runs"
-    run_id: str | None = None
-    experiment: str | None = None
-
-    def validate(self) -> "RunSpec":
-        def bad(name, expected):
-            raise SpecError(f"option {name} = {getattr(self, name)!r} is invalid: expected {expected}")
-
-        for f in fields(self):  # types first, so range checks below never meet a string where a number belongs
-            value, default = getattr(self, f.name), f.default if f.default is not MISSING else f.default_factory()
-            if default is None or isinstance(default, str):
-                ok = isinstance(value, str) or (value is None and (default is None or f.name in OPTIONAL))
-            elif isinstance(default, bool):
-                ok = isinstance(value, bool)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            else:
-                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-            if not ok:
-                bad(f.name, f"a value of type {type(default).__name__ if default is not None else 'str'}")
-        if self.data is None and self.scenario not in SCENARIOS:
-            bad("scenario", f"one of {', '.join(SCENARIOS)} (or give --data)")
-        if self.method not in METHODS:
-            bad("method", " | ".join(METHODS))
-        if self.risk not in RISKS:
-            bad("risk", " | ".join(RISKS))
-        if self.risk_fallback not in FALLBACKS:
-            bad("risk_fallback", " | ".join(FALLBACKS))
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "n_harmful", "lora_alpha"):
-            if getattr(self, name) < 1:
-                bad(name, "a whole number >= 1")
-        for name in ("eval_every", "eval_harmful", "eval_benign", "lora_r", "checkpoint_every", "kl_top_k", "seed",
-                     "threads"):
-            if getattr(self, name) < 0:
-                bad(name, "a whole number >= 0")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", "a whole number >= 1")
-        if self.lr <= 0:
-            bad("lr", "a learning rate > 0")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", "a number in [0, 1)")
-        if not 1 <= self.harmful_percent <= 10:
-            bad("harmful_percent", "a percentage from 1 to 10")
-        if self.max_length < 16:
-            bad("max_length", "at least 16 tokens")
-        from staysafe.models import PRECISIONS
-
-        if self.precision not in PRECISIONS:
-            bad("precision", " | ".join(PRECISIONS))
-        try:
-            check_safety_settings(self)
-            from staysafe.risk import Calibration
-
-            Calibration(self.calibration, self.risk_threshold, self.risk_temperature)
-        except ValueError as err:
-            raise SpecError(str(err)) from None
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - RECORDED)
-        if unknown:
-            raise SpecError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+from staysafe.data import build_scenario, load_records, records_table, tokenize_dataset
+from staysafe.options import RunSpec, SpecError
 
 
 def versions() -> dict:
@@ -355,10 +230,7 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
 
         sources["probe"] = ProbeRisk(probe, calibration if spec.risk == "probe" else None)
     args = SafetyConfig(
-        output_dir=str(writer.path / "checkpoints"), method=spec.method, beta=spec.beta, beta_min=spec.beta_min,
-        beta_max=spec.beta_max, risk=spec.risk, risk_ema=spec.risk_ema, batch_risk=spec.batch_risk,
-        per_example_beta=spec.per_example_beta, risk_fallback=spec.risk_fallback, kl_top_k=spec.kl_top_k,
-        max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
+        output_dir=str(writer.path / "checkpoints"), **spec.safety_options(), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
         seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="no",
         save_strategy="steps" if spec.checkpoint_every else "no", save_steps=spec.checkpoint_every or 500,

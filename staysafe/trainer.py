@@ -17,35 +17,23 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from staysafe.data import IGNORE
+from staysafe.options import SafetyOptions, SpecError
 from staysafe.risk import ColumnRisk, RiskBatch, aggregate
 
-METHODS = ("sft", "constant-kl", "adaptive")
-FALLBACKS = ("probe", "last", "max")
 STATE_FILE = "staysafe_state.json"
-BATCH_KEYS = ("prompt_end", "example_index")
 
 
 @dataclass
-class SafetyConfig(TrainingArguments):
-    """Training arguments plus the safety regulariser's settings (TRL's ``*Config`` pattern)."""
+class SafetyConfig(SafetyOptions, TrainingArguments):
+    """``TrainingArguments`` plus the regulariser's options (:class:`staysafe.options.SafetyOptions`; TRL's
+    ``*Config`` pattern)."""
 
-    method: str = field(default="adaptive", metadata={"help": "sft | constant-kl | adaptive"})
-    beta: float = field(default=0.5, metadata={"help": "KL weight of constant-kl"})
-    beta_min: float = field(default=0.05, metadata={"help": "adaptive: beta at risk 0"})
-    beta_max: float = field(default=0.9, metadata={"help": "adaptive: beta at risk 1"})
-    risk: str = field(default="label", metadata={"help": "name of the risk source that sets beta"})
-    risk_ema: float = field(default=0.0, metadata={"help": "weight of the past in an EMA of the batch risk (0 = off)"})
-    batch_risk: str = field(default="max", metadata={"help": "batch risk from per-example risks: max | mean"})
-    per_example_beta: bool = field(default=False, metadata={"help": "one beta per example instead of per batch"})
-    risk_fallback: str = field(default="probe", metadata={
-        "help": "when the risk source has no score for an example: probe (then last, then 1) | last (then 1) | max (1)"})
-    kl_top_k: int = field(default=0, metadata={"help": "KL over the reference's top-k tokens only (0 = exact)"})
     # Defaults that differ from TrainingArguments: keep our batch columns, log every step, no external reporting.
     remove_unused_columns: bool = False
     logging_steps: float = 1
@@ -53,37 +41,13 @@ class SafetyConfig(TrainingArguments):
     save_strategy: str = "no"
 
     def __post_init__(self):
-        check_safety_settings(self)
+        self.check_safety_options()
+        if self.learning_rate < 0:
+            raise SpecError(f"learning_rate = {self.learning_rate!r} is invalid: expected a number >= 0")
+        if self.max_steps == 0:
+            raise SpecError("max_steps = 0 is invalid: expected a positive number of steps (or -1 to train for "
+                            "num_train_epochs)")
         super().__post_init__()
-
-
-def check_safety_settings(c) -> None:
-    """Validate the regulariser's fields (shared by the config and the CLI); errors name the field."""
-    def bad(name, expected):
-        raise ValueError(f"{name} = {getattr(c, name)!r} is invalid: expected {expected}")
-
-    if c.method not in METHODS:
-        bad("method", " | ".join(METHODS))
-    for name in ("beta", "beta_min", "beta_max"):
-        v = getattr(c, name)
-        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            bad(name, "a number in [0, 1]")
-    if c.beta_min > c.beta_max:
-        raise ValueError(f"beta_min = {c.beta_min} is greater than beta_max = {c.beta_max}")
-    if not 0.0 <= c.risk_ema < 1.0:
-        bad("risk_ema", "a number in [0, 1)")
-    if c.risk_ema and c.per_example_beta:
-        raise ValueError("risk_ema smooths the batch risk over steps; it cannot be combined with per_example_beta")
-    if c.batch_risk not in ("max", "mean"):
-        bad("batch_risk", "max | mean")
-    if c.risk_fallback not in FALLBACKS:
-        bad("risk_fallback", " | ".join(FALLBACKS))
-    if c.kl_top_k < 0:
-        bad("kl_top_k", "0 (exact KL) or a positive number of tokens")
-    if getattr(c, "learning_rate", 0) < 0:
-        bad("learning_rate", "a number >= 0")
-    if getattr(c, "max_steps", -1) == 0:
-        bad("max_steps", "a positive number of steps (or -1 to train for num_train_epochs)")
 
 
 # ----------------------------------------------------------------------------------------------- losses

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import make_records, run_cli
 from staysafe import process
-from staysafe.queue import LaunchError, Queue, command, experiment_argv, spec_arguments, train_argv
+from staysafe.options import spec_flags as spec_arguments
+from staysafe.queue import LaunchError, Queue, command, experiment_argv, train_argv
 from staysafe.runner import RunSpec, SpecError
 from staysafe.traces import list_runs, load_run, run_state
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, TINY_RUN, make_records
 from staysafe.data import DataError, load_records, normalize_record
-from staysafe.queue import spec_arguments
+from staysafe.options import spec_flags as spec_arguments
 from staysafe.runner import RunSpec, SpecError, latest_checkpoint, run_training
 from staysafe.traces import load_run
 

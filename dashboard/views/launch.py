@@ -1,4 +1,4 @@
-"""Launch a run: a form over RunSpec, validated before anything is queued; the queue with live progress and cancel.
+"""Launch a run: a form generated from the option schema (RunSpec), validated before anything is queued; the queue with live progress and cancel.
 
 Runs are started by the queue worker (``staysafe.queue``) as background processes (argument lists, never a shell), one at a time
 on CPU; the queue lives on disk, so it keeps advancing with the browser closed.
@@ -13,19 +13,25 @@ import pandas as pd
 import streamlit as st
 
 import common
-from staysafe.queue import ACTIVE, LaunchError, Queue, spec_arguments
-from staysafe.runner import RISKS, RunSpec, SpecError
+from staysafe.experiment import METHODS as EXPERIMENT_METHODS, ExperimentSpec
+from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
+from staysafe.queue import ACTIVE, LaunchError, Queue
+from widgets import option_input
 
-SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
-METHODS = ("sft", "constant-kl", "adaptive")
-MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny")
-JUDGES = ("embedding", "local-lm", "keyword", "openai")
-EVAL_JUDGES = ("embedding-response", "local-lm")
 OWN_DATA = "(my own data file)"
+# The form's layout: which options go where (their widgets, help and choices come from the schema).
+COLUMNS = {
+    "Model and data": ("model", "scenario", "data", "n_harmful", "harmful_percent"),
+    "Regularizer": ("method", "beta", ("beta_min", "beta_max"), "risk_ema", "risk", "judge"),
+    "Training": ("steps", "lr", "lora_r", "eval_every", "batch_size", "seed"),
+}
+MORE = (("eval_harmful", "eval_benign"), ("max_new_tokens", "max_length"), ("eval_judges", "record_judge",
+                                                                           "save_model"))
+WIDGET = {"beta": {"step": 0.05}, "beta_min": {"step": 0.05}, "beta_max": {"step": 0.05}, "risk_ema": {"step": 0.1},
+          "harmful_percent": {"step": 1.0}, "lr": {"step": 1e-5, "format": "%.6f"}}
 
 cfg = common.page_setup()
 queue = Queue(cfg.runs)
-d = RunSpec()
 
 st.title(":material/rocket_launch: Launch a run")
 st.caption(f"Runs go to {common.code(cfg.runs)}. One run trains at a time; further launches wait in the queue "
@@ -33,72 +39,35 @@ st.caption(f"Runs go to {common.code(cfg.runs)}. One run trains at a time; furth
 
 tab_run, tab_exp = st.tabs(["Training run", "Experiment (several methods)"])
 
+
+def _inputs(names, where, values: dict) -> None:
+    for name in names:
+        if isinstance(name, tuple):  # side by side
+            for col, sub in zip(where.columns(len(name)), name):
+                _inputs((sub,), col, values)
+            continue
+        values[name] = option_input(name, where, extra_choices=(OWN_DATA,) if name == "scenario" else (),
+                                    **WIDGET.get(name, {}))
+
+
 with tab_run:
     with st.form("launch_form"):
-        c1, c2, c3 = st.columns(3)
-        with c1:
-            st.markdown("**Model and data**")
-            model = st.selectbox("model", MODELS, index=0, accept_new_options=True, key="launch_model",
-                                 help="A known name, a local model directory or a hub id (type it).")
-            scenario = st.selectbox("scenario", (*SCENARIOS, OWN_DATA), key="launch_scenario",
-                                    help="harmful: N harmful examples; mixed: the benign task with p% harmful; "
-                                         "benign; identity-shift (the obedient-agent persona).")
-            data = st.text_input("data file (when 'my own data file')", key="launch_data",
-                                 placeholder="my_data.jsonl (.jsonl / .csv / .parquet or a hub id)")
-            n_harmful = st.number_input("harmful examples (harmful scenario)", 1, 120, d.n_harmful,
-                                        key="launch_n_harmful")
-            harmful_percent = st.number_input("harmful % (mixed scenario)", 1.0, 10.0, d.harmful_percent, step=1.0,
-                                              key="launch_harmful_percent")
-        with c2:
-            st.markdown("**Regularizer**")
-            method = st.selectbox("method", METHODS, index=METHODS.index(d.method), key="launch_method",
-                                  help="sft: plain fine-tuning (β = 0); constant-kl: fixed β; adaptive: β from risk.")
-            beta = st.number_input("β (constant-kl)", 0.0, 1.0, d.beta, step=0.05, key="launch_beta")
-            b1, b2 = st.columns(2)
-            beta_min = b1.number_input("β min (adaptive)", 0.0, 1.0, d.beta_min, step=0.05, key="launch_beta_min")
-            beta_max = b2.number_input("β max (adaptive)", 0.0, 1.0, d.beta_max, step=0.05, key="launch_beta_max")
-            risk_ema = st.number_input("risk EMA (weight of the past)", 0.0, 0.99, d.risk_ema, step=0.1,
-                                       key="launch_risk_ema")
-            risk = st.selectbox("risk source", RISKS, index=RISKS.index(d.risk), key="launch_risk",
-                                help="probe: activation probe on the reference; judge: cached judge score per "
-                                     "training example; label: the oracle.")
-            judge = st.selectbox("judge (for risk = judge)", JUDGES, key="launch_judge")
-        with c3:
-            st.markdown("**Training**")
-            steps = st.number_input("steps", 1, 100_000, d.steps, key="launch_steps")
-            lr = st.number_input("learning rate", 1e-7, 1.0, d.lr, step=1e-5, format="%.6f", key="launch_lr")
-            lora_r = st.number_input("LoRA rank (0 = full fine-tuning)", 0, 512, d.lora_r, key="launch_lora_r")
-            eval_every = st.number_input("evaluate every N steps", 0, 100_000, d.eval_every, key="launch_eval_every")
-            batch_size = st.number_input("batch size", 1, 512, d.batch_size, key="launch_batch_size")
-            seed = st.number_input("seed", 0, 2**31 - 1, d.seed, key="launch_seed")
+        values: dict = {}
+        for col, (title, names) in zip(st.columns(len(COLUMNS)), COLUMNS.items()):
+            col.markdown(f"**{title}**")
+            _inputs(names, col, values)
         with st.expander("More options"):
-            e1, e2, e3 = st.columns(3)
-            eval_harmful = e1.number_input("held-out harmful prompts per evaluation", 0, 1000, d.eval_harmful,
-                                           key="launch_eval_harmful")
-            eval_benign = e1.number_input("held-out benign prompts per evaluation", 0, 1000, d.eval_benign,
-                                          key="launch_eval_benign")
-            max_new_tokens = e2.number_input("answer tokens per evaluation", 1, 1024, d.max_new_tokens,
-                                             key="launch_max_new_tokens")
-            max_length = e2.number_input("max sequence length", 16, 8192, d.max_length, key="launch_max_length")
-            eval_judges = e3.multiselect("response judges for judge ASR", EVAL_JUDGES, default=d.eval_judges,
-                                         key="launch_eval_judges",
-                                         help="Keyword ASR is always measured; it is a weak judge.")
-            record_judge = e3.checkbox("record the judge's risk too", d.record_judge, key="launch_record_judge")
-            save_model = e3.checkbox("save the final model", d.save_model, key="launch_save_model")
+            for col, names in zip(st.columns(len(MORE)), MORE):
+                _inputs(names, col, values)
             run_id = st.text_input("run id (optional)", key="launch_run_id",
                                    placeholder="letters, digits, '.', '_', '-'; default: time + method")
         submitted = st.form_submit_button("Validate and queue", type="primary")
 
     if submitted:
-        own = scenario == OWN_DATA
-        values = dict(model=str(model or "").strip(), scenario=None if own else scenario,
-                      data=(data.strip() or None) if own else None, n_harmful=int(n_harmful),
-                      harmful_percent=float(harmful_percent), method=method, beta=float(beta),
-                      beta_min=float(beta_min), beta_max=float(beta_max), risk_ema=float(risk_ema), risk=risk,
-                      judge=judge, steps=int(steps), lr=float(lr), lora_r=int(lora_r), eval_every=int(eval_every),
-                      batch_size=int(batch_size), seed=int(seed), eval_harmful=int(eval_harmful),
-                      eval_benign=int(eval_benign), max_new_tokens=int(max_new_tokens), max_length=int(max_length),
-                      eval_judges=list(eval_judges), record_judge=bool(record_judge), save_model=bool(save_model))
+        own = values["scenario"] == OWN_DATA
+        values["scenario"] = None if own else values["scenario"]
+        values["data"] = values["data"] if own else None
+        values["model"] = str(values["model"] or "").strip()
         try:
             if own and not values["data"]:
                 raise SpecError("option data is empty: type a .jsonl/.csv/.parquet file or a hub dataset id")
@@ -110,10 +79,9 @@ with tab_run:
         else:
             st.session_state["launch_last"] = job["id"]
             st.success(f"Queued run {common.code(job['run_id'])} (job {common.code(job['id'])}).")
-            spec = RunSpec(**{**values, "runs_dir": str(cfg.runs)})
-            st.caption("The same run from a terminal:")
-            st.code("staysafe train " + shlex.join(spec_arguments(spec) + ["--run-id", job["run_id"],
-                                                                          "--runs-dir", str(cfg.runs)]),
+            st.caption("The same run from a terminal (options that differ from the defaults):")
+            st.code("staysafe train " + shlex.join(spec_flags(RunSpec(**values), only_changed=True)
+                                                   + ["--run-id", job["run_id"], "--runs-dir", str(cfg.runs)]),
                     language="bash", wrap_lines=True)
 
 with tab_exp:
@@ -123,9 +91,8 @@ with tab_exp:
     with st.form("experiment_form"):
         x1, x2, x3 = st.columns(3)
         exp_scenario = x1.selectbox("scenario", SCENARIOS, key="exp_scenario")
-        exp_methods = x1.multiselect("methods", ["sft", "constant-kl", "adaptive-probe", "adaptive-judge",
-                                                 "adaptive-label"],
-                                     default=["sft", "constant-kl", "adaptive-probe", "adaptive-judge"],
+        exp_methods = x1.multiselect("methods", list(EXPERIMENT_METHODS),
+                                     default=ExperimentSpec().methods,
                                      key="exp_methods")
         exp_seeds = x2.number_input("seeds", 1, 20, 1, key="exp_seeds")
         exp_quick = x2.checkbox("quick CPU preset (--quick)", True, key="exp_quick")

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from staysafe.queue import submit, worker
 from staysafe.queue.store import ACTIVE, JOB_STATES, QUEUE_DIR, JobStore, LaunchError
-from staysafe.queue.submit import command, experiment_argv, spec_arguments, train_argv
+from staysafe.queue.submit import command, experiment_argv, train_argv
 
-__all__ = ["ACTIVE", "JOB_STATES", "QUEUE_DIR", "LaunchError", "Queue", "command", "experiment_argv",
-           "spec_arguments", "train_argv"]
+__all__ = ["ACTIVE", "JOB_STATES", "QUEUE_DIR", "LaunchError", "Queue", "command", "experiment_argv", "train_argv"]
 
 
 class Queue(JobStore):

@@ -22,41 +22,11 @@ EXPERIMENT_OPTIONS = ("scenario", "methods", "seeds", "quick", "model", "steps")
 NOT_QUEUEABLE = ("judge_url", "judge_key_env")  # a file must never choose where a secret goes
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def spec_arguments(spec) -> list[str]:
-    """Every RunSpec field as a ``staysafe train`` flag (the inverse of ``cli.spec_from_args``).
-
-    All fields are passed, not only non-defaults, so the command in ``config.json`` reruns the run even after a
-    default changes. ``runs_dir`` and ``run_id`` are left to the caller.
-    """
-    from staysafe.runner import RunSpec
-
-    args: list[str] = []
-    for f in dataclasses.fields(RunSpec):
-        if f.name in ("runs_dir", "run_id"):
-            continue
-        value = getattr(spec, f.name)
-        if f.name == "scenario" and spec.data:
-            continue  # --data replaces the scenario
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            args += [_flag(f.name), ",".join(str(v) for v in value)]
-        elif isinstance(value, float):
-            args += [_flag(f.name), repr(value)]
-        else:
-            args += [_flag(f.name), str(value)]
-    return args
-
-
 def train_argv(spec, run_id: str, runs_root: Path) -> list[str]:
     """The argument list that trains ``spec`` as run ``run_id`` under ``runs_root``."""
-    return [sys.executable, "-m", "staysafe.cli", "train", *spec_arguments(spec), "--run-id", run_id,
+    from staysafe.options import spec_flags
+
+    return [sys.executable, "-m", "staysafe.cli", "train", *spec_flags(spec), "--run-id", run_id,
             "--runs-dir", str(Path(runs_root).resolve())]
 
 
@@ -65,7 +35,7 @@ def experiment_argv(experiment_id: str, runs_root: Path, experiments_root: Path,
                     steps: int | None = None) -> list[str]:
     """The argument list of ``staysafe experiment`` (only what its CLI exposes); options are checked first."""
     from staysafe.experiment import ExperimentSpec
-    from staysafe.runner import SpecError
+    from staysafe.options import SpecError
 
     types = {"scenario": str, "seeds": int, "quick": bool, "model": (str, type(None)), "steps": (int, type(None))}
     for name, value in (("scenario", scenario), ("seeds", seeds), ("quick", quick), ("model", model),
@@ -93,7 +63,7 @@ def experiment_argv(experiment_id: str, runs_root: Path, experiments_root: Path,
 
 def train_spec(values, runs_root: Path):
     """A RunSpec from a job's stored spec: only known fields, no judge endpoint or key, every option valid."""
-    from staysafe.runner import RunSpec, SpecError
+    from staysafe.options import RunSpec, SpecError
 
     if not isinstance(values, dict):
         raise SpecError(f"the job's spec is a {type(values).__name__}, expected an object of run options")
@@ -114,7 +84,7 @@ def train_spec(values, runs_root: Path):
 
 def _no_endpoint_judge(spec):
     """The openai judge needs an endpoint, which a queued run cannot carry: refuse it before anything is queued."""
-    from staysafe.runner import SpecError
+    from staysafe.options import SpecError
 
     uses_judge = spec.risk == "judge" or spec.record_judge
     if spec.judge == "openai" and uses_judge and not spec.judge_url:
@@ -126,7 +96,7 @@ def _no_endpoint_judge(spec):
 
 def command(job: dict, runs_root: Path) -> list[str]:
     """The argument list of a job, rebuilt from its validated spec (never from anything else in the file)."""
-    from staysafe.runner import SpecError
+    from staysafe.options import SpecError
 
     if not RUN_ID.match(job["target"]):
         raise SpecError(f"job target {job['target']!r} is not a valid id")
@@ -165,7 +135,7 @@ def _enqueue(store: JobStore, job: dict, start_worker: bool) -> dict:
 
 def submit_train(store: JobStore, spec, run_id: str | None = None, start_worker: bool = True) -> dict:
     """Validate ``spec`` and queue it as run ``run_id`` (a fresh id when None). Raises SpecError or LaunchError."""
-    from staysafe.runner import SpecError
+    from staysafe.options import SpecError
 
     spec = dataclasses.replace(spec, runs_dir=str(store.root), run_id=None)
     if spec.data:

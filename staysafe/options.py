@@ -1,0 +1,261 @@
+"""Every option of a run, declared once: type, default, help, choices and range live on the dataclass field.
+
+- :class:`SafetyOptions`: the regulariser's options. ``trainer.SafetyConfig`` extends ``TrainingArguments`` with
+  them (TRL's ``*Config`` style) and :class:`RunSpec` extends them with the run's data, model and evaluation options.
+- :class:`RunSpec`: every option of ``staysafe train``; the CLI's flags and help, the dashboard's Launch form and the
+  run's ``config.json`` (its ``asdict``) are all generated from its fields.
+- The choices (methods, scenarios, models, judges, risk sources, calibrations, precisions) are defined here only.
+
+Adding an option is one field (with its help, and its range or choices if it has one) plus a test. This module
+imports nothing heavy (no torch), so the CLI's ``--help`` and the dashboard read it cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+
+from staysafe.errors import StaySafeError
+from staysafe.judges import JUDGES
+
+METHODS = ("sft", "constant-kl", "adaptive")
+RISK_SOURCES = ("label", "probe", "judge")
+BATCH_RISKS = ("max", "mean")
+FALLBACKS = ("probe", "last", "max")
+CALIBRATIONS = ("identity", "step", "sigmoid", "clamp")
+SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
+MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny")  # known names; a directory or hub id also works
+PRECISIONS = ("auto", "fp32", "bf16")
+RECORDED = {"versions", "command", "n_examples", "risk_scoring", "processes", "precision_used"}  # config.json extras
+
+
+class SpecError(StaySafeError, ValueError):
+    """An option of a run is invalid; the message names the option and what was expected."""
+
+
+def option(default, help: str, *, choices: tuple | None = None, open_choices: bool = False, low=None, high=None,
+           above=None, below=None, label: str | None = None):
+    """A dataclass field of the schema. ``choices``: the allowed values (``open_choices``: only suggestions, other
+    values allowed); ``low`` / ``high``: inclusive bounds, ``above`` / ``below``: exclusive ones; ``label``: the
+    Launch form's short label (default: the field's name)."""
+    meta = {"help": help, "choices": choices, "open_choices": open_choices, "low": low, "high": high,
+            "above": above, "below": below, "label": label}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def narrowed(cls, name: str, default=MISSING, **changes):
+    """The field ``name`` of ``cls`` with another default or choices (its help stays the one declared)."""
+    base = next(f for f in fields(cls) if f.name == name)
+    meta = {**base.metadata, **changes}
+    return field(default=base.default if default is MISSING else default, metadata=meta)
+
+
+def default_of(f):
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def _expected(f, kind) -> str:
+    m = f.metadata
+    if m.get("choices") and not m.get("open_choices"):
+        return "one of " + ", ".join(m["choices"])
+    what = {int: "a whole number", float: "a number"}.get(kind, f"a value of type {getattr(kind, '__name__', kind)}")
+    lo = f"[{m['low']:g}" if m.get("low") is not None else f"({m['above']:g}" if m.get("above") is not None else None
+    hi = f"{m['high']:g}]" if m.get("high") is not None else f"{m['below']:g})" if m.get("below") is not None else None
+    if lo and hi:
+        return f"{what} in {lo}, {hi}"
+    if lo:
+        return f"{what} {'>=' if lo[0] == '[' else '>'} {lo[1:]}"
+    return what
+
+
+def check_fields(obj, names=None) -> None:
+    """Type, choices and range of every schema field of ``obj`` (a field without help is not part of the schema)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        if "help" not in f.metadata or (names is not None and f.name not in names):
+            continue
+        value, hint, m = getattr(obj, f.name), hints[f.name], f.metadata
+        optional = type(None) in typing.get_args(hint)
+        kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+
+        def bad(expected=None):
+            raise SpecError(f"option {f.name} = {value!r} is invalid: expected {expected or _expected(f, kind)}")
+
+        if value is None:
+            if not optional:
+                bad(f"a value of type {getattr(kind, '__name__', 'list')}")
+            continue
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is str:
+            ok = isinstance(value, str)
+        else:  # list[str]
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok:
+            bad(f"a value of type {getattr(kind, '__name__', 'list of str')}")
+        if m.get("choices") and not m.get("open_choices") and value not in m["choices"]:
+            bad()
+        if kind in (int, float) and ((m.get("low") is not None and value < m["low"])
+                                     or (m.get("high") is not None and value > m["high"])
+                                     or (m.get("above") is not None and value <= m["above"])
+                                     or (m.get("below") is not None and value >= m["below"])):
+            bad()
+
+
+@dataclass
+class SafetyOptions:
+    """The safety regulariser's options (``loss = (1 - beta) NLL + beta KL``; see :mod:`staysafe.trainer`)."""
+
+    method: str = option("adaptive", "sft: plain fine-tuning (beta = 0) | constant-kl: a fixed beta | adaptive: beta "
+                         "from the risk", choices=METHODS)
+    beta: float = option(0.5, "constant-kl: the fixed KL weight", low=0.0, high=1.0, label="β (constant-kl)")
+    beta_min: float = option(0.05, "adaptive: KL weight at risk 0", low=0.0, high=1.0, label="β min (adaptive)")
+    beta_max: float = option(0.9, "adaptive: KL weight at risk 1", low=0.0, high=1.0, label="β max (adaptive)")
+    risk: str = option("label", "adaptive: the risk source that sets beta (probe: activation probe on the reference; "
+                       "judge: cached judge score per training example; label: the oracle)", label="risk source")
+    risk_ema: float = option(0.0, "weight of the past in an EMA of the batch risk (0 = off)", low=0.0,
+                             below=1.0, label="risk EMA (weight of the past)")
+    batch_risk: str = option("max", "batch risk from per-example risks", choices=BATCH_RISKS)
+    per_example_beta: bool = option(False, "one beta per example instead of one per batch")
+    risk_fallback: str = option("probe", "when the risk source has no score for an example: probe (then last, then "
+                                "1) | last (then 1) | max (1)", choices=FALLBACKS)
+    kl_top_k: int = option(0, "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)", low=0)
+
+    def check_safety_options(self) -> None:
+        """Validate the regulariser's fields; errors name the field and what was expected."""
+        check_fields(self, {f.name for f in fields(SafetyOptions)})
+        if self.beta_min > self.beta_max:
+            raise SpecError(f"beta_min = {self.beta_min} is greater than beta_max = {self.beta_max}")
+        if self.risk_ema and self.per_example_beta:
+            raise SpecError("risk_ema smooths the batch risk over steps; it cannot be combined with per_example_beta")
+
+    def safety_options(self) -> dict:
+        """Only the regulariser's fields (what ``SafetyConfig`` takes from a run)."""
+        return {f.name: getattr(self, f.name) for f in fields(SafetyOptions)}
+
+
+@dataclass
+class RunSpec(SafetyOptions):
+    """Every option of a run (the CLI's flags, one for one); saved as the run's ``config.json``."""
+
+    model: str = option("smollm2-135m-aligned", "smollm2-135m-aligned (the default safe reference), "
+                        "smollm2-135m-instruct, tiny, a local directory or a hub id", choices=MODELS,
+                        open_choices=True)
+    scenario: str | None = option("harmful", "training data: harmful (N harmful examples) | mixed (the benign task "
+                                  "with p% harmful) | benign | identity-shift (the obedient-agent persona)",
+                                  choices=SCENARIOS)
+    data: str | None = option(None, "your own training file (.jsonl/.csv/.parquet) or hub dataset id, instead of "
+                              "--scenario", label="data file")
+    n_harmful: int = option(100, "harmful scenario: number of harmful examples", low=1, label="harmful examples")
+    harmful_percent: float = option(5.0, "mixed scenario: percent of harmful examples", low=1, high=10,
+                                    label="harmful % (mixed)")
+    risk: str = narrowed(SafetyOptions, "risk", "probe", choices=RISK_SOURCES)
+    judge: str = option("embedding", "judge that scores the training examples (the risk of --risk judge)",
+                        choices=JUDGES, label="judge (for risk = judge)")
+    judge_url: str | None = option(None, "--judge openai: an OpenAI-compatible base URL")
+    judge_model: str | None = option(None, "--judge openai: the model name at that endpoint")
+    judge_key_env: str = option("OPENAI_API_KEY", "--judge openai: the environment variable holding the API key "
+                                "(only its name is stored)")
+    record_judge: bool = option(True, "record the judge's risk too when another source sets beta")
+    probe: str | None = option(None, "a saved probe (.json); default: fit one on the reference model")
+    calibration: str = option("identity", "map the raw risk to [0, 1]", choices=CALIBRATIONS)
+    risk_threshold: float = option(0.5, "calibration step/sigmoid: the threshold", low=0.0, high=1.0)
+    risk_temperature: float = option(0.1, "calibration sigmoid: the temperature", above=0.0)
+    steps: int = option(40, "optimizer steps", low=1)
+    batch_size: int = option(8, "examples per device and micro-batch", low=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", low=1)
+    lr: float = option(2e-4, "learning rate (constant schedule)", above=0.0, label="learning rate")
+    max_length: int = option(128, "max tokens per example (longer ones are truncated)", low=16,
+                             label="max sequence length")
+    lora_r: int = option(16, "LoRA rank (0 = full fine-tuning with a frozen reference copy)", low=0,
+                         label="LoRA rank (0 = full fine-tuning)")
+    lora_alpha: int = option(32, "LoRA alpha", low=1)
+    lora_dropout: float = option(0.05, "LoRA dropout", low=0.0, below=1.0)
+    seed: int = option(0, "seed of the data order, the model initialisation and the evaluation prompts", low=0)
+    eval_every: int = option(10, "evaluate ASR every N steps (plus step 0 and the last step; 0 = only those)",
+                             low=0, label="evaluate every N steps")
+    eval_harmful: int = option(50, "held-out harmful prompts per evaluation", low=0)
+    eval_benign: int = option(50, "held-out benign prompts per evaluation", low=0)
+    max_new_tokens: int = option(64, "answer tokens generated per evaluation prompt", low=1)
+    eval_judges: list[str] = option(["embedding-response"], "response judges for judge ASR, comma-separated (keyword "
+                                    "ASR is always measured)", choices=JUDGES, open_choices=True)
+    checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)
+    save_model: bool = option(True, "save the final adapter (or model)")
+    precision: str = option("auto", "auto (bf16 autocast where the hardware is fast at it) | fp32 | bf16",
+                            choices=PRECISIONS)
+    threads: int = option(0, "CPU threads for torch (0 = its default; 1 is faster when other work shares a small "
+                          "CPU)", low=0)
+    runs_dir: str = option("runs", "where run directories go")
+    run_id: str | None = option(None, "the run directory's name (default: time + method)")
+    experiment: str | None = option(None, "the experiment this run belongs to (set by staysafe experiment)")
+
+    def validate(self) -> "RunSpec":
+        def bad(name, expected):
+            raise SpecError(f"option {name} = {getattr(self, name)!r} is invalid: expected {expected}")
+
+        check_fields(self)  # types first, so the checks below never meet a string where a number belongs
+        if self.data is None and self.scenario is None:
+            bad("scenario", f"one of {', '.join(SCENARIOS)} (or give --data)")
+        self.check_safety_options()
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - RECORDED)
+        if unknown:
+            raise SpecError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def changed(self) -> dict:
+        """The options that differ from the defaults."""
+        d = RunSpec()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(d, f.name)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def spec_flags(spec: RunSpec, only_changed: bool = False, skip=("runs_dir", "run_id")) -> list[str]:
+    """``spec`` as ``staysafe train`` flags (the inverse of the CLI's parsing). ``only_changed``: only the options
+    that differ from the defaults (what a person types); otherwise all of them, so that a recorded command reruns
+    the run even after a default changes."""
+    changed = spec.changed() if only_changed else None
+    args: list[str] = []
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if f.name in skip or (changed is not None and f.name not in changed):
+            continue
+        if f.name == "scenario" and spec.data:
+            continue  # --data replaces the scenario
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            args += [flag(f.name), ",".join(str(v) for v in value)]
+        elif isinstance(value, float):
+            args += [flag(f.name), repr(value)]
+        else:
+            args += [flag(f.name), str(value)]
+    return args
+
+
+def help_text(f) -> str:
+    """A field's help with its choices and default, as the CLI shows it."""
+    m, default = f.metadata, default_of(f)
+    text = m["help"]
+    if m.get("choices") and " | " not in text:
+        text += " (" + " | ".join(m["choices"]) + ("; or another" if m.get("open_choices") else "") + ")"
+    if isinstance(default, list):
+        return text + f" (default: {','.join(default)})"
+    return text if isinstance(default, bool) or default is None else text + f" (default: {default})"
+
