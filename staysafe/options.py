@@ -27,7 +27,7 @@ CALIBRATIONS = ("identity", "step", "sigmoid", "clamp")
 SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny")  # known names; a directory or hub id also works
 PRECISIONS = ("auto", "fp32", "bf16")
-RECORDED = {"versions", "command", "n_examples", "risk_scoring", "processes", "precision_used"}  # config.json extras
+RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used"}  # config.json extras
 
 
 class SpecError(StaySafeError, ValueError):

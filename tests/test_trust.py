@@ -109,7 +109,6 @@ def test_explicit_flags_override_the_config_even_at_their_default(tmp_path):
 ])
 def test_bad_input_stops_before_any_model_load(tmp_path, capsys, flags, message):
     runs = tmp_path / "runs"
-    start = time.perf_counter()
     rc = main(["train", *TINY_RUN, "--runs-dir", str(runs), *flags])
     assert rc == 2 and message in capsys.readouterr().err
     assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
@@ -122,18 +121,20 @@ def test_a_taken_run_id_stops_before_any_work(tmp_path, capsys):
 
 
 def test_resume_refuses_a_running_run_and_changed_data(tmp_path, capsys):
-    data = write_jsonl(tmp_path / "d.jsonl", make_records(8))
+    from staysafe.data import load_records
     from staysafe.runner import data_digest
 
+    data = write_jsonl(tmp_path / "d.jsonl", make_records(8))
     run = RunWriter.create(tmp_path / "runs", {"model": "tiny", "method": "sft", "data": str(data), "scenario": None,
-                                               "data_sha256": data_digest(str(data))}, run_id="r")
+                                               "data_sha256": data_digest(load_records(str(data)))}, run_id="r")
     run.set_status("running")  # this process: alive
     assert main(["train", "--resume", str(run.path)]) == 2
     assert "still running" in capsys.readouterr().err
     run.set_status("cancelled")
     write_jsonl(data, make_records(9))
     assert main(["train", "--resume", str(run.path)]) == 2
-    assert "changed" in capsys.readouterr().err and "d.jsonl" in capsys.readouterr().err + str(data)
+    err = capsys.readouterr().err
+    assert "changed since it was trained" in err and "d.jsonl" in err
 
 
 def test_the_final_status_is_written_before_the_way_out_can_fail(tmp_path):
