@@ -60,15 +60,18 @@ def _default(name: str) -> str:
     return os.environ.get(env) or default
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=&^\"'])")
+_MD_ENTITIES = {"<": "&lt;", ">": "&gt;", "[": "&#91;", "]": "&#93;", "&": "&amp;"}
+_MD_ESCAPE = re.compile(r"[\\`*~$|#!]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|:(?=[A-Za-z/])")
 
 
 def md(text) -> str:
-    """Text from a run, a data file or a model, made inert inside Markdown: every punctuation character that
-    Markdown, HTML or Streamlit's directives (``:red[...]``, ``:material/...:``, ``$...$``) could read is
-    backslash-escaped, so a prompt, an answer, an id or an error message is shown exactly as written."""
+    """Text from a run, a data file or a model, made inert inside Markdown, shown exactly as written: no links,
+    images, HTML, emphasis, code, maths or Streamlit directives (``:red[...]``, ``:material/...:``) can come out of
+    it. Brackets and angle brackets become character references, the other marks are backslash-escaped; plain words
+    (``beta_min = 0.9``) stay as they are."""
     text = "" if text is None else str(text)
-    return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
+    text = _MD_ESCAPE.sub(lambda m: "\\" + m.group(0), text)
+    return "".join(_MD_ENTITIES.get(c, c) for c in text).replace("\n", "  \n")
 
 
 def code(text) -> str:
