@@ -70,9 +70,16 @@ def _build(base: Path) -> dict:
                             "eval_judges": ["embedding-response"]}, method="adaptive", scenario=None,
                          data=str(data), runs_dir=str(runs), run_id="adaptive-probe"), progress=False,
                  log=lambda *a: None)
-    with pytest.raises(ValueError, match="unknown judge"):  # fails after its run directory exists
+    # a failed run (an unknown judge is now refused before any run directory exists, so the failure is recorded on
+    # a copy, as the runner records one)
+    with pytest.raises(ValueError, match="unknown response judge"):
         run_training(RunSpec(**{**TINY, "eval_judges": ["no-such-judge"]}, method="sft", runs_dir=str(runs),
                              run_id="failed-run"), progress=False, log=lambda *a: None)
+    assert not (runs / "failed-run").exists()
+    label_config = json.loads((runs / "label-run" / "config.json").read_text())
+    failed = RunWriter.create(runs, {**label_config, "eval_judges": ["no-such-judge"]}, run_id="failed-run")
+    shutil.copy(runs / "label-run" / "data.parquet", failed.path / "data.parquet")
+    failed.set_status("failed", error="ValueError: unknown judge 'no-such-judge'")
     shutil.copytree(runs / "label-run", runs / "running-run")
     RunWriter(runs / "running-run").set_status("running", step=4)  # pid = this process: alive
     shutil.copytree(runs / "label-run", runs / "corrupt-run")

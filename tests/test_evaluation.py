@@ -142,7 +142,7 @@ def test_a_failed_experiment_is_marked_failed(tmp_path):
                                      "eval_harmful": 1, "eval_benign": 1, "max_new_tokens": 2,
                                      "eval_judges": ["no-such-judge"], "record_judge": False, "save_model": False,
                                      "risk": "label"})
-    with pytest.raises(ValueError, match="unknown judge"):
+    with pytest.raises(ValueError, match="unknown response judge"):
         run_experiment(spec, log=lambda *a: None)
     desc, _ = load_experiment(tmp_path / "e" / "exp-fails")
     assert desc["state"] == "failed" and "no-such-judge" in desc["error"]
