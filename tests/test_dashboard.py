@@ -598,7 +598,7 @@ def test_launch_page_pause_toggle_follows_a_pause_made_elsewhere(env, tmp_path, 
     assert q.paused
 
 
-def test_demo_page_live_rerun_goes_through_the_launcher(env, tmp_path, monkeypatch):
+def test_demo_page_live_rerun_goes_through_the_queue(env, tmp_path, monkeypatch):
     from staysafe.queue import Queue, command
 
     monkeypatch.setenv("STAYSAFE_RUNS", str(tmp_path / "runs"))

@@ -42,7 +42,7 @@ def tiny_spec(tmp_path, **kw) -> RunSpec:
 
 
 def spec_flags(spec: RunSpec) -> list[str]:
-    """The run's ``staysafe train`` flags, encoded as the dashboard's launcher encodes them."""
+    """The run's ``staysafe train`` flags, encoded as the launch queue encodes them."""
     return spec_arguments(spec) + (["--run-id", spec.run_id] if spec.run_id else []) + ["--runs-dir", spec.runs_dir]
 
 

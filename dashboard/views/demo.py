@@ -31,7 +31,7 @@ else:
 
 
 def rerun_button(scenario: str = "harmful") -> None:
-    """Queue the same experiment live through the launcher (it lands in the normal experiments/runs roots)."""
+    """Queue the same experiment live through the launch queue (it lands in the normal experiments/runs roots)."""
     if st.button("Re-run it live (`staysafe experiment --quick`, about 30 min on CPU)", key="demo_rerun",
                  icon=":material/play_arrow:"):
         try:
