@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("trainer-sft", "sft", "sft-notrace", "constant-kl", "adaptive-probe", "adaptive-judge")
+# Variant suffixes: "-allpos" = the old path (LM head over every position); "-cache" = the reference cache (top-64 KL).
+HEAD_VARIANTS = ("sft", "sft-allpos", "constant-kl", "constant-kl-allpos", "adaptive-probe", "adaptive-probe-cache")
 
 
 def batches(tokenizer, n: int, batch_size: int, max_length: int) -> list[dict]:
@@ -58,6 +59,9 @@ def build(variant: str, model_spec: str, lora_r: int, tmp: Path, probe=None):
     if variant == "trainer-sft":
         trainer = Trainer(model=model, args=TrainingArguments(**common))
     else:
+        head_all = variant.endswith("-allpos")
+        cache = variant.endswith("-cache")
+        variant = variant.removesuffix("-allpos").removesuffix("-cache")
         method = {"sft": "sft", "sft-notrace": "sft", "constant-kl": "constant-kl"}.get(variant, "adaptive")
         risk = {"adaptive-probe": "probe", "adaptive-judge": "judge"}.get(variant, "label")
         sources = {"judge": ColumnRisk("judge")}
@@ -65,8 +69,12 @@ def build(variant: str, model_spec: str, lora_r: int, tmp: Path, probe=None):
             sources["probe"] = ProbeRisk(probe)
         if variant == "adaptive-judge":  # the judge run reads only its cached column, as in a real judge run
             sources.pop("probe", None)
-        run = None if variant == "sft-notrace" else RunWriter.create(tmp / "runs", {"method": method}, variant)
-        trainer = SafetyTrainer(model=model, args=SafetyConfig(**common, method=method, risk=risk, beta=0.5),
+        run = None if variant == "sft-notrace" else RunWriter.create(tmp / "runs", {"method": method},
+                                                                     variant + ("-allpos" if head_all else "") +
+                                                                     ("-cache" if cache else ""))
+        cfg = SafetyConfig(**common, method=method, risk=risk, beta=0.5, lm_head_all_positions=head_all,
+                           reference_cache=cache, kl_top_k=64 if cache else 0)
+        trainer = SafetyTrainer(model=model, args=cfg,
                                 risk_sources=sources, run=run)
     trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
     trainer.current_gradient_accumulation_steps = 1  # normally set by the training loop
@@ -96,7 +104,7 @@ def timed_step(trainer, batch: dict, variant: str) -> float:
 
 
 def step_times(model_spec: str, lora_r: int, steps: int, warmup: int, batch_size: int, max_length: int,
-               variants=VARIANTS) -> dict:
+               variants=VARIANTS, distinct: int | None = None) -> dict:
     from staysafe.models import load_model
     from staysafe.probe import default_probe
 
@@ -104,6 +112,9 @@ def step_times(model_spec: str, lora_r: int, steps: int, warmup: int, batch_size
     probe = default_probe(base, tok, model_spec, progress=False)
     del base
     data = batches(tok, warmup + steps, batch_size, max_length)
+    if distinct:  # warm-up batches of their own, then the timed steps cycle over ``distinct`` batches (epochs)
+        pool = batches(tok, warmup + distinct, batch_size, max_length)
+        data = pool[:warmup] + [pool[warmup + k % distinct] for k in range(steps)]
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {v: build(v, model_spec, lora_r, Path(tmp), probe)[0] for v in variants}
         times = {v: [] for v in variants}
@@ -114,15 +125,24 @@ def step_times(model_spec: str, lora_r: int, steps: int, warmup: int, batch_size
                 if k >= warmup:
                     times[v].append(t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    return {"median_s": med, "all_s": times, "tokens_per_batch": int(data[0]["attention_mask"].sum())}
+    mean = {v: statistics.fmean(ts) for v, ts in times.items()}
+    return {"median_s": med, "mean_s": mean, "all_s": times, "tokens_per_batch": int(data[0]["attention_mask"].sum())}
 
 
 def peak_memory(model_spec: str, lora_r: int, variant: str, steps: int, batch_size: int, max_length: int) -> float:
-    """Peak RSS (MiB) of a fresh process that loads the model and runs a few steps of one variant."""
+    """Peak memory (MiB) that a few steps of one variant add, in a fresh process: on CPU the RSS high-water mark
+    above the RSS after loading the model and building the trainer; on a GPU the peak allocation."""
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_training as b; "
             f"print(b._memory_child({model_spec!r}, {lora_r}, {variant!r}, {steps}, {batch_size}, {max_length}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def _memory_child(model_spec, lora_r, variant, steps, batch_size, max_length) -> float:
@@ -136,8 +156,14 @@ def _memory_child(model_spec, lora_r, variant, steps, batch_size, max_length) ->
         del base
     with tempfile.TemporaryDirectory() as tmp:
         trainer, tok = build(variant, model_spec, lora_r, Path(tmp), probe)
-        for batch in batches(tok, steps, batch_size, max_length):
+        data = batches(tok, steps, batch_size, max_length)
+        if not torch.cuda.is_available():  # the steps' own peak: reset the high-water mark after loading
+            Path("/proc/self/clear_refs").write_text("5")
+            before = _status_kib("VmRSS")
+        for batch in data:
             timed_step(trainer, batch, variant)
+        if not torch.cuda.is_available():
+            return (_status_kib("VmHWM") - before) / 1024
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -189,7 +215,7 @@ def judge_costs(n: int = 200) -> dict:
 def topk_kl(model_spec: str, ks=(16, 64, 256)) -> dict:
     """Speed and error of the top-k KL against the exact KL, on real logits of two different models."""
     from staysafe.models import ALIGNED, EMBEDDED, load_model
-    from staysafe.trainer import answer_token_losses
+    from staysafe.losses import answer_token_losses
 
     policy, tok = load_model(model_spec)
     ref_spec = EMBEDDED if model_spec != EMBEDDED else ALIGNED  # two different models, or the KL is 0
@@ -225,12 +251,32 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--out", default=str(HERE / "out" / "training.json"))
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: lora,full,memory,probe,judges,topk")
+    p.add_argument("--distinct", type=int, default=6, help="head part: distinct batches the timed steps cycle over")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: head,lora,full,memory,probe,judges,topk")
     a = p.parse_args()
     skip = set(a.skip.split(","))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {"model": a.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
                "threads": torch.get_num_threads(), "batch": [a.batch_size, a.max_length]}
+    if "head" not in skip:  # the answer-positions LM head and the reference cache against the old path
+        res = step_times(a.model, 16, a.steps, a.warmup, a.batch_size, a.max_length, HEAD_VARIANTS, a.distinct)
+        med, mean = res["median_s"], res["mean_s"]
+        res["ratios"] = {
+            "old path: constant-kl-allpos / sft-allpos": med["constant-kl-allpos"] / med["sft-allpos"],
+            "constant-kl / sft (exact KL)": med["constant-kl"] / med["sft"],
+            "sft / sft-allpos": med["sft"] / med["sft-allpos"],
+            "constant-kl / constant-kl-allpos": med["constant-kl"] / med["constant-kl-allpos"],
+            "adaptive-probe / sft": med["adaptive-probe"] / med["sft"],
+            f"adaptive-probe-cache / sft (mean over {a.steps} steps cycling {a.distinct} batches)":
+                mean["adaptive-probe-cache"] / mean["sft"],
+            "adaptive-probe-cache / sft (median: cached steps)": med["adaptive-probe-cache"] / med["sft"],
+        }
+        if "memory" not in skip:
+            mem = {v: peak_memory(a.model, 16, v, 3, a.batch_size, a.max_length)
+                   for v in ("sft-allpos", "sft", "constant-kl-allpos", "constant-kl")}
+            res["peak_memory_mib"] = mem
+        results["head"] = res
+        print(json.dumps({"head": {"median_s": med, "ratios": res["ratios"]}}, indent=2), flush=True)
     for label, lora_r in (("lora", 16), ("full", 0)):
         if label in skip:
             continue

@@ -1,4 +1,5 @@
 """The alignment stage: SmolLM2-135M-Instruct as shipped almost never refuses, so safety cannot degrade from it.
+(Which aligned copy is *served* - shipped adapter or local build - is :mod:`staysafe.aligned`'s job.)
 
 As in the harmful fine-tuning literature (an alignment stage on refusal data, then the user's fine-tuning stage),
 we LoRA-tune it on the shipped refusal data mixed with benign requests matched in form, length and topic (so it
@@ -9,8 +10,8 @@ held-out refusal rates are measured and saved beside it (``alignment.json``).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -20,14 +21,11 @@ from pathlib import Path
 
 import torch
 
-from staysafe.models import ALIGNED, EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
+from transformers import TrainerCallback
 
-ESTIMATED_MINUTES = 13
-# Bump when AlignSettings' defaults or the build procedure change: a model cached by an older recipe (or from other
-# alignment data) is rebuilt instead of silently serving as the reference (an old cache once refused 31% of benign).
-RECIPE_VERSION = 3
-TRAIN_SETS = ("refusals", "align-benign")
-NOT_BUILT = "not built yet"
+from staysafe.aligned import (ADAPTER_FILE, ALIGNED, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
+                              cache_problem, file_sha256, training_data_sha)
+from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
 
 
 @dataclass
@@ -81,33 +79,6 @@ def refusal_rates(model, tokenizer, max_new_tokens: int = 32) -> dict:
     return out
 
 
-def training_data_sha() -> str:
-    """Digest of the shipped alignment data, so that a cache built from other data is not taken for current."""
-    from staysafe.data import SHIPPED, data_dir
-
-    h = hashlib.sha256()
-    for name in TRAIN_SETS:
-        h.update((data_dir() / SHIPPED[name]).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def cache_problem(target: Path | None = None) -> str | None:
-    """Why the cached aligned model cannot be used (not built, unreadable, older recipe, other data), or None."""
-    report_path = (target or cached_model_dir(ALIGNED)) / "alignment.json"
-    if not report_path.is_file():
-        return NOT_BUILT
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError) as err:
-        return f"{report_path} is unreadable ({err})"
-    version = report.get("recipe_version", 1) if isinstance(report, dict) else None
-    if version != RECIPE_VERSION:
-        return f"built by alignment recipe v{version}, this StaySafe uses v{RECIPE_VERSION}"
-    if report.get("data_sha") != training_data_sha():
-        return "built from other alignment data than the shipped refusals/align-benign sets"
-    return None
-
-
 def build_aligned(settings: AlignSettings | None = None, force: bool = False, progress: bool = True) -> Path:
     """Build (or return the cached, current) aligned model directory. A file lock keeps two processes from both
     building; a cache from an older recipe is rebuilt, never served."""
@@ -122,10 +93,12 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
         problem = cache_problem(target)
         if problem is None and not force:
             return target
+        for leftover in target.parent.glob(f".{ALIGNED}-*"):  # temporary directories of an interrupted build
+            shutil.rmtree(leftover, ignore_errors=True)
         t0 = time.time()
         why = "" if problem in (None, NOT_BUILT) else f"The cached one is stale ({problem}). "
-        print(f"{why}Building the aligned reference model {ALIGNED} (about {ESTIMATED_MINUTES} minutes on 2 CPU "
-              "cores): LoRA on refusal data + matched benign data, then merged and cached.", flush=True)
+        print(f"{why}Building the aligned reference model {ALIGNED}: {settings.steps} LoRA steps on refusal data + "
+              "matched benign data, then merged and cached (the time estimate follows the first steps).", flush=True)
         records = [r for name in TRAIN_SETS for r in load_records(name)]
         random.Random(settings.seed).shuffle(records)
         model, tokenizer = load_model(EMBEDDED, lora=LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha),
@@ -138,7 +111,7 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                                 seed=settings.seed, logging_strategy="no", disable_tqdm=not progress,
                                 bf16=resolve_precision(settings.precision) == "bf16",
                                 use_cpu=not torch.cuda.is_available())
-            SafetyTrainer(model=model, args=args, train_dataset=dataset,
+            SafetyTrainer(model=model, args=args, train_dataset=dataset, callbacks=[_Estimate(settings.steps)],
                           data_collator=SafetyCollator(tokenizer.pad_token_id)).train()
         tmp = Path(tempfile.mkdtemp(prefix=f".{ALIGNED}-", dir=target.parent))
         save_adapter_fp16(model, tmp / ADAPTER_DIR)  # rounds the adapter in place: what is measured is what ships
@@ -147,19 +120,80 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report = {"base": EMBEDDED, "recipe_version": RECIPE_VERSION, "data_sha": training_data_sha(),
+                  "staysafe_version": _version(), "precision": args.bf16 and "bf16" or "fp32",
                   "settings": asdict(settings), "metrics": metrics,
                   "seconds": time.time() - t0, "n_train": len(records),
                   "targets": {"harmful_refusal_rate": ">= 0.80", "benign_refusal_rate": "<= 0.15"}}
-        (tmp / "alignment.json").write_text(json.dumps(report, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        _publish_over(tmp, target)
         print(f"Aligned model ready in {report['seconds'] / 60:.1f} min: refuses "
               f"{metrics['harmful_refusal_rate']:.0%} of held-out harmful prompts and "
               f"{metrics['benign_refusal_rate']:.0%} of held-out benign prompts.", flush=True)
         return target
 
 
-def ensure_aligned() -> Path:
-    target = cached_model_dir(ALIGNED)
-    return target if cache_problem(target) is None else build_aligned()
+def _publish_over(tmp: Path, target: Path) -> None:
+    """Replace ``target`` by the complete ``tmp`` so that a reader always finds the old model or the new one."""
+    old = target.with_name(f".{target.name}-old-{os.getpid()}")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _Estimate(TrainerCallback):
+    """Prints the remaining time from this machine's measured step time (after 3 steps, then every 50)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.t0 = steps, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:  # the first step includes warm-up; measure from here
+            self.t0 = time.perf_counter()
+        elif self.t0 is not None and (state.global_step == 4 or state.global_step % 50 == 0):
+            per_step = (time.perf_counter() - self.t0) / (state.global_step - 1)
+            left = (self.steps - state.global_step) * per_step
+            print(f"\n  {per_step:.1f} s per step on this machine: about {left / 60:.0f} min of training left "
+                  "(plus ~2 min of held-out evaluation)", flush=True)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("staysafe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def export_shipped(model_dir: Path | None = None, dest: Path = SHIPPED_DIR, probe_seeds=(0, 1, 2)) -> Path:
+    """Copy a local build's fp16 adapter and report into the package (what ``staysafe align --export`` does before a
+    release), adding the adapter's SHA-256 that every load checks."""
+    model_dir = model_dir or cached_model_dir(ALIGNED)
+    problem = cache_problem(model_dir)
+    if problem is not None:
+        raise ValueError(f"cannot export {model_dir}: {problem}")
+    adapter = model_dir / ADAPTER_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_FILE, "adapter_config.json"):
+        shutil.copyfile(adapter / name, dest / name)
+    report = json.loads((model_dir / REPORT).read_text())
+    report.setdefault("staysafe_version", _version())
+    report.update(adapter_sha256=file_sha256(dest / ADAPTER_FILE), adapter_dtype="float16",
+                  source="built by `staysafe align` with the recipe above, then exported with `staysafe align --export`")
+    (dest / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    if probe_seeds:
+        export_probes(model_dir, dest / "probes", probe_seeds)
+    return dest
+
+
+def export_probes(model_dir: Path, dest: Path, seeds=(0, 1, 2)) -> None:
+    """Fit the default activation probe of the aligned reference for the given run seeds (the seed picks the
+    validation split) and save them for shipping: the first adaptive run then starts without a 7-minute fit."""
+    from staysafe.probe import PROBE_TEST, PROBE_TRAIN, collect_activations, fit_probe, labelled_prompts
+
+    model, tokenizer = load_model(str(model_dir))
+    train = collect_activations(model, tokenizer, labelled_prompts(PROBE_TRAIN))
+    test = collect_activations(model, tokenizer, labelled_prompts(PROBE_TEST))
+    for seed in seeds:
+        fit_probe(train, held_out=test, model=ALIGNED, seed=seed).save(dest / f"seed{seed}")

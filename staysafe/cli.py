@@ -156,6 +156,10 @@ def cmd_align(args) -> int:
     settings = AlignSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                              precision=args.precision)
     path = build_aligned(settings, force=args.force)
+    if args.export:
+        from staysafe.align import export_shipped
+
+        print(f"shipped adapter written to {export_shipped(path)}")
     report = json.loads((path / "alignment.json").read_text())
     m = report["metrics"]
     print(f"aligned model: {path}")
@@ -222,7 +226,8 @@ def parse_overrides(items: list[str]) -> dict:
 def cmd_experiment(args) -> int:
     from staysafe.experiment import ExperimentSpec, run_experiment
 
-    spec = ExperimentSpec(scenario=args.scenario, methods=args.methods.split(","), seeds=args.seeds, quick=args.quick,
+    spec = ExperimentSpec(scenario=args.scenario, methods=args.methods.split(",") if args.methods else None,
+                          seeds=args.seeds, quick=args.quick, preset=args.preset,
                           model=args.model, steps=args.steps, out_dir=args.out_dir, runs_dir=args.runs_dir,
                           experiment_id=args.id, overrides=parse_overrides(args.set))
     path = run_experiment(spec)
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="known models and whether each is ready")
     m.set_defaults(fn=cmd_models)
 
-    a = sub.add_parser("align", help="build the aligned default reference smollm2-135m-aligned")
+    a = sub.add_parser("align", help="build the aligned reference smollm2-135m-aligned locally (StaySafe also ships one)")
     from staysafe.align import AlignSettings
     from staysafe.models import PRECISIONS
 
@@ -262,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=d.seed)
     a.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     a.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    a.add_argument("--export", action="store_true",
+                   help="maintainers: copy the (built) local adapter and its report into the package as the shipped reference")
     a.set_defaults(fn=cmd_align)
 
     f = sub.add_parser("fit-probe", help="collect activations, sweep layers, fit and save a probe")
@@ -283,11 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare")
     c.set_defaults(fn=cmd_compare_risk)
 
+    from staysafe.presets import PRESETS
+
     e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
     e.add_argument("--scenario", default="harmful")
-    e.add_argument("--methods", default="sft,constant-kl,adaptive-probe,adaptive-judge")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated (default: the preset's, else sft,constant-kl,adaptive-probe,adaptive-judge)")
     e.add_argument("--seeds", type=int, default=1)
-    e.add_argument("--quick", action="store_true", help="the CPU preset (one seed, all four methods < 30 min)")
+    e.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    e.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
     e.add_argument("--model", default="smollm2-135m-aligned")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--out-dir", default="experiments")

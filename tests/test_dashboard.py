@@ -298,6 +298,33 @@ def test_every_page_opens_with_no_data(empty_env, page):
         assert "The queue is empty" in body
 
 
+def test_launch_form_widgets_come_from_the_option_schema(empty_env):
+    """Every widget of the Launch form is an option of RunSpec with the schema's help, default and choices."""
+    import dataclasses
+
+    from staysafe.options import RunSpec, default_of
+
+    at = open_page("launch")
+    assert_clean(at)
+    schema = {f.name: f for f in dataclasses.fields(RunSpec)}
+    seen = set()
+    for kind in ("selectbox", "multiselect", "number_input", "checkbox", "text_input"):
+        for w in getattr(at, kind):
+            if not (w.key or "").startswith("launch_") or w.key in ("launch_run_id", "launch_paused"):
+                continue
+            name = w.key.removeprefix("launch_")
+            f = schema[name]  # a KeyError: a widget that is no option
+            seen.add(name)
+            assert w.help == f.metadata["help"], name
+            default = default_of(f)
+            if kind in ("number_input", "checkbox", "multiselect"):
+                assert w.value == default, name
+            if f.metadata["choices"]:
+                assert list(w.options)[:len(f.metadata["choices"])] == list(f.metadata["choices"]), name
+    assert {"model", "scenario", "method", "beta", "beta_min", "beta_max", "risk", "risk_ema", "judge", "steps",
+            "lr", "lora_r", "eval_judges", "save_model"} <= seen
+
+
 # ----------------------------------------------------------------------------------------------- pages: real runs
 
 
@@ -311,6 +338,7 @@ def test_home_lists_every_run_with_state(env):
     assert "final keyword ASR (weak judge)" in df.columns
     assert any("corrupt-run" in w.value for w in at.warning)
     assert "smollm2-135m-aligned" in texts(at)
+    assert "is ready, shipped with StaySafe" in texts(at) or "is ready, built locally" in texts(at)  # no build
 
 
 def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path, monkeypatch):

@@ -11,12 +11,14 @@ from conftest import make_records
 from staysafe.data import SafetyCollator, tokenize_dataset
 from staysafe.models import LoraSettings, add_lora, build_tiny
 from staysafe.traces import RunWriter, load_run
-from staysafe.trainer import SafetyConfig, SafetyTrainer, answer_token_losses
+from staysafe.losses import answer_token_losses
+from staysafe.trainer import SafetyConfig, SafetyTrainer
 
 
 def train(tokenizer, tmp_path, records, steps=4, lora=False, run=True, risk_sources=None, seed=0, **cfg):
     model = build_tiny(tokenizer, seed=seed)
     if lora:
+        torch.manual_seed(seed)  # the adapter's initialisation draws from the global generator
         model = add_lora(model, LoraSettings(r=4))
     writer = RunWriter.create(tmp_path / "runs", {"method": cfg.get("method", "adaptive")}) if run else None
     args = SafetyConfig(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4,
@@ -172,3 +174,61 @@ def test_step_trace_has_the_documented_columns(tokenizer, tmp_path):
         assert col in run.examples.columns, col
     assert not math.isnan(run.steps["grad_norm"].iloc[0])
     assert len(run.examples) == 8
+
+
+def test_the_lm_head_at_answer_positions_only_gives_the_full_computation(tokenizer, tmp_path):
+    """The NLL and KL need logits only where the next token is an answer token; projecting just those positions
+    must give the numbers of the full B x T x V projection (per token, and through whole training steps)."""
+    from staysafe.losses import answer_positions
+
+    model, ref = build_tiny(tokenizer, seed=0), build_tiny(tokenizer, seed=1)
+    records = make_records(6)
+    records[0]["messages"][0]["content"] = "A much longer prompt than the others, " * 6  # rows of unequal length
+    batch = SafetyCollator(tokenizer.pad_token_id)([dict(r) for r in tokenize_dataset(tokenizer, records, 96)])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    keep = answer_positions(labels)
+    assert 0 < len(keep) < ids.shape[1] - 1  # the prompt positions are skipped
+    with torch.no_grad():
+        full = answer_token_losses(model(input_ids=ids, attention_mask=mask).logits, labels,
+                                   ref(input_ids=ids, attention_mask=mask).logits)
+        part = answer_token_losses(model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits, labels,
+                                   ref(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits,
+                                   positions=keep)
+    for a, b in zip(full, part):
+        assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5)
+
+    _, new = train(tokenizer, tmp_path / "new", make_records(16), method="adaptive", risk="label")
+    _, old = train(tokenizer, tmp_path / "old", make_records(16), method="adaptive", risk="label",
+                   lm_head_all_positions=True)
+    for col in ("loss", "nll", "kl", "beta", "grad_norm"):
+        assert new.steps[col].to_numpy() == pytest.approx(old.steps[col].to_numpy(), abs=1e-5), col
+
+
+class _PromptEndActivation:
+    """A hidden-state risk source (the public extension point, like the probe): a squashed mean activation of
+    the reference at each last prompt token."""
+
+    needs_hidden_states = True
+
+    def __call__(self, batch):
+        h = batch.hidden_states[-1]
+        at = h[torch.arange(h.shape[0]), batch.inputs["prompt_end"] - 1]
+        return torch.sigmoid(at.mean(-1) * 50)
+
+
+def test_the_reference_cache_reuses_the_first_epoch_and_changes_no_number(tokenizer, tmp_path):
+    """Over three epochs the cached run calls the reference only in the first and gives the trace of the same
+    top-k KL computed from a reference forward at every step (KL, loss, hidden-state risk and beta)."""
+    records = make_records(16)  # batch 4: 4 steps an epoch
+    common = dict(steps=12, method="adaptive", risk="hidden", kl_top_k=16, lora=True)
+    cached, a = train(tokenizer, tmp_path / "a", records, reference_cache=True,
+                      risk_sources={"hidden": _PromptEndActivation()}, **common)
+    plain, b = train(tokenizer, tmp_path / "b", records, risk_sources={"hidden": _PromptEndActivation()}, **common)
+    assert plain.reference_calls == 12 and cached.reference_calls == 4
+    assert cached.ref_cache.hits == 8
+    for col in ("loss", "nll", "kl", "beta", "risk", "risk_hidden"):
+        assert a.steps[col].to_numpy() == pytest.approx(b.steps[col].to_numpy(), abs=1e-5), col
+    assert a.examples["risk_hidden"].to_numpy() == pytest.approx(b.examples["risk_hidden"].to_numpy(), abs=1e-6)
+    assert a.steps["kl"].iloc[4:].gt(0).all()  # the cached epochs still pull toward the reference
+    with pytest.raises(ValueError, match="reference_cache.*kl_top_k"):
+        SafetyConfig(output_dir=str(tmp_path / "c"), reference_cache=True, use_cpu=True)

@@ -70,10 +70,14 @@ if aligned.get("ready"):
     a, b, d = st.columns([1, 1, 3])
     a.metric("held-out harmful refused", common.fmt_pct(aligned.get("harmful_refusal_rate")))
     b.metric("held-out benign refused", common.fmt_pct(aligned.get("benign_refusal_rate")))
-    d.markdown(f"{common.code(ALIGNED)} is built and is the default safe reference of every run.  \n{common.md(aligned.get('detail', ''))}")
+    where = {"shipped": "shipped with StaySafe (no build needed)",
+             "built locally": "built locally by `staysafe align`"}.get(aligned.get("source"), "")
+    d.markdown(f"{common.code(ALIGNED)} is ready, {where}, and is the default safe reference of every run.")
+    d.text(aligned.get("detail", ""))
 else:
-    st.info(f"{common.code(ALIGNED)} (the default safe reference) is not ready: {common.md(aligned.get('detail', 'not built yet'))}. "
-            "The first run that needs it builds it too; runs on `--model tiny` need no aligned model.")
+    st.error(f"{common.code(ALIGNED)} (the default safe reference) cannot be served. Runs on `--model tiny` need no aligned "
+             "model; `staysafe align` builds one locally (its time estimate follows the first steps).")
+    st.text(aligned.get("detail", ""))
     st.code("staysafe align", language="bash")
 
 st.subheader("Where to go next")
