@@ -74,6 +74,13 @@ def md(text) -> str:
     return "".join(_MD_ENTITIES.get(c, c) for c in text).replace("\n", "  \n")
 
 
+def html_text(text) -> str:
+    """A run id or label for Plotly, whose legend and hover labels read a subset of HTML (links included)."""
+    import html
+
+    return html.escape("" if text is None else str(text))
+
+
 def code(text) -> str:
     """An id or a path as inline code: a code span never renders links, HTML or emphasis; its fence is longer
     than any run of backticks inside (so a directory named with backticks cannot close it)."""

@@ -123,12 +123,12 @@ for gi, group in enumerate(groups):
                                      hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
         name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
         pct = m.startswith("asr_") or m == "over_refusal"
-        fig.add_trace(go.Scatter(x=steps, y=mean, name=name, legendgroup=group, showlegend=k == 0,
+        fig.add_trace(go.Scatter(x=steps, y=mean, name=common.html_text(name), legendgroup=group, showlegend=k == 0,
                                  mode="lines+markers", line=dict(color=color, width=2.5,
                                                                  dash="dot" if m == "asr_keyword" and judge_cols
                                                                  else "solid"),
                                  marker=dict(size=7),
-                                 hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{common.metric_title(m)}: "
+                                 hovertemplate=f"<b>{common.html_text(name)}</b><br>step %{{x}}<br>{common.metric_title(m)}: "
                                                + ("%{y:.0%}" if pct else "%{y:.3f}") + "<extra></extra>"),
                       row=row, col=col)
 for k, m in enumerate(metrics):

@@ -97,9 +97,9 @@ for i, (rid, run) in enumerate(plotted.items()):
             frame = frame.merge(b, on="step", how="inner")
             frame[m] = frame[m] - frame["_base"]
         fig.add_trace(common.line_trace(
-            frame["step"], frame[m], name, color, legendgroup=rid, showlegend=row == 1,
+            frame["step"], frame[m], common.html_text(name), color, legendgroup=rid, showlegend=row == 1,
             customdata=frame["batch"].fillna("").to_numpy() if with_batch else None,
-            hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{common.metric_title(m)}: %{{y:.4g}}"
+            hovertemplate=f"<b>{common.html_text(name)}</b><br>step %{{x}}<br>{common.metric_title(m)}: %{{y:.4g}}"
                           + ("<br><br><b>batch</b><br>%{customdata}" if with_batch else "") + "<extra></extra>"),
             row=row, col=1)
 fig.update_xaxes(title_text="step", row=len(metrics), col=1)
