@@ -3,7 +3,7 @@
     python benchmarks/dashboard_load.py [--steps 10000] [--per-step 20] [--out DIR] [--keep]
 
 Builds a run with the library's writers (RunWriter / TableWriter: 10,000 steps, 200,000 example rows, evaluations
-and generations, 5,000 training records), then loads it through ``dashboard/common.py`` the way the pages do
+and generations, 5,000 training records), then loads it through ``dashboard/loaders.py`` the way the pages do
 (``load_run_cached`` for every table, the examples joined with their records, the per-step batch hover text and
 the runs table) and prints seconds and the cold / cached ratio. The target: a cached load under 2 s.
 """
@@ -74,12 +74,12 @@ def build_run(root: Path, steps: int, per_step: int, n_records: int = 5000, chun
 
 
 def load_like_the_pages(root: Path, path: Path) -> dict:
-    import common
+    import loaders
 
-    run = common.load_run_cached(path)
-    joined = common.examples_joined(path)
-    batches = common.step_batches(path)
-    runs = common.runs_table(root)
+    run = loaders.load_run_cached(path)
+    joined = loaders.examples_joined(path)
+    batches = loaders.step_batches(path)
+    runs = loaders.runs_table(root)
     return {"steps": len(run.steps), "examples": len(run.examples), "joined": len(joined), "batches": len(batches),
             "runs": len(runs)}
 

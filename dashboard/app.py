@@ -1,7 +1,8 @@
 """StaySafe dashboard: the front door. ``streamlit run dashboard/app.py``
 
 Sets the page, the sidebar settings (runs / experiments / compare / probes roots) and the navigation over one file
-per page in ``dashboard/views/``. Everything shared lives in ``common.py``.
+per page in ``dashboard/views/``. Shared helpers: ``settings.py`` (roots, page shell, path checks),
+``loaders.py`` (cached readers), ``widgets.py`` (schema-driven form widgets, pickers), ``charts.py`` (style, labels).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import common` from every page
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import settings` etc. from every page
 
-import common  # noqa: E402
+import settings  # noqa: E402
 
-st.set_page_config(**common.PAGE_CONFIG)
-problem = common.binding_problem()
+st.set_page_config(**settings.PAGE_CONFIG)
+problem = settings.binding_problem()
 if problem:  # refuse to serve anything on an address nobody asked for
     st.error(problem)
     st.stop()
@@ -33,6 +34,6 @@ PAGES = [
 ]
 
 page = st.navigation(PAGES)
-common.sidebar_settings()
-with common.app_shell():  # pages see that the config and the sidebar are drawn
+settings.sidebar_settings()
+with settings.app_shell():  # pages see that the config and the sidebar are drawn
     page.run()

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import typing
 from dataclasses import fields
+from pathlib import Path
 
+import pandas as pd
 import streamlit as st
+import safe_text
+from loaders import runs_table, try_load_run
 
 from staysafe.options import RunSpec, default_of
+from staysafe.traces import Run
 
 _FIELDS = {f.name: f for f in fields(RunSpec)}
 _HINTS = typing.get_type_hints(RunSpec)
@@ -48,3 +53,96 @@ def option_input(name: str, where=st, *, extra_choices: tuple = (), **widget):
         return kind(value)
     text = where.text_input(value=default or "", **common).strip()
     return text or None
+
+
+# ------------------------------------------------------------------------------------ pickers and labels
+
+
+TEXT_COLUMNS = {"example_id", "label", "category", "prompt", "response", "messages", "id", "kind", "prompt_id"}
+
+
+def asr_columns(evals: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(judge ASR columns, keyword ASR column if present): judge ASR first, keyword is the weak judge."""
+    judges = sorted(c for c in evals.columns if c.startswith("asr_") and c != "asr_keyword")
+    return judges, (["asr_keyword"] if "asr_keyword" in evals.columns else [])
+
+
+def reset_on_change(key: str, signature) -> None:
+    """Forget a widget's value when what it chooses from changed (another run, other options): back to its default.
+
+    Streamlit keeps a keyed widget's value across reruns even when its options change; a filter chosen for one run
+    would then silently apply to the next.
+    """
+    marker = f"_options_of_{key}"
+    if st.session_state.get(marker) != signature:
+        st.session_state.pop(key, None)
+        st.session_state[marker] = signature
+
+
+def pick_runs(runs: pd.DataFrame, label: str, key: str, multi: bool = False, default_n: int = 1,
+              prefer=None) -> list[str]:
+    """A run picker over ``runs_table`` rows; defaults to the newest readable runs (those ``prefer(row)`` accepts
+    first, e.g. runs that were regularized)."""
+    options = runs["run_id"].tolist()
+    labels = dict(zip(runs["run_id"], runs["label"]))
+    readable = [r["run_id"] for r in runs.to_dict("records") if r["state"] != "corrupt"]
+    if prefer is not None:
+        preferred = [r["run_id"] for r in runs.to_dict("records") if r["state"] != "corrupt" and prefer(r)]
+        readable = [r for r in readable if r not in preferred] + preferred
+    if multi:
+        default = readable[-default_n:] if readable else []
+        return st.multiselect(label, options, default=default, format_func=lambda r: labels.get(r, r), key=key)
+    if not options:
+        return []
+    index = options.index(readable[-1]) if readable else 0
+    chosen = st.selectbox(label, options, index=index, format_func=lambda r: labels.get(r, r), key=key)
+    return [chosen] if chosen else []
+
+
+def regularized_run_or_stop(root: Path, key: str, tables: tuple[str, ...] = ("examples",)) -> Run:
+    """The run picked on a page about risk and beta (regularized runs offered first); stops the page with a plain
+    note when there is none or it cannot be read."""
+    runs = runs_table(root)
+    if runs.empty:
+        no_runs(root)
+        st.stop()
+    run_id = pick_runs(runs, "run", key=key, prefer=lambda r: r.get("method") != "sft")[0]
+    run, error = try_load_run(root, run_id, tables)
+    if error:
+        run_error(run_id, error)
+        st.stop()
+    return run
+
+
+def pick_folder(root: Path, found: list[Path], what: str, key: str, placeholder: str) -> str:
+    """A folder under ``root``: one of those ``found`` or one typed (checked later with ``safe_subdir``)."""
+    base = root.resolve() if root.exists() else root
+    options = [str(p.relative_to(base)) if p != base else "." for p in found]
+    c1, c2 = st.columns(2)
+    picked = c1.selectbox("found folders", options or ["(none found)"], key=key)
+    typed = c2.text_input(f"or a folder inside the {what} root", key=f"{key}_typed", placeholder=placeholder)
+    return typed.strip() or (picked if options else "")
+
+
+def no_runs(root: Path) -> None:
+    st.info(f"No runs under {safe_text.code(root)} yet. Launch one on the **Launch a run** page, or from a terminal:")
+    st.code(f"staysafe train --scenario harmful --method sft --steps 40 --runs-dir {root}", language="bash")
+
+
+def run_error(run_id: str, error: str) -> None:
+    st.error(f"Run {safe_text.code(run_id)} cannot be read: {safe_text.md(error)}")
+
+
+def status_line(run: Run) -> None:
+    """One line about a run's state: running (with step), failed (with the error), interrupted..."""
+    state = run.status.get("state")
+    steps = int(run.steps["step"].max()) if len(run.steps) else 0
+    total = run.config.get("steps")
+    if state == "failed":
+        st.warning(f"Run {safe_text.code(run.id)} failed after {steps} steps: {safe_text.md(run.status.get('error'))}")
+    elif state in ("interrupted", "cancelled"):
+        st.warning(f"Run {safe_text.code(run.id)} was {state} after {steps}/{total} steps: {safe_text.md(run.status.get('error') or '')}")
+    elif state in ("running", "created"):
+        st.info(f"Run {safe_text.code(run.id)} is {state}: {steps}/{total} steps so far (this page refreshes on every rerun).")
+
+

@@ -175,8 +175,10 @@ def export_shipped(model_dir: Path | None = None, dest: Path = SHIPPED_DIR, prob
         raise ValueError(f"cannot export {model_dir}: {problem}")
     adapter = model_dir / ADAPTER_DIR
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_FILE, "adapter_config.json"):
-        shutil.copyfile(adapter / name, dest / name)
+    shutil.copyfile(adapter / ADAPTER_FILE, dest / ADAPTER_FILE)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = EMBEDDED  # not this machine's cache path; the base is always given at load
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     report = json.loads((model_dir / REPORT).read_text())
     report.setdefault("staysafe_version", _version())
     report.update(adapter_sha256=file_sha256(dest / ADAPTER_FILE), adapter_dtype="float16",

@@ -1,4 +1,4 @@
-"""The ``staysafe`` command: train, runs, models, align, fit-probe, compare-risk, experiment."""
+"""The ``staysafe`` command: train, runs, models, align, fit-probe, compare-risk, experiment, validate-judges."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def cmd_align(args) -> int:
 
 def cmd_fit_probe(args) -> int:
     from staysafe.models import load_model
-    from staysafe.probe import PROBE_TEST, PROBE_TRAIN, collect_activations, fit_probe, labelled_prompts
+    from staysafe.probe import collect_activations, fit_probe, labelled_prompts
 
     model, tok = load_model(args.model)
     train = collect_activations(model, tok, labelled_prompts(args.train.split(",")), position=args.position)
@@ -236,7 +236,46 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_validate_judges(args) -> int:
+    from staysafe.traces import write_json
+    from staysafe.validation import build_judge, check_judge_names, load_validation_set, validate_judges
+
+    names = check_judge_names(args.judges)  # names and data are checked before any judge loads a model
+    items = load_validation_set(args.data, args.split)
+    judges = [build_judge(n, judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
+                          local_lm_model=args.local_lm_model) for n in names]
+    report = validate_judges(judges, items, data=str(args.data), split=args.split)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    for name, r in report["judges"].items():
+        a = r["attack_success"] or {}
+        print(f"{name:20} kappa {a.get('kappa')}  accuracy {a.get('accuracy')}  ASR {a.get('asr_judge')} "
+              f"(labelled {a.get('asr_labelled')})  {len(r['disagreements'])} disagreements")
+    print(f"report written to {out}")
+    return 0
+
+
+def add_validate_judges(sub) -> None:
+    from staysafe.validation import DEFAULT_SET, SPLITS
+
+    v = sub.add_parser("validate-judges", help="score labelled answers with each response judge; write a report")
+    v.add_argument("--data", default=None, help=f"a labelled JSONL file (scheme in data/README.md; default: the "
+                                                f"shipped {DEFAULT_SET!r} set)")
+    v.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
+    v.add_argument("--judges", default="keyword,embedding-response",
+                   help="response judges, comma-separated: keyword | embedding-response | local-lm | openai")
+    v.add_argument("--judge-url", default=None, help="openai: an OpenAI-compatible base URL")
+    v.add_argument("--judge-model", default=None, help="openai: the endpoint's model name")
+    v.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="openai: the variable holding the API key")
+    v.add_argument("--local-lm-model", default="smollm2-135m-aligned", help="local-lm: the judging model")
+    v.add_argument("--out", default="judge-validation.json", help="where the JSON report goes")
+    v.set_defaults(fn=cmd_validate_judges)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from staysafe.presets import PRESETS
+
     p = argparse.ArgumentParser(prog="staysafe", description="Study and prevent safety degradation in fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -247,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust-config", action="store_true",
                    help="let --config / --resume set the judge endpoint and key variable (--judge-url, "
                         "--judge-key-env); without it a file may not choose where a key is sent")
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="defaults for a common use (flags override): " +
+                        "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
     t.set_defaults(fn=cmd_train)
+    p.train_parser = t  # main() gives it a preset's defaults
 
     r = sub.add_parser("runs", help="list run directories")
     r.add_argument("--runs-dir", default="runs")
@@ -290,8 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare")
     c.set_defaults(fn=cmd_compare_risk)
 
-    from staysafe.presets import PRESETS
-
     e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
     e.add_argument("--scenario", default="harmful")
     e.add_argument("--methods", default=None,
@@ -316,13 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--runs-dir", default=os.environ.get("STAYSAFE_RUNS", "runs"))
     q.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
     q.set_defaults(fn=cmd_queue)
+
+    add_validate_judges(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.preset:  # a preset's options become defaults; explicit flags still win
+        from staysafe.presets import preset_options
+
+        parser.train_parser.set_defaults(**preset_options(args.preset))
+        args = parser.parse_args(argv)
     args.argv = argv
     try:
         return args.fn(args)

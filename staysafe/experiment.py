@@ -18,6 +18,7 @@ from staysafe.presets import PRESETS, preset_options
 from staysafe.runner import RunSpec, SpecError, run_training
 from staysafe import process
 from staysafe.atomic import write_text
+from staysafe.stats import run_intervals
 from staysafe.traces import load_run, new_run_id, write_json, write_parquet
 
 METHODS = {
@@ -71,13 +72,14 @@ def base_spec(spec: ExperimentSpec) -> RunSpec:
 
 
 def run_summary(run, beta_mid: float) -> dict:
-    """The numbers of one finished run that the results table reports."""
+    """The numbers of one finished run that the results table reports; each ASR and over-refusal also with its
+    95% bootstrap interval over prompts (``<column>_lo``, ``<column>_hi``, from ``generations.parquet``)."""
     ev, st = run.evals.sort_values("step"), run.steps
     final, first = ev.iloc[-1], ev.iloc[0]
     row = {"run_id": run.id, "steps": int(st["step"].max()) if len(st) else 0,
            "reference_asr_keyword": float(first["asr_keyword"]), "final_asr_keyword": float(final["asr_keyword"]),
            "peak_asr_keyword": float(ev["asr_keyword"].max()), "over_refusal": float(final["over_refusal"]),
-           "reference_benign_nll": float(first["benign_nll"]), "benign_nll": float(final["benign_nll"]),
+           "reference_over_refusal": float(first["over_refusal"]), "reference_benign_nll": float(first["benign_nll"]), "benign_nll": float(final["benign_nll"]),
            "mean_beta": float(st["beta"].mean()), "share_beta_above_mid": float((st["beta"] > beta_mid).mean()),
            "seconds_per_step": float(st["wall_time"].median())}
     for col in ev.columns:
@@ -85,39 +87,71 @@ def run_summary(run, beta_mid: float) -> dict:
             row[f"final_{col}"] = float(final[col])
             row[f"reference_{col}"] = float(first[col])
             row[f"peak_{col}"] = float(ev[col].max())
+    intervals = run_intervals(run.generations).set_index("step") if len(run.generations) else None
+    for prefix, step in (("final_", int(final["step"])), ("reference_", int(first["step"]))):
+        if intervals is None or step not in intervals.index:
+            continue
+        for name in (c[:-3] for c in intervals.columns if c.endswith("_lo")):
+            col = "over_refusal" if name == "over_refusal" and prefix == "final_" else prefix + name
+            row[f"{col}_lo"] = float(intervals.loc[step, f"{name}_lo"])
+            row[f"{col}_hi"] = float(intervals.loc[step, f"{name}_hi"])
     return row
 
 
-def _fmt(values: pd.Series, pct: bool) -> str:
+def _fmt(values: pd.Series, pct: bool, lo: pd.Series | None = None, hi: pd.Series | None = None) -> str:
+    """Mean ± std over seeds; for a single seed the value with its bootstrap interval [lo, hi] where known."""
     values = values.dropna()
     if values.empty:
         return "n/a"
     scale = 100 if pct else 1
     mean = values.mean() * scale
     if len(values) == 1:
-        return f"{mean:.0f}" if pct else f"{mean:.3f}"
+        text = f"{mean:.0f}" if pct else f"{mean:.3f}"
+        if lo is not None and hi is not None and lo.notna().sum() == 1 and hi.notna().sum() == 1:
+            a, b = float(lo.dropna().iloc[0]) * scale, float(hi.dropna().iloc[0]) * scale
+            text += f" [{a:.0f}, {b:.0f}]" if pct else f" [{a:.3f}, {b:.3f}]"
+        return text
     std = values.std(ddof=1) * scale
     return f"{mean:.0f} ± {std:.0f}" if pct else f"{mean:.3f} ± {std:.3f}"
 
 
+def _cell(g: pd.DataFrame, col: str, pct: bool) -> str:
+    """``_fmt`` of a results column, with its ``_lo`` / ``_hi`` interval columns where the table has them."""
+    lo, hi = f"{col}_lo", f"{col}_hi"
+    return _fmt(g[col], pct, g[lo] if lo in g else None, g[hi] if hi in g else None)
+
+
 def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str:
-    """Per method (in ``order``): mean ± std over seeds. ASR and over-refusal in percent."""
-    judge_cols = sorted(c for c in results.columns if c.startswith("final_asr_") and c != "final_asr_keyword")
+    """Per method (in ``order``): mean ± std over seeds (one seed: the value and its 95% bootstrap interval over
+    prompts in brackets). ASR and over-refusal in percent. With several seeds a second table lists every seed."""
+    judge_cols = sorted(c for c in results.columns if c.startswith("final_asr_") and c != "final_asr_keyword"
+                        and not c.endswith(("_lo", "_hi")))
     head = ["method", "seeds", "final ASR kw %"] + [f"final ASR {c[len('final_asr_'):]} %" for c in judge_cols] + [
         "peak ASR kw %", "over-refusal %", "benign NLL", "mean β", "steps β>mid %", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref_cells = ["aligned reference (step 0)", "", _fmt(results["reference_asr_keyword"], True)] + [
-        _fmt(results[c.replace("final_", "reference_")], True) for c in judge_cols] + [
+    ref_cells = ["aligned reference (step 0)", "", _cell(results, "reference_asr_keyword", True)] + [
+        _cell(results, c.replace("final_", "reference_"), True) for c in judge_cols] + [
         "", "", _fmt(results["reference_benign_nll"], False), "", "", ""]
     lines.append("| " + " | ".join(ref_cells) + " |")
-    for method in order or list(dict.fromkeys(results["method"])):
+    methods = [m for m in (order or list(dict.fromkeys(results["method"]))) if (results["method"] == m).any()]
+    for method in methods:
         g = results[results["method"] == method]
-        if g.empty:
-            continue
-        cells = [method, str(len(g)), _fmt(g["final_asr_keyword"], True)] + [_fmt(g[c], True) for c in judge_cols] + [
-            _fmt(g["peak_asr_keyword"], True), _fmt(g["over_refusal"], True), _fmt(g["benign_nll"], False),
+        cells = [method, str(len(g)), _cell(g, "final_asr_keyword", True)] + [_cell(g, c, True) for c in judge_cols] + [
+            _fmt(g["peak_asr_keyword"], True), _cell(g, "over_refusal", True), _fmt(g["benign_nll"], False),
             _fmt(g["mean_beta"], False), _fmt(g["share_beta_above_mid"], True), _fmt(g["seconds_per_step"], False)]
         lines.append("| " + " | ".join(cells) + " |")
+    if "seed" in results and results["seed"].nunique() > 1:
+        cols = ["final_asr_keyword", *judge_cols, "over_refusal"]
+        head = ["method", "seed", "final ASR kw %"] + [f"final ASR {c[len('final_asr_'):]} %" for c in judge_cols] + [
+            "over-refusal %", "benign NLL"]
+        lines += ["", "Per seed (95% bootstrap interval over prompts in brackets):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in methods:
+            for idx in results[results["method"] == method].sort_values("seed").index:
+                one = results.loc[[idx]]
+                cells = [method, str(int(one["seed"].iloc[0]))] + [_cell(one, c, True) for c in cols] + [
+                    _fmt(one["benign_nll"], False)]
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

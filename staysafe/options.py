@@ -17,7 +17,6 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 
 from staysafe.errors import StaySafeError
-from staysafe.judges import JUDGES
 
 METHODS = ("sft", "constant-kl", "adaptive")
 RISK_SOURCES = ("label", "probe", "judge")
@@ -27,6 +26,7 @@ CALIBRATIONS = ("identity", "step", "sigmoid", "clamp")
 SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny")  # known names; a directory or hub id also works
 PRECISIONS = ("auto", "fp32", "bf16")
+JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
 RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used"}  # config.json extras
 
 

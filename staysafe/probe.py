@@ -234,14 +234,10 @@ def _binary(labels) -> np.ndarray:
 
 
 def _fit_lr(x: np.ndarray, y: np.ndarray, seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    from staysafe.logistic import fit_logistic
 
-    scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(class_weight="balanced", C=0.1, max_iter=3000, random_state=seed)
-    clf.fit(scaler.transform(x), y)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    return scaler.mean_.astype(np.float32), scale.astype(np.float32), clf.coef_[0].astype(np.float32), float(clf.intercept_[0])
+    h = fit_logistic(x, y, C=0.1, standardize=True, max_iter=3000, seed=seed)
+    return h.mean.astype(np.float32), h.scale.astype(np.float32), h.coef.astype(np.float32), h.intercept
 
 
 def _metrics(y: np.ndarray, p: np.ndarray) -> dict:

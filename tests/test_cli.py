@@ -90,3 +90,19 @@ def test_experiment_set_rejects_bad_options(tmp_path, capsys, item, message):
                  "--runs-dir", str(tmp_path / "runs"), "--set", item]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_preset_sets_train_defaults_that_flags_override(tmp_path):
+    """``--preset live`` gives its options as defaults; a flag given explicitly wins (checked in config.json)."""
+    import json
+
+    from staysafe.presets import PRESETS
+
+    out = run_cli("train", "--preset", "live", *TINY_RUN, "--steps", "2", "--runs-dir", str(tmp_path),
+                  "--run-id", "p")
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["steps"] == 2  # explicit
+    assert config["lr"] == PRESETS["live"].options["lr"] and config["eval_every"] == 0  # from the preset
+    bad = run_cli("train", "--preset", "nope")
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr

@@ -194,28 +194,28 @@ def array(values) -> np.ndarray:
 
 
 def test_safe_subdir_refuses_escapes(tmp_path):
-    import common
+    import settings
     from staysafe.traces import TraceError
 
     (tmp_path / "root" / "eval").mkdir(parents=True)
-    assert common.safe_subdir(tmp_path / "root", "eval") == (tmp_path / "root" / "eval").resolve()
-    assert common.safe_subdir(tmp_path / "root", ".") == (tmp_path / "root").resolve()
+    assert settings.safe_subdir(tmp_path / "root", "eval") == (tmp_path / "root" / "eval").resolve()
+    assert settings.safe_subdir(tmp_path / "root", ".") == (tmp_path / "root").resolve()
     for bad in ("../x", "/etc", "eval/../../x", "..", "~/x", ""):
         with pytest.raises(TraceError):
-            common.safe_subdir(tmp_path / "root", bad)
+            settings.safe_subdir(tmp_path / "root", bad)
     os.symlink("/etc", tmp_path / "root" / "link")
     with pytest.raises(TraceError, match="outside"):
-        common.safe_subdir(tmp_path / "root", "link")
+        settings.safe_subdir(tmp_path / "root", "link")
     for bad in ("../x", "/etc", ".."):
         with pytest.raises(TraceError):
-            common.run_path(tmp_path / "root", bad)
+            settings.run_path(tmp_path / "root", bad)
 
 
 def test_loaders_read_through_the_library_and_refresh_on_change(dash_data, tmp_path):
-    import common
+    import loaders
     from staysafe.traces import RunWriter, load_run
 
-    run = common.load_run_cached(dash_data["runs"] / "adaptive-probe")
+    run = loaders.load_run_cached(dash_data["runs"] / "adaptive-probe")
     direct = load_run(dash_data["runs"] / "adaptive-probe")
     for t in ("steps", "examples", "evals", "generations", "data"):
         pd.testing.assert_frame_equal(getattr(run, t), getattr(direct, t))
@@ -224,49 +224,49 @@ def test_loaders_read_through_the_library_and_refresh_on_change(dash_data, tmp_p
     w = RunWriter.create(tmp_path, {"method": "sft", "steps": 3}, run_id="live")
     w.set_status("running")
     w.append("steps", [{"step": 1, "loss": 1.0}])
-    assert common.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1]
+    assert loaders.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1]
     w.append("steps", [{"step": 2, "loss": 0.5}])
-    assert common.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1, 2]
-    assert common.load_run_cached(w.path).status["state"] == "running"
-    table = common.runs_table(dash_data["runs"]).set_index("run_id")
+    assert loaders.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1, 2]
+    assert loaders.load_run_cached(w.path).status["state"] == "running"
+    table = loaders.runs_table(dash_data["runs"]).set_index("run_id")
     assert table.loc["corrupt-run", "state"] == "corrupt" and "steps.parquet" in table.loc["corrupt-run", "error"]
     assert table.loc["running-run", "state"] == "running"
     assert table.loc["failed-run", "state"] == "failed"
-    run, err = common.try_load_run(dash_data["runs"], "corrupt-run")
+    run, err = loaders.try_load_run(dash_data["runs"], "corrupt-run")
     assert run is None and "damaged" in err
-    run, err = common.try_load_run(dash_data["runs"], "../runs")
+    run, err = loaders.try_load_run(dash_data["runs"], "../runs")
     assert run is None and "not a valid run id" in err
 
 
 def test_joined_examples_and_step_batches(dash_data):
-    import common
+    import loaders
 
     path = dash_data["runs"] / "adaptive-probe"
-    ex = common.examples_joined(path)
+    ex = loaders.examples_joined(path)
     assert {"risk_probe", "risk_judge", "risk_label", "beta", "prompt", "label", "example_id"} <= set(ex.columns)
     assert ex["prompt"].notna().all()
-    batches = common.step_batches(path)
+    batches = loaders.step_batches(path)
     assert batches["step"].tolist() == [1, 2, 3, 4, 5, 6]
     first = ex[ex["step"] == 1]["example_id"].iloc[0]
     assert first in batches["batch"].iloc[0]
 
 
 def test_projection_fits_a_sample_and_transforms_the_rest():
-    import common
+    from staysafe import geometry
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(3000, 16)), rng.normal(size=(2500, 16)) + 3
-    (ca, cb), fitted, _ = common.project_points([a, b], "PCA", fit_n=500)
+    (ca, cb), fitted, _ = geometry.project_points([a, b], "PCA", fit_n=500)
     assert fitted == 500 and ca.shape == (3000, 2) and cb.shape == (2500, 2)
     assert np.isfinite(ca).all() and np.isfinite(cb).all()
     assert abs(cb[:, 0].mean() - ca[:, 0].mean()) > 3  # the shift survives the shared projection
-    (ta, tb), fitted, note = common.project_points([a[:300], b[:300]], "t-SNE", fit_n=200)
+    (ta, tb), fitted, note = geometry.project_points([a[:300], b[:300]], "t-SNE", fit_n=200)
     assert np.isfinite(ta[:, 0]).sum() + np.isfinite(tb[:, 0]).sum() == 200  # t-SNE: the sample only
     assert "only the sample" in note
-    (ua, ub), fitted, note = common.project_points([a[:400], b[:400]], "UMAP", fit_n=300)
+    (ua, ub), fitted, note = geometry.project_points([a[:400], b[:400]], "UMAP", fit_n=300)
     assert np.isfinite(ua).all() and np.isfinite(ub).all() and note == "every point transformed"
     # beyond 5,000 further points UMAP places them by nearest sampled neighbours: fast, and still separated
-    (ua, ub), fitted, note = common.project_points([a, b], "UMAP", fit_n=300)
+    (ua, ub), fitted, note = geometry.project_points([a, b], "UMAP", fit_n=300)
     assert np.isfinite(ua).all() and np.isfinite(ub).all() and "nearest sampled" in note
     from sklearn.metrics import roc_auc_score
 
@@ -376,6 +376,7 @@ def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path
     assert [j["target"] for j in jobs] == ["from-form"] and jobs[0]["state"] == "queued"
     assert command(jobs[0], runs)[:4] == [sys.executable, "-m", "staysafe.cli", "train"]
     assert "staysafe train" in texts(at) and "--model tiny" in texts(at)
+    assert "--beta-min" not in texts(at) and "--method" not in texts(at)  # defaults are not repeated
     at.run()
     assert "from-form" in texts(at) and "paused" in texts(at)
     [b for b in at.button if b.key == f"cancel_{jobs[0]['id']}"][0].click()

@@ -15,12 +15,13 @@ from staysafe.traces import list_runs, load_run
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun_write_one_run(tmp_path):
+@pytest.mark.parametrize("lora_r", ["4", "0"])  # 0: full fine-tuning, the frozen reference copy prepared per rank
+def test_two_processes_under_torchrun_write_one_run(tmp_path, lora_r):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_records(48)))
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "staysafe.cli", "train",
-           "--model", "tiny", "--lora-r", "4", "--batch-size", "4", "--max-length", "64", "--steps", "4",
+           "--model", "tiny", "--lora-r", lora_r, "--batch-size", "4", "--max-length", "64", "--steps", "4",
            "--data", str(data), "--method", "adaptive", "--risk", "probe", "--no-record-judge",
            "--eval-every", "2", "--eval-harmful", "2", "--eval-benign", "2", "--max-new-tokens", "2",
            "--eval-judges", "", "--runs-dir", str(tmp_path / "runs")]
@@ -38,3 +39,4 @@ def test_two_processes_under_torchrun_write_one_run(tmp_path):
     assert run.steps["n_examples"].tolist() == [8, 8, 8, 8]
     assert run.evals["step"].tolist() == [0, 2, 4]
     assert run.examples["risk_probe"].notna().all()
+    assert run.steps["kl"].iloc[0] < 1e-5  # step 1: the model still equals its reference on every rank

@@ -98,8 +98,11 @@ def test_experiment_writes_results_and_matches_constant_kl_beta(tmp_path):
         r = results[results["seed"] == seed].set_index("method")
         assert r.loc["constant-kl", "beta"] == pytest.approx(r.loc["adaptive-label", "mean_beta"], abs=1e-4)
         assert r.loc["sft", "mean_beta"] == 0
+    for col in ("final_asr_keyword", "reference_asr_keyword", "over_refusal", "reference_over_refusal"):
+        assert (results[f"{col}_lo"] <= results[col]).all() and (results[col] <= results[f"{col}_hi"]).all()
     table = (out / "results.md").read_text()
     assert "aligned reference (step 0)" in table and "± " in table
+    assert "Per seed (95% bootstrap interval over prompts in brackets)" in table
     assert table.index("| sft") < table.index("| constant-kl") < table.index("| adaptive-label")
     runs = [load_run(tmp_path / "runs" / rid) for rid in results["run_id"]]
     assert all(r.config["experiment"] == "t" for r in runs)
@@ -116,6 +119,24 @@ def test_markdown_table_formats_mean_and_std():
                        "mean_beta": [0.5, 0.5], "share_beta_above_mid": [0.5, 0.5], "seconds_per_step": [1.0, 1.0]})
     md = markdown_table(df)
     assert "| a | 2 | 20 ± 14 |" in md
+
+
+def test_markdown_table_shows_bootstrap_intervals_and_every_seed():
+    df = pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "final_asr_keyword": [0.1, 0.3, 0.5],
+                       "final_asr_keyword_lo": [0.04, 0.18, 0.36], "final_asr_keyword_hi": [0.2, 0.44, 0.64],
+                       "reference_asr_keyword": [0.05, 0.05, 0.05], "peak_asr_keyword": [0.2, 0.4, 0.5],
+                       "over_refusal": [0.0, 0.1, 0.2], "over_refusal_lo": [0.0, 0.02, 0.1],
+                       "over_refusal_hi": [0.0, 0.2, 0.32], "benign_nll": [1.0, 1.2, 1.1],
+                       "reference_benign_nll": [1.5, 1.5, 1.5], "mean_beta": [0.5, 0.5, 0.5],
+                       "share_beta_above_mid": [0.5, 0.5, 0.5], "seconds_per_step": [1.0, 1.0, 1.0]})
+    md = markdown_table(df)
+    assert "| a | 2 | 20 ± 14 |" in md  # several seeds: mean ± std
+    assert "| b | 1 | 50 [36, 64] |" in md  # one seed: the value and its interval over prompts
+    main, per_seed = md.split("Per seed")
+    assert "| a | 0 | 10 [4, 20] | 0 [0, 0] | 1.000 |" in per_seed
+    assert "| a | 1 | 30 [18, 44] | 10 [2, 20] | 1.200 |" in per_seed
+    assert "| b | 0 | 50 [36, 64] | 20 [10, 32] | 1.100 |" in per_seed
+    assert "final ASR keyword_lo" not in md  # interval columns are not mistaken for judges
 
 
 @pytest.mark.slow

@@ -630,3 +630,15 @@ def test_a_judge_loaded_by_name_hits_its_cache_on_the_second_pass(home):
         again, stats = score_cached(again_judge, prompts, responses)
         assert stats["hits"] == 2 and again == first
     assert len(list((home / "judge_cache").glob("local-lm-*.jsonl"))) == 1
+
+
+def test_the_default_embedding_heads_are_shipped_and_used_without_a_fit(home):
+    """The default heads ship in the package (a first fit costs ~40 s each on 2 cores); a fresh home uses them
+    and writes nothing, and they are the heads of the current shipped data (else they would be refitted)."""
+    from staysafe.judges.embedding import SHIPPED_HEADS
+
+    for kind in ("request", "response"):
+        judge = EmbeddingJudge.default(kind)
+        shipped = EmbeddingJudge.load(SHIPPED_HEADS / f"embedding-{kind}")
+        assert judge.head_digest() == shipped.head_digest()
+        assert not (home / "judges" / f"embedding-{kind}").exists()

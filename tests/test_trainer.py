@@ -232,3 +232,16 @@ def test_the_reference_cache_reuses_the_first_epoch_and_changes_no_number(tokeni
     assert a.steps["kl"].iloc[4:].gt(0).all()  # the cached epochs still pull toward the reference
     with pytest.raises(ValueError, match="reference_cache.*kl_top_k"):
         SafetyConfig(output_dir=str(tmp_path / "c"), reference_cache=True, use_cpu=True)
+
+
+def test_full_fine_tuning_reference_is_a_frozen_prepared_copy_that_training_leaves_alone(tokenizer, tmp_path):
+    trainer, run = train(tokenizer, tmp_path, make_records(8), steps=3, method="constant-kl", beta=0.5,
+                         learning_rate=1e-2)
+    ref, model = trainer.ref_model, trainer.accelerator.unwrap_model(trainer.model)
+    assert ref is not model and not ref.training
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert all(p.device == trainer.args.device for p in ref.parameters())
+    start = build_tiny(tokenizer, seed=0).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in ref.state_dict().items())  # still the starting weights
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())  # while the model moved
+    assert run.steps["kl"].iloc[-1] > 0

@@ -11,11 +11,16 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import common
+import charts
+from staysafe import geometry
+import loaders
+import settings
+import widgets
+import safe_text
 from staysafe.probe import ProbeError
 from staysafe.traces import TraceError
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/scatter_plot: Activation space")
 st.caption("Hidden state at the last prompt token (what the probe reads), for held-out harmful and benign prompts.")
 
@@ -25,45 +30,45 @@ source = st.segmented_control("source", ["a run (before / after fine-tuning)", "
 sets: dict[str, Path] = {}  # panel title -> activations directory
 probe_path: Path | None = None
 if source.startswith("a run"):
-    runs = common.runs_table(cfg.runs)
+    runs = loaders.runs_table(cfg.runs)
     if runs.empty:
-        common.no_runs(cfg.runs)
+        widgets.no_runs(cfg.runs)
         st.stop()
-    chosen = common.pick_runs(runs, "run", key="act_run", prefer=lambda r: r.get("method") != "sft")
+    chosen = widgets.pick_runs(runs, "run", key="act_run", prefer=lambda r: r.get("method") != "sft")
     run_id = chosen[0]
     try:
-        run_dir = common.run_path(cfg.runs, run_id)
+        run_dir = settings.run_path(cfg.runs, run_id)
     except TraceError as err:
-        common.run_error(run_id, str(err))
+        widgets.run_error(run_id, str(err))
         st.stop()
     row = runs.set_index("run_id").loc[run_id]
     if row["state"] == "corrupt":
-        common.run_error(run_id, row["error"])
+        widgets.run_error(run_id, row["error"])
         st.stop()
     for name in ("before", "after"):
         if (run_dir / "activations" / name / "activations.npz").is_file():
             sets[f"{name} fine-tuning"] = run_dir / "activations" / name
     probe_path = run_dir / "probe.json"
     if not sets:
-        st.info(f"Run {common.code(run_id)} has no saved activations yet: a run saves `activations/before/` when training "
+        st.info(f"Run {safe_text.code(run_id)} has no saved activations yet: a run saves `activations/before/` when training "
                 "starts and `activations/after/` when it finishes.")
         st.stop()
     if len(sets) == 1:
-        st.info(f"Only the activations before fine-tuning exist for {common.code(run_id)} (state: {common.md(row['state'])}); "
+        st.info(f"Only the activations before fine-tuning exist for {safe_text.code(run_id)} (state: {safe_text.md(row['state'])}); "
                 "`activations/after/` is written when the run finishes.")
 else:
-    st.caption(f"Folders under the probes root {common.code(cfg.probes)} holding `activations.npz` + `index.parquet`.")
-    rel = common.pick_folder(cfg.probes, common.activation_dirs(cfg.probes), "probes", "act_dir",
+    st.caption(f"Folders under the probes root {safe_text.code(cfg.probes)} holding `activations.npz` + `index.parquet`.")
+    rel = widgets.pick_folder(cfg.probes, loaders.activation_dirs(cfg.probes), "probes", "act_dir",
                              "activations")
     if not rel:
-        st.info(f"No saved activations under {common.code(cfg.probes)}. Save some with:")
+        st.info(f"No saved activations under {safe_text.code(cfg.probes)}. Save some with:")
         st.code(f"staysafe fit-probe --out {cfg.probes}/probe.json --save-activations", language="bash")
         st.stop()
     try:
-        directory = common.safe_subdir(cfg.probes, rel)
-        common.load_activations(directory)
+        directory = settings.safe_subdir(cfg.probes, rel)
+        loaders.load_activations(directory)
     except TraceError as err:
-        st.error(f"Cannot use {common.code(rel)}: {common.md(err)}")
+        st.error(f"Cannot use {safe_text.code(rel)}: {safe_text.md(err)}")
         st.stop()
     sets[directory.name] = directory
     for candidate in (directory / "probe.json", directory.parent / "probe.json"):
@@ -72,13 +77,13 @@ else:
             break
 
 try:
-    acts = {title: common.load_activations(d) for title, d in sets.items()}
+    acts = {title: loaders.load_activations(d) for title, d in sets.items()}
 except TraceError as err:
     st.error(str(err))
     st.stop()
 probe, probe_error = None, None
 try:
-    probe = common.load_probe(probe_path) if probe_path is not None else None
+    probe = loaders.load_probe(probe_path) if probe_path is not None else None
 except ProbeError as err:
     probe_error = str(err)
 
@@ -86,22 +91,22 @@ layers = sorted(set.intersection(*(set(a.layers) for a in acts.values())))
 n_points = sum(len(a.index) for a in acts.values())
 c = st.columns([1, 1, 1, 1])
 default_layer = probe.layers[0] if probe is not None and probe.layers[0] in layers else layers[len(layers) // 2]
-common.reset_on_change("act_layer", (tuple(sets.values()), tuple(layers)))
-common.reset_on_change("act_color", (tuple(sets.values()), probe is not None))
+widgets.reset_on_change("act_layer", (tuple(sets.values()), tuple(layers)))
+widgets.reset_on_change("act_color", (tuple(sets.values()), probe is not None))
 layer = c[0].selectbox("layer (hidden state index)", layers, index=layers.index(default_layer), key="act_layer",
                        help="0 = embeddings; the last = the final layer." + (
                            f" The probe reads layer {probe.layers}." if probe is not None else ""))
-method = c[1].selectbox("projection", common.PROJECTIONS, key="act_method",
+method = c[1].selectbox("projection", geometry.PROJECTIONS, key="act_method",
                         help="PCA and UMAP are fitted on a sample and transform every point; t-SNE shows the "
                              "sample only.")
 color_options = ["label", "category"] + (["probe score"] if probe is not None and
                                          all(l in layers for l in probe.layers) else [])
 color_by = c[2].selectbox("colour by", color_options, key="act_color")
-fit_n = c[3].number_input("fit on a sample of", 100, common.MAX_FIT, min(2000, common.MAX_FIT), step=500,
+fit_n = c[3].number_input("fit on a sample of", 100, geometry.MAX_FIT, min(2000, geometry.MAX_FIT), step=500,
                           key="act_fit_n", help="Points used to fit the projection (at most 5,000).")
 
 with st.spinner(f"projecting {n_points:,} points with {method}…"):
-    coords, fitted, how = common.projection(list(sets.values()), layer, method, fit_n)
+    coords, fitted, how = loaders.projection(list(sets.values()), layer, method, fit_n)
 note = (f"{method} fitted on {fitted:,} of {n_points:,} points" +
         (" (the union of before and after, so both panels share one projection)" if len(sets) > 1 else "") +
         f"; {how}.")
@@ -115,7 +120,7 @@ with left:
     for col, ((title, a), xy) in enumerate(zip(acts.items(), coords), start=1):
         index = a.index.reset_index(drop=True)
         ok = np.isfinite(xy[:, 0])
-        hover = common.hover_texts(sets[title])
+        hover = loaders.hover_texts(sets[title])
         if color_by == "probe score":
             score = probe.predict_proba(probe.features(a))
             fig.add_trace(go.Scattergl(
@@ -128,7 +133,7 @@ with left:
             groups = index[color_by].astype(str)
             for i, g in enumerate(sorted(groups.unique())):
                 m = ok & (groups == g).to_numpy()
-                color = common.LABEL_COLORS.get(g) if color_by == "label" else common.color_for(i)
+                color = charts.LABEL_COLORS.get(g) if color_by == "label" else charts.color_for(i)
                 fig.add_trace(go.Scattergl(
                     x=xy[m, 0], y=xy[m, 1], mode="markers", name=g, legendgroup=g, text=hover[m],
                     showlegend=g not in seen_groups, marker=dict(size=5, color=color, opacity=0.75),
@@ -136,14 +141,14 @@ with left:
                 seen_groups.add(g)
     fig.update_xaxes(showticklabels=False, title_text=f"{method} 1")
     fig.update_yaxes(showticklabels=False, title_text=f"{method} 2", col=1)
-    common.style(fig, height=520)
+    charts.style(fig, height=520)
     fig.update_layout(legend=dict(title=color_by, orientation="h", yanchor="bottom", y=1.06, x=0),
                       margin=dict(t=90))
-    common.plotly(fig, key="act_scatter")
+    charts.plotly(fig, key="act_scatter")
 
     sep = st.columns(len(sets))
     for col, (title, d) in zip(sep, sets.items()):
-        auc = common.separability(d, layer)
+        auc = loaders.separability(d, layer)
         msg = f"{auc:.2f}" if np.isfinite(auc) else "n/a"
         extra = ""
         if probe is not None and all(l in acts[title].layers for l in probe.layers):
@@ -162,7 +167,7 @@ if right is not None:
     with right:
         st.markdown("**Probe AUROC per layer**")
         if probe_error:
-            st.warning(f"The probe file cannot be read: {common.md(probe_error)}")
+            st.warning(f"The probe file cannot be read: {safe_text.md(probe_error)}")
         else:
             sweep = pd.DataFrame(probe.metrics.get("sweep", []))
             if sweep.empty:
@@ -173,17 +178,17 @@ if right is not None:
                                                                                      "dot")):
                     if colname in sweep:
                         f2.add_trace(go.Scatter(x=sweep["layer"], y=sweep[colname], name=name, mode="lines+markers",
-                                                line=dict(color=common.PALETTE[0], dash=dash)))
+                                                line=dict(color=charts.PALETTE[0], dash=dash)))
                 for l in probe.layers:
-                    f2.add_vline(x=l, line=dict(color=common.PALETTE[1], dash="dash"),
+                    f2.add_vline(x=l, line=dict(color=charts.PALETTE[1], dash="dash"),
                                  annotation_text="probe", annotation_position="top left")
                 f2.add_vline(x=layer, line=dict(color="#999999", width=1))
                 f2.update_yaxes(range=[0.4, 1.02], title_text="AUROC")
                 f2.update_xaxes(title_text="layer")
-                common.style(f2, height=400)
+                charts.style(f2, height=400)
                 f2.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
-                common.plotly(f2, key="act_sweep")
-                st.caption(f"Probe fitted on layer {probe.layers} of {common.code(probe.model or 'the reference')}; grey line: "
+                charts.plotly(f2, key="act_sweep")
+                st.caption(f"Probe fitted on layer {probe.layers} of {safe_text.code(probe.model or 'the reference')}; grey line: "
                            "the layer shown.")
 elif source.startswith("a run"):
     st.caption("This run has no probe (sft runs do not fit one); an adaptive or constant-kl run saves `probe.json` "

@@ -12,10 +12,14 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import common
+import charts
+import loaders
+import settings
+import widgets
+import safe_text
 from staysafe.traces import TraceError
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/target: ASR over training")
 st.caption("Attack success rate (ASR): the share of held-out harmful requests the model answers instead of "
            "refusing, measured every few steps. Over-refusal and benign NLL show what safety costs in utility.")
@@ -27,27 +31,27 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 mode = st.segmented_control("show", ["runs", "an experiment"], default="runs", key="asr_mode", required=True)
-runs = common.runs_table(cfg.runs)
+runs = loaders.runs_table(cfg.runs)
 loaded: dict[str, object] = {}
 group_of: dict[str, str] = {}
 band = "min–max"
 results = pd.DataFrame()
 if mode == "runs":
     if runs.empty:
-        common.no_runs(cfg.runs)
+        widgets.no_runs(cfg.runs)
         st.stop()
-    chosen = common.pick_runs(runs, "runs", key="asr_runs", multi=True, default_n=3)
+    chosen = widgets.pick_runs(runs, "runs", key="asr_runs", multi=True, default_n=3)
     for run_id in chosen:
-        run, error = common.try_load_run(cfg.runs, run_id, ("evals", "generations"))
+        run, error = loaders.try_load_run(cfg.runs, run_id, ("evals", "generations"))
         if error:
-            common.run_error(run_id, error)
+            widgets.run_error(run_id, error)
         else:
             loaded[run_id] = run
             group_of[run_id] = run_id
 else:
-    exps = common.experiments_under(cfg.experiments)
+    exps = loaders.experiments_under(cfg.experiments)
     if not exps:
-        st.info(f"No experiment under {common.code(cfg.experiments)} yet. Run one (or launch it from **Launch a run**):")
+        st.info(f"No experiment under {safe_text.code(cfg.experiments)} yet. Run one (or launch it from **Launch a run**):")
         st.code(f"staysafe experiment --scenario harmful --quick --out-dir {cfg.experiments} --runs-dir {cfg.runs}",
                 language="bash")
         st.stop()
@@ -56,38 +60,38 @@ else:
     band = c2.segmented_control("band over seeds", ["min–max", "± std"], default="min–max", key="asr_band",
                                 required=True)
     try:
-        desc, results = common.load_experiment_cached(exp_dir)
+        desc, results = loaders.load_experiment_cached(exp_dir)
     except TraceError as err:
-        st.error(f"Experiment {common.code(exp_dir.name)} cannot be read: {common.md(err)}")
+        st.error(f"Experiment {safe_text.code(exp_dir.name)} cannot be read: {safe_text.md(err)}")
         st.stop()
     exp_id = desc.get("id", exp_dir.name)
     for row in runs.to_dict("records"):
         if row["state"] == "corrupt":
             continue
-        run, error = common.try_load_run(cfg.runs, row["run_id"], ("evals", "generations"))
+        run, error = loaders.try_load_run(cfg.runs, row["run_id"], ("evals", "generations"))
         if error or run.config.get("experiment") != exp_id:
             continue
         loaded[row["run_id"]] = run
-        group_of[row["run_id"]] = common.method_label(run.config)
-    st.caption(f"Experiment {common.code(exp_id)} ({common.md(desc.get('state', '?'))}): scenario {common.md(desc.get('scenario'))}, "
-                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under {common.code(cfg.runs)}.")
+        group_of[row["run_id"]] = charts.method_label(run.config)
+    st.caption(f"Experiment {safe_text.code(exp_id)} ({safe_text.md(desc.get('state', '?'))}): scenario {safe_text.md(desc.get('scenario'))}, "
+                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under {safe_text.code(cfg.runs)}.")
     if not loaded:
-        st.info(f"None of this experiment's runs are under {common.code(cfg.runs)} (runs whose config has "
+        st.info(f"None of this experiment's runs are under {safe_text.code(cfg.runs)} (runs whose config has "
                 f"\"experiment\": \"{exp_id}\"). Point the runs root at the experiment's `--runs-dir`.")
         st.stop()
 
 with_evals = {rid: r for rid, r in loaded.items() if not r.evals.empty}
 for rid in loaded:
     if rid not in with_evals:
-        st.info(f"Run {common.code(rid)} has no evaluation yet (the first one runs at step 0).")
+        st.info(f"Run {safe_text.code(rid)} has no evaluation yet (the first one runs at step 0).")
 if not with_evals:
     st.stop()
 
-judge_cols = sorted({c for r in with_evals.values() for c in common.asr_columns(r.evals)[0]})
+judge_cols = sorted({c for r in with_evals.values() for c in widgets.asr_columns(r.evals)[0]})
 metrics_all = judge_cols + ["asr_keyword", "over_refusal", "benign_nll"]
 metrics_all = [m for m in metrics_all if any(m in r.evals for r in with_evals.values())]
-common.reset_on_change("asr_metrics", tuple(metrics_all))
-metrics = st.multiselect("measures", metrics_all, default=metrics_all, format_func=common.metric_title,
+widgets.reset_on_change("asr_metrics", tuple(metrics_all))
+metrics = st.multiselect("measures", metrics_all, default=metrics_all, format_func=charts.metric_title,
                          key="asr_metrics")
 if not judge_cols:
     st.caption("Only keyword ASR was measured (a weak judge: it counts answers without a refusal phrase). Add "
@@ -97,12 +101,12 @@ if not metrics:
 
 ncols = 2 if len(metrics) > 1 else 1
 nrows = math.ceil(len(metrics) / ncols)
-fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[common.metric_title(m) for m in metrics],
+fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[charts.metric_title(m) for m in metrics],
                     vertical_spacing=0.16 if nrows > 1 else 0.1, horizontal_spacing=0.08)
 groups = list(dict.fromkeys(group_of[r] for r in with_evals))
 for gi, group in enumerate(groups):
     members = [r for r in with_evals if group_of[r] == group]
-    color = common.color_for(gi, group)
+    color = charts.color_for(gi, group)
     for k, m in enumerate(metrics):
         row, col = k // ncols + 1, k % ncols + 1
         frames = [with_evals[r].evals[["step", m]].set_index("step")[m].rename(r) for r in members
@@ -123,12 +127,12 @@ for gi, group in enumerate(groups):
                                      hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
         name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
         pct = m.startswith("asr_") or m == "over_refusal"
-        fig.add_trace(go.Scatter(x=steps, y=mean, name=common.html_text(name), legendgroup=group, showlegend=k == 0,
+        fig.add_trace(go.Scatter(x=steps, y=mean, name=safe_text.html_text(name), legendgroup=group, showlegend=k == 0,
                                  mode="lines+markers", line=dict(color=color, width=2.5,
                                                                  dash="dot" if m == "asr_keyword" and judge_cols
                                                                  else "solid"),
                                  marker=dict(size=7),
-                                 hovertemplate=f"<b>{common.html_text(name)}</b><br>step %{{x}}<br>{common.metric_title(m)}: "
+                                 hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
                                                + ("%{y:.0%}" if pct else "%{y:.3f}") + "<extra></extra>"),
                       row=row, col=col)
 for k, m in enumerate(metrics):
@@ -136,7 +140,7 @@ for k, m in enumerate(metrics):
     if m.startswith("asr_") or m == "over_refusal":
         fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", row=row, col=col)
     fig.update_xaxes(title_text="step", row=row, col=col)
-common.style(fig, height=300 * nrows + 80)
+charts.style(fig, height=300 * nrows + 80)
 fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.04 / nrows, x=0),
                   margin=dict(t=110), clickmode="event+select")
 event = st.plotly_chart(fig, key="asr_chart", on_select="rerun", selection_mode=("points",),
@@ -156,12 +160,12 @@ if points and "x" in points[0]:
 
 st.subheader("What the model answered")
 c1, c2, c3 = st.columns([2, 1, 1])
-rid = c1.selectbox("run", list(with_evals), format_func=lambda r: f"{r} ({common.method_label(with_evals[r].config)})",
+rid = c1.selectbox("run", list(with_evals), format_func=lambda r: f"{r} ({charts.method_label(with_evals[r].config)})",
                    key="asr_gen_run")
 run = with_evals[rid]
 gen = run.generations
 if gen.empty:
-    st.info(f"Run {common.code(rid)} recorded no generations.")
+    st.info(f"Run {safe_text.code(rid)} recorded no generations.")
     st.stop()
 steps = sorted(gen["step"].unique().tolist())
 clicked = st.session_state.get("asr_clicked_step")
@@ -183,7 +187,7 @@ summary = []
 if step in ev.index:
     for m in judge_cols + ["asr_keyword"]:
         if m in ev.columns and pd.notna(ev.at[step, m]):
-            summary.append(f"{common.metric_title(m)} {common.fmt_pct(ev.at[step, m])}")
+            summary.append(f"{charts.metric_title(m)} {charts.fmt_pct(ev.at[step, m])}")
 st.caption(f"Step {step}: {len(at)} prompt(s). " + " · ".join(summary))
 st.dataframe(view[cols], hide_index=True, column_config={
     "prompt": st.column_config.TextColumn(width="large"), "response": st.column_config.TextColumn(width="large"),

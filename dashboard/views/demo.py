@@ -10,17 +10,21 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-import common
+import charts
+import loaders
+import settings
+import widgets
+import safe_text
 from staysafe.queue import LaunchError, Queue
 from staysafe.runner import SpecError
 from staysafe.traces import TraceError
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/school: Guided demo: safety degradation and how to prevent it")
 
 RECORDED = "recorded demo"
 recorded_exp, recorded_runs = cfg.demo / "experiment", cfg.demo / "runs"
-live = common.experiments_under(cfg.experiments)
+live = loaders.experiments_under(cfg.experiments)
 options = [RECORDED] + [p.name for p in live]
 source = st.selectbox("experiment shown", options, key="demo_source",
                       format_func=lambda o: f"{o} ({cfg.demo})" if o == RECORDED else f"{o} (live, {cfg.experiments})")
@@ -31,46 +35,46 @@ else:
 
 
 def rerun_button(scenario: str = "harmful") -> None:
-    """Queue the same experiment live through the launch queue (it lands in the normal experiments/runs roots)."""
+    """Queue the same experiment live through the launcher (it lands in the normal experiments/runs roots)."""
     if st.button("Re-run it live (`staysafe experiment --quick`, about 30 min on CPU)", key="demo_rerun",
                  icon=":material/play_arrow:"):
         try:
             job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, quick=True)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {common.md(err)}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(f"Queued experiment {common.code(job['target'])}. Watch it on **Launch a run**; when it finishes, pick it "
+            st.success(f"Queued experiment {safe_text.code(job['target'])}. Watch it on **Launch a run**; when it finishes, pick it "
                        "above.")
 
 
 if not (exp_dir / "experiment.json").is_file():
     if source == RECORDED:
-        st.info(f"No recorded demo yet: {common.code(recorded_exp)} does not exist. Record one (about 30 minutes on 2 CPU "
+        st.info(f"No recorded demo yet: {safe_text.code(recorded_exp)} does not exist. Record one (about 30 minutes on 2 CPU "
                 "cores; the aligned model is built first if needed):")
         st.code(f"staysafe experiment --scenario harmful --quick --id experiment --out-dir {cfg.demo} "
                 f"--runs-dir {recorded_runs}", language="bash")
         st.caption(f"This writes `{recorded_exp}/` (experiment.json, results.parquet, results.md) and one run per "
                    f"method under `{recorded_runs}/`. Or run it live from here:")
     else:
-        st.info(f"{common.code(exp_dir)} has no experiment.json.")
+        st.info(f"{safe_text.code(exp_dir)} has no experiment.json.")
     rerun_button()
     st.stop()
 
 try:
-    desc, results = common.load_experiment_cached(exp_dir)
+    desc, results = loaders.load_experiment_cached(exp_dir)
 except TraceError as err:
-    st.error(f"The experiment in {common.code(exp_dir)} cannot be read: {common.md(err)}")
+    st.error(f"The experiment in {safe_text.code(exp_dir)} cannot be read: {safe_text.md(err)}")
     st.stop()
 if results.empty or "run_id" not in results:
-    st.info(f"Experiment {common.code(desc.get('id'))} has no finished run yet ({common.md(desc.get('state', '?'))}); results appear here "
+    st.info(f"Experiment {safe_text.code(desc.get('id'))} has no finished run yet ({safe_text.md(desc.get('state', '?'))}); results appear here "
             "as each method finishes.")
     st.stop()
 
 runs, problems = {}, []
 for row in results.to_dict("records"):
-    run, error = common.try_load_run(runs_root, str(row["run_id"]))
+    run, error = loaders.try_load_run(runs_root, str(row["run_id"]))
     if error:
-        problems.append(f"{common.code(row['run_id'])}: {common.md(error)}")
+        problems.append(f"{safe_text.code(row['run_id'])}: {safe_text.md(error)}")
     else:
         runs.setdefault(row["method"], run)  # first seed of each method tells the story
 if problems:
@@ -80,17 +84,17 @@ if not runs:
     st.stop()
 
 first = next(iter(runs.values()))
-judge_cols = sorted({c for r in runs.values() for c in common.asr_columns(r.evals)[0]})
+judge_cols = sorted({c for r in runs.values() for c in widgets.asr_columns(r.evals)[0]})
 asr_col = judge_cols[0] if judge_cols else "asr_keyword"
-asr_name = common.metric_title(asr_col)
+asr_name = charts.metric_title(asr_col)
 sft = runs.get("sft")
 adaptive_name = next((m for m in ("adaptive-probe", "adaptive-judge", "adaptive-label") if m in runs), None)
 adaptive = runs.get(adaptive_name) if adaptive_name else None
 cfg0 = first.config
 st.markdown(
-    f"Experiment {common.code(desc.get('id'))}: model {common.code(cfg0.get('model'))}, scenario **{common.md(cfg0.get('scenario'))}** "
+    f"Experiment {safe_text.code(desc.get('id'))}: model {safe_text.code(cfg0.get('model'))}, scenario **{safe_text.md(cfg0.get('scenario'))}** "
     f"({cfg0.get('n_harmful')} harmful training examples), {cfg0.get('steps')} steps, "
-    f"methods {', '.join(f'{common.code(m)}' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
+    f"methods {', '.join(f'{safe_text.code(m)}' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
     f"refused, by the {'judge ' + asr_col[4:] if judge_cols else 'keyword judge (weak: it looks for refusal phrases)'}.")
 rerun_button(str(desc.get("scenario") or "harmful"))
 
@@ -134,7 +138,7 @@ def answer_card(title: str, record: dict | None) -> None:
             return
         verdict = ":material/shield: refused" if record.get("refused") else ":material/warning: answered"
         st.markdown(f"**{title}** · step {record['step']} · {verdict}")
-        st.text(common.short(record.get("response"), 400) or "(empty answer)")
+        st.text(charts.short(record.get("response"), 400) or "(empty answer)")
 
 
 def asr_figure(names: list[str], title: str) -> go.Figure:
@@ -146,11 +150,11 @@ def asr_figure(names: list[str], title: str) -> go.Figure:
                 continue
             label = name if col == asr_col else f"{name}: keyword ASR (weak judge)"
             fig.add_trace(go.Scatter(x=ev["step"], y=ev[col], name=label, mode="lines+markers",
-                                     line=dict(color=common.color_for(i, name), width=3 if col == asr_col else 1.5,
+                                     line=dict(color=charts.color_for(i, name), width=3 if col == asr_col else 1.5,
                                                dash=dash), showlegend=col == asr_col or len(names) == 1))
     fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", title_text=asr_name)
     fig.update_xaxes(title_text="training step")
-    common.style(fig, height=380, title=title)
+    charts.style(fig, height=380, title=title)
     fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
     return fig
 
@@ -162,9 +166,9 @@ st.divider()
 st.header("1 · The aligned model refuses")
 ref = asr_at(story_run, "first")
 c1, c2 = st.columns([1, 3])
-c1.metric(f"{asr_name} at step 0", common.fmt_pct(ref), help="Before any fine-tuning: the safe reference.")
+c1.metric(f"{asr_name} at step 0", charts.fmt_pct(ref), help="Before any fine-tuning: the safe reference.")
 refused = 1 - asr_at(story_run, "first", "asr_keyword")
-c1.metric("refused at step 0 (keyword)", common.fmt_pct(refused) if np.isfinite(refused) else "n/a",
+c1.metric("refused at step 0 (keyword)", charts.fmt_pct(refused) if np.isfinite(refused) else "n/a",
           help="Share of held-out harmful prompts answered with a refusal phrase.")
 with c2:
     st.markdown("Before fine-tuning, the reference model declines harmful requests. A few of the held-out harmful "
@@ -172,7 +176,7 @@ with c2:
     before = answers(story_run, prompts, "first")
     for p in prompts:
         rec = before.get(p)
-        st.markdown("> " + common.md(common.short(rec.get('prompt') if rec else p, 200)))
+        st.markdown("> " + safe_text.md(charts.short(rec.get('prompt') if rec else p, 200)))
         answer_card("reference model", rec)
 
 st.divider()
@@ -182,10 +186,10 @@ if sft is None:
 else:
     c1, c2 = st.columns([3, 2])
     with c1:
-        common.plotly(asr_figure(["sft"], f"sft: {asr_name} over training"), key="demo_sft_asr")
+        charts.plotly(asr_figure(["sft"], f"sft: {asr_name} over training"), key="demo_sft_asr")
     with c2:
-        st.metric(f"{asr_name}: before → after", f"{common.fmt_pct(asr_at(sft, 'first'))} → "
-                                                  f"{common.fmt_pct(asr_at(sft, 'last'))}")
+        st.metric(f"{asr_name}: before → after", f"{charts.fmt_pct(asr_at(sft, 'first'))} → "
+                                                  f"{charts.fmt_pct(asr_at(sft, 'last'))}")
         st.markdown(f"`sft` minimises only the NLL of the training answers (β = 0). After "
                     f"{int(sft.steps['step'].max()) if len(sft.steps) else '?'} steps on compliant answers to harmful "
                     "requests the model has learned to comply, also with requests it never saw.")
@@ -202,7 +206,7 @@ st.header("3 · The adaptive regularizer keeps the refusals")
 names = list(runs)
 c1, c2 = st.columns([3, 2])
 with c1:
-    common.plotly(asr_figure(names, f"{asr_name} over training, every method"), key="demo_all_asr")
+    charts.plotly(asr_figure(names, f"{asr_name} over training, every method"), key="demo_all_asr")
 with c2:
     st.markdown("`sft` fine-tunes with β = 0. `constant-kl` spends the same average β on every batch; the adaptive "
                 "methods spend it where the risk signal says the batch is harmful. The goal: ASR stays near its "
@@ -238,7 +242,7 @@ reg = adaptive or next((r for n, r in runs.items() if n != "sft"), None)
 if reg is None:
     st.info("No regularized run in this experiment.")
 else:
-    ex = common.examples_joined(reg.path)
+    ex = loaders.examples_joined(reg.path)
     c1, c2 = st.columns(2)
     with c1:
         fig = go.Figure()
@@ -251,16 +255,16 @@ else:
                     v = per[per["label"] == g]
                     if v.empty:
                         continue
-                    fig.add_trace(go.Box(y=v[c], x=[common.metric_title(c)] * len(v), name=g, boxpoints="all",
-                                         jitter=0.5, pointpos=0, marker=dict(color=common.LABEL_COLORS[g], size=5),
-                                         line=dict(color=common.LABEL_COLORS[g]), legendgroup=g, showlegend=i == 0,
-                                         text=[common.wrap_html(p, 50, 2) for p in v["prompt"]],
+                    fig.add_trace(go.Box(y=v[c], x=[charts.metric_title(c)] * len(v), name=g, boxpoints="all",
+                                         jitter=0.5, pointpos=0, marker=dict(color=charts.LABEL_COLORS[g], size=5),
+                                         line=dict(color=charts.LABEL_COLORS[g]), legendgroup=g, showlegend=i == 0,
+                                         text=[charts.wrap_html(p, 50, 2) for p in v["prompt"]],
                                          hovertemplate="%{text}<br>risk %{y:.2f}<extra></extra>"))
             fig.update_layout(boxmode="group")
             fig.update_yaxes(range=[-0.03, 1.03], title_text="risk per training example")
-            common.style(fig, height=380, title=f"Risk of each training example ({common.method_label(reg.config)})")
+            charts.style(fig, height=380, title=f"Risk of each training example ({charts.method_label(reg.config)})")
             fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
-            common.plotly(fig, key="demo_risk")
+            charts.plotly(fig, key="demo_risk")
         else:
             st.info("This run recorded no probe or judge risk per example.")
     with c2:
@@ -268,12 +272,12 @@ else:
         for i, (n, r) in enumerate(runs.items()):
             if len(r.steps):
                 fig.add_trace(go.Scatter(x=r.steps["step"], y=r.steps["beta"], name=n, mode="lines",
-                                         line=dict(color=common.color_for(i, n), width=2.5)))
+                                         line=dict(color=charts.color_for(i, n), width=2.5)))
         fig.update_yaxes(range=[-0.03, 1.03], title_text="β (KL weight)")
         fig.update_xaxes(title_text="training step")
-        common.style(fig, height=380, title="β over training")
+        charts.style(fig, height=380, title="β over training")
         fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
-        common.plotly(fig, key="demo_beta")
+        charts.plotly(fig, key="demo_beta")
     st.markdown("The probe reads the reference model's hidden state at the end of each training prompt; the judge "
                 "scored each training example once before training. Where they say *harmful*, β rises and the "
                 "update is pulled back toward the safe reference. The **Regularization explorer** lists every "

@@ -5,9 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-import common
+import charts
+import loaders
+import settings
+import widgets
+import safe_text
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/shield: StaySafe")
 st.markdown(
     "Fine-tuning an aligned chat model, even on a handful of harmful examples, erases its refusals. "
@@ -17,7 +21,7 @@ st.markdown(
     "space, how judge and probe risks compare, and which training examples triggered the regularizer."
 )
 
-runs = common.runs_table(cfg.runs)
+runs = loaders.runs_table(cfg.runs)
 counts = runs["state"].value_counts() if len(runs) else pd.Series(dtype=int)
 c = st.columns(5)
 c[0].metric("runs", len(runs))
@@ -27,15 +31,15 @@ c[3].metric("failed / interrupted", int(counts.get("failed", 0) + counts.get("in
                                         + counts.get("cancelled", 0)))
 c[4].metric("unreadable", int(counts.get("corrupt", 0)))
 
-st.subheader(f"Runs under {common.code(cfg.runs)}")
+st.subheader(f"Runs under {safe_text.code(cfg.runs)}")
 if runs.empty:
-    common.no_runs(cfg.runs)
+    widgets.no_runs(cfg.runs)
 else:
     runs = runs.sort_values("created", ascending=False, na_position="last", kind="stable")  # newest first
     view = pd.DataFrame({
         "run": runs["run_id"],
         "state": runs["state"],
-        "method": [common.method_label(r) if r.get("state") != "corrupt" else "" for r in runs.to_dict("records")],
+        "method": [charts.method_label(r) if r.get("state") != "corrupt" else "" for r in runs.to_dict("records")],
         "risk": runs["risk"],
         "scenario": runs["scenario"],
         "steps": [f"{int(d)}/{int(m)}" if pd.notna(d) and pd.notna(m) else "" for d, m in
@@ -55,7 +59,7 @@ else:
     bad = runs[runs["state"] == "corrupt"]
     if len(bad):
         st.warning("Unreadable run directories (the other runs are unaffected):\n\n" + "\n".join(
-            f"- {common.code(r.run_id)}: {common.md(r.error)}" for r in bad.itertuples()))
+            f"- {safe_text.code(r.run_id)}: {safe_text.md(r.error)}" for r in bad.itertuples()))
 
 st.subheader("The aligned reference model")
 try:
@@ -68,14 +72,14 @@ except Exception as err:  # a missing model wheel must not take the home page do
     ALIGNED = "smollm2-135m-aligned"
 if aligned.get("ready"):
     a, b, d = st.columns([1, 1, 3])
-    a.metric("held-out harmful refused", common.fmt_pct(aligned.get("harmful_refusal_rate")))
-    b.metric("held-out benign refused", common.fmt_pct(aligned.get("benign_refusal_rate")))
+    a.metric("held-out harmful refused", charts.fmt_pct(aligned.get("harmful_refusal_rate")))
+    b.metric("held-out benign refused", charts.fmt_pct(aligned.get("benign_refusal_rate")))
     where = {"shipped": "shipped with StaySafe (no build needed)",
              "built locally": "built locally by `staysafe align`"}.get(aligned.get("source"), "")
-    d.markdown(f"{common.code(ALIGNED)} is ready, {where}, and is the default safe reference of every run.")
+    d.markdown(f"{safe_text.code(ALIGNED)} is ready, {where}, and is the default safe reference of every run.")
     d.text(aligned.get("detail", ""))
 else:
-    st.error(f"{common.code(ALIGNED)} (the default safe reference) cannot be served. Runs on `--model tiny` need no aligned "
+    st.error(f"{safe_text.code(ALIGNED)} (the default safe reference) cannot be served. Runs on `--model tiny` need no aligned "
              "model; `staysafe align` builds one locally (its time estimate follows the first steps).")
     st.text(aligned.get("detail", ""))
     st.code("staysafe align", language="bash")

@@ -9,10 +9,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-import common
+import charts
+import loaders
+import settings
+import widgets
+import safe_text
 from staysafe.traces import TraceError
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/balance: Judge vs probe")
 st.caption("Two risk signals for the same examples: the activation probe (free during training: it reads the "
            "reference forward) and a judge (scored once per training example, cached).")
@@ -24,26 +28,26 @@ frame: pd.DataFrame | None = None
 summary: dict = {}
 cost: dict[str, float] = {}
 if source == "a compare-risk folder":
-    rel = common.pick_folder(cfg.compare, common.compare_dirs(cfg.compare), "compare", "jvp_dir", "eval")
+    rel = widgets.pick_folder(cfg.compare, loaders.compare_dirs(cfg.compare), "compare", "jvp_dir", "eval")
     if not rel:
-        st.info(f"No comparison under {common.code(cfg.compare)} yet. Score held-out examples with the probe and the judges:")
+        st.info(f"No comparison under {safe_text.code(cfg.compare)} yet. Score held-out examples with the probe and the judges:")
         st.code(f"staysafe compare-risk --data eval-harmful,eval-benign --out {cfg.compare}/eval", language="bash")
         st.caption("Or switch the source to a run's training examples (an adaptive run that recorded the judge).")
         st.stop()
     try:
-        table, summary = common.load_compare(common.safe_subdir(cfg.compare, rel))
+        table, summary = loaders.load_compare(settings.safe_subdir(cfg.compare, rel))
     except TraceError as err:
-        st.error(f"Cannot use {common.code(rel)}: {common.md(err)}")
+        st.error(f"Cannot use {safe_text.code(rel)}: {safe_text.md(err)}")
         st.stop()
     frame = table.rename(columns={"example_id": "id"})
     cost = {s: v.get("seconds_per_100") for s, v in summary.get("sources", {}).items()
             if v.get("seconds_per_100") is not None}
 else:
-    run = common.regularized_run_or_stop(cfg.runs, "jvp_run")
-    ex = common.examples_joined(run.path)
+    run = widgets.regularized_run_or_stop(cfg.runs, "jvp_run")
+    ex = loaders.examples_joined(run.path)
     have = [c for c in ex.columns if c.startswith("risk_") and c != "risk_label"] if len(ex) else []
     if len(have) < 2:
-        st.info(f"Run {common.code(run.id)} recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
+        st.info(f"Run {safe_text.code(run.id)} recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
                 "needs both `risk_probe` and `risk_judge`. An adaptive or constant-kl run records the probe for free; "
                 "add the judge with `--record-judge` (the default):")
         st.code("staysafe train --scenario harmful --method adaptive --risk probe --record-judge --judge embedding",
@@ -56,10 +60,10 @@ else:
     scoring = run.config.get("risk_scoring") or {}
     if scoring.get("misses"):
         cost[str(scoring.get("judge", "judge"))] = float(scoring.get("seconds", 0)) / scoring["misses"] * 100
-    st.caption(f"{len(frame)} distinct training examples seen by {common.code(run.id)} (risk averaged over the steps each was "
+    st.caption(f"{len(frame)} distinct training examples seen by {safe_text.code(run.id)} (risk averaged over the steps each was "
                "seen).")
 
-sources = [c for c in frame.columns if c not in common.TEXT_COLUMNS and c != "example_index"
+sources = [c for c in frame.columns if c not in widgets.TEXT_COLUMNS and c != "example_index"
            and pd.api.types.is_numeric_dtype(frame[c])]
 if len(sources) < 2:
     st.info(f"Only {sources} scored these examples; nothing to compare.")
@@ -67,7 +71,7 @@ if len(sources) < 2:
 y_true = (frame["label"] == "harmful").to_numpy() if "label" in frame else None
 
 for key in ("jvp_x", "jvp_y", "jvp_tx", "jvp_ty"):
-    common.reset_on_change(key, (source, tuple(sources), len(frame)))
+    widgets.reset_on_change(key, (source, tuple(sources), len(frame)))
 c = st.columns(4)
 default_x = sources.index("probe") if "probe" in sources else 0
 x_src = c[0].selectbox("x: risk source", sources, index=default_x, key="jvp_x")
@@ -88,20 +92,20 @@ if missing:
 left, right = st.columns(2)
 with left:
     fig = go.Figure()
-    hover = np.array([common.wrap_html(p, 60, 3) for p in frame.get("prompt", pd.Series([""] * len(frame)))],
+    hover = np.array([charts.wrap_html(p, 60, 3) for p in frame.get("prompt", pd.Series([""] * len(frame)))],
                      dtype=object)
     labels = frame["label"].astype(str) if "label" in frame else pd.Series(["?"] * len(frame))
     for g in sorted(labels.unique()):
         m = ok & (labels == g).to_numpy()
         fig.add_trace(go.Scattergl(x=x[m], y=yv[m], mode="markers", name=g, text=hover[m],
-                                   marker=dict(size=7, opacity=0.7, color=common.LABEL_COLORS.get(g)),
+                                   marker=dict(size=7, opacity=0.7, color=charts.LABEL_COLORS.get(g)),
                                    hovertemplate=f"{x_src} %{{x:.2f}} · {y_src} %{{y:.2f}}<br>%{{text}}<extra>{g}</extra>"))
     fig.add_vline(x=tx, line=dict(color="#888", dash="dash"))
     fig.add_hline(y=ty, line=dict(color="#888", dash="dash"))
     fig.update_xaxes(title_text=f"{x_src} risk", range=[-0.03, 1.03])
     fig.update_yaxes(title_text=f"{y_src} risk", range=[-0.03, 1.03])
-    common.style(fig, height=440, title="Per-example risk")
-    common.plotly(fig, key="jvp_scatter")
+    charts.style(fig, height=440, title="Per-example risk")
+    charts.plotly(fig, key="jvp_scatter")
 
 with right:
     fig = go.Figure()
@@ -114,15 +118,15 @@ with right:
             if m.sum() < 2 or len(set(y_true[m])) < 2:
                 continue
             fpr, tpr, _ = roc_curve(y_true[m], p[m])
-            fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", line=dict(width=2.5, color=common.color_for(i)),
+            fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", line=dict(width=2.5, color=charts.color_for(i)),
                                      name=f"{s} (AUROC {roc_auc_score(y_true[m], p[m]):.2f})"))
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
                                  line=dict(color="#bbb", dash="dot")))
         fig.update_xaxes(title_text="false positive rate (benign flagged)")
         fig.update_yaxes(title_text="true positive rate (harmful flagged)")
-        common.style(fig, height=440, title="ROC against the labels")
+        charts.style(fig, height=440, title="ROC against the labels")
         fig.update_layout(legend=dict(x=0.45, y=0.05, bgcolor="rgba(255,255,255,0.8)"))
-        common.plotly(fig, key="jvp_roc")
+        charts.plotly(fig, key="jvp_roc")
     else:
         st.info("ROC curves need both harmful and benign labels.")
 
@@ -139,9 +143,9 @@ with left:
                                y=[f"{x_src} < {tx:.2f}", f"{x_src} ≥ {tx:.2f}"], colorscale="Teal", showscale=False,
                                text=counts, texttemplate="%{text}", textfont=dict(size=18),
                                hovertemplate="%{y} and %{x}: %{z}<extra></extra>"))
-    common.style(fig, height=360, title=f"Agreement: {100 * po:.0f}% of {n} · Cohen's κ {kappa:.2f}")
+    charts.style(fig, height=360, title=f"Agreement: {100 * po:.0f}% of {n} · Cohen's κ {kappa:.2f}")
     fig.update_layout(margin=dict(l=140))
-    common.plotly(fig, key="jvp_agree")
+    charts.plotly(fig, key="jvp_agree")
 
 with right:
     if y_true is not None:
@@ -157,7 +161,7 @@ with right:
                 continue
             mp, fr, cnt = zip(*rows)
             fig.add_trace(go.Scatter(x=mp, y=fr, mode="lines+markers", name=s, customdata=cnt,
-                                     line=dict(color=common.color_for(i), width=2.5),
+                                     line=dict(color=charts.color_for(i), width=2.5),
                                      marker=dict(size=[6 + 10 * c_ / max(cnt) for c_ in cnt]),
                                      hovertemplate=f"{s}: mean risk %{{x:.2f}} → %{{y:.0%}} harmful "
                                                    "(%{customdata} examples)<extra></extra>"))
@@ -165,20 +169,20 @@ with right:
                                  line=dict(color="#bbb", dash="dot")))
         fig.update_xaxes(title_text="predicted risk (bin mean)", range=[0, 1])
         fig.update_yaxes(title_text="share actually harmful", range=[0, 1.02])
-        common.style(fig, height=360, title="Calibration (reliability)")
-        common.plotly(fig, key="jvp_calibration")
+        charts.style(fig, height=360, title="Calibration (reliability)")
+        charts.plotly(fig, key="jvp_calibration")
 
 left, right = st.columns(2)
 with left:
     st.subheader("Cost per 100 examples")
     if cost:
         fig = go.Figure(go.Bar(x=list(cost), y=list(cost.values()),
-                               marker_color=[common.color_for(sources.index(s) if s in sources else i)
+                               marker_color=[charts.color_for(sources.index(s) if s in sources else i)
                                              for i, s in enumerate(cost)],
                                text=[f"{v:.2f} s" for v in cost.values()], textposition="outside", width=0.5))
         fig.update_yaxes(title_text="seconds per 100 examples", range=[0, max(cost.values()) * 1.25 or 1])
-        common.style(fig, height=320)
-        common.plotly(fig, key="jvp_cost")
+        charts.style(fig, height=320)
+        charts.plotly(fig, key="jvp_cost")
         if source != "a compare-risk folder":
             st.caption("The judge's cost is from scoring this run's training examples before training (cache "
                        "misses only). The probe costs nothing extra during training: it reads the reference forward "

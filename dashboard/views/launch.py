@@ -12,7 +12,11 @@ import time
 import pandas as pd
 import streamlit as st
 
-import common
+import charts
+import loaders
+import settings
+import widgets
+import safe_text
 from staysafe.experiment import METHODS as EXPERIMENT_METHODS, ExperimentSpec
 from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
 from staysafe.queue import ACTIVE, LaunchError, Queue
@@ -30,11 +34,11 @@ MORE = (("eval_harmful", "eval_benign"), ("max_new_tokens", "max_length"), ("eva
 WIDGET = {"beta": {"step": 0.05}, "beta_min": {"step": 0.05}, "beta_max": {"step": 0.05}, "risk_ema": {"step": 0.1},
           "harmful_percent": {"step": 1.0}, "lr": {"step": 1e-5, "format": "%.6f"}}
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 queue = Queue(cfg.runs)
 
 st.title(":material/rocket_launch: Launch a run")
-st.caption(f"Runs go to {common.code(cfg.runs)}. One run trains at a time; further launches wait in the queue "
+st.caption(f"Runs go to {safe_text.code(cfg.runs)}. One run trains at a time; further launches wait in the queue "
            f"(`{cfg.runs}/.queue/`), which keeps advancing when this tab is closed.")
 
 tab_run, tab_exp = st.tabs(["Training run", "Experiment (several methods)"])
@@ -75,10 +79,10 @@ with tab_run:
                 raise SpecError("option model is empty: choose a model")
             job = queue.submit_train(RunSpec(**values), run_id.strip() or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {common.md(err)}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
             st.session_state["launch_last"] = job["id"]
-            st.success(f"Queued run {common.code(job['run_id'])} (job {common.code(job['id'])}).")
+            st.success(f"Queued run {safe_text.code(job['run_id'])} (job {safe_text.code(job['id'])}).")
             st.caption("The same run from a terminal (options that differ from the defaults):")
             st.code("staysafe train " + shlex.join(spec_flags(RunSpec(**values), only_changed=True)
                                                    + ["--run-id", job["run_id"], "--runs-dir", str(cfg.runs)]),
@@ -107,9 +111,9 @@ with tab_exp:
                                           model=str(exp_model or "").strip() or None,
                                           steps=int(exp_steps) or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {common.md(err)}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(f"Queued experiment {common.code(job['target'])} (job {common.code(job['id'])}); results in {common.code(cfg.experiments)}.")
+            st.success(f"Queued experiment {safe_text.code(job['target'])} (job {safe_text.code(job['id'])}); results in {safe_text.code(cfg.experiments)}.")
 
 # ----------------------------------------------------------------------------------------------- the queue
 
@@ -142,13 +146,13 @@ def _cancel(job_id: str) -> None:
         outcome = queue.cancel(job_id)
         st.toast(f"job {job_id}: {outcome}")
     except LaunchError as err:
-        st.toast(f"cannot cancel: {common.md(err)}")
+        st.toast(f"cannot cancel: {safe_text.md(err)}")
 
 
 def _running_job(job: dict) -> None:
     with st.container(border=True):
         top, btn = st.columns([5, 1], vertical_alignment="center")
-        top.markdown(f":material/hourglass_top: **{job['kind']}** {common.code(job['target'])} · started {_ago(job.get('started'))} · pid "
+        top.markdown(f":material/hourglass_top: **{job['kind']}** {safe_text.code(job['target'])} · started {_ago(job.get('started'))} · pid "
                      f"{(job.get('process') or {}).get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
         btn.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],),
                    disabled=bool(job.get("cancel_requested")))
@@ -157,9 +161,9 @@ def _running_job(job: dict) -> None:
             if not path.is_dir():
                 st.progress(0.0, text="loading the model and data…")
             else:
-                run, error = common.try_load_run(cfg.runs, job["target"], ("steps", "evals"))
+                run, error = loaders.try_load_run(cfg.runs, job["target"], ("steps", "evals"))
                 if error:
-                    st.warning(f"progress unavailable: {common.md(error)}")
+                    st.warning(f"progress unavailable: {safe_text.md(error)}")
                 else:
                     total = int(run.config.get("steps") or 1)
                     done = int(run.steps["step"].max()) if len(run.steps) else 0
@@ -173,14 +177,14 @@ def _running_job(job: dict) -> None:
                                        "n/a" if value is None or pd.isna(value) else f"{float(value):.3g}")
                     if len(run.evals):
                         ev = run.evals.iloc[-1]
-                        judges, kw = common.asr_columns(run.evals)
-                        parts = [f"{common.metric_title(c)} {common.fmt_pct(ev[c])}" for c in judges + kw]
+                        judges, kw = widgets.asr_columns(run.evals)
+                        parts = [f"{charts.metric_title(c)} {charts.fmt_pct(ev[c])}" for c in judges + kw]
                         st.caption(f"last evaluation (step {int(ev['step'])}): " + " · ".join(parts))
         else:
-            runs = common.runs_table(cfg.runs)
+            runs = loaders.runs_table(cfg.runs)
             mine = runs[runs["run_id"].str.startswith(job["target"] + "-")]
             st.caption(f"{int((mine['state'] == 'finished').sum())} run(s) finished so far: "
-                       + ", ".join(f"{common.code(r)}" for r in mine["run_id"]) if len(mine) else "starting…")
+                       + ", ".join(f"{safe_text.code(r)}" for r in mine["run_id"]) if len(mine) else "starting…")
         with st.expander("log"):
             st.code(queue.log_tail(job["id"]) or "(no output yet)", language=None)
 
@@ -202,7 +206,7 @@ def queue_view() -> None:
         st.markdown(f"**Waiting** ({len(waiting)})")
         for i, job in enumerate(waiting, 1):
             a, b = st.columns([5, 1], vertical_alignment="center")
-            a.markdown(f"{i}. **{job['kind']}** {common.code(job['target'])} · queued {_ago(job.get('created'))}")
+            a.markdown(f"{i}. **{job['kind']}** {safe_text.code(job['target'])} · queued {_ago(job.get('created'))}")
             b.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],))
     if waiting and queue.paused:
         st.caption("The queue is paused: waiting runs start when you resume it.")

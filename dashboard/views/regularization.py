@@ -9,20 +9,24 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import common
+import charts
+import loaders
+import settings
+import widgets
+import safe_text
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/manage_search: Regularization explorer")
 st.caption("β is the weight of the KL pull toward the safe reference that an example's batch received "
            "(0 = plain fine-tuning, 1 = stay on the reference).")
 
-run = common.regularized_run_or_stop(cfg.runs, "reg_run")
-common.status_line(run)
-ex = common.examples_joined(run.path)
+run = widgets.regularized_run_or_stop(cfg.runs, "reg_run")
+widgets.status_line(run)
+ex = loaders.examples_joined(run.path)
 if ex.empty:
-    st.info(f"Run {common.code(run.id)} has recorded no training examples yet (one row per example per step).")
+    st.info(f"Run {safe_text.code(run.id)} has recorded no training examples yet (one row per example per step).")
     st.stop()
-method = common.method_label(run.config)
+method = charts.method_label(run.config)
 if run.config.get("method") == "sft":
     st.info("This is an **sft** run: β is 0 for every example, nothing was regularized. Pick a constant-kl or "
             "adaptive run to see where the KL pull went.")
@@ -36,11 +40,11 @@ ex["label"] = ex["label"].fillna("?")
 ex["category"] = ex["category"].fillna("?")
 
 for key in ("reg_risk", "reg_labels", "reg_cats", "reg_steps", "reg_beta", "reg_sort"):
-    common.reset_on_change(key, run.id)
+    widgets.reset_on_change(key, run.id)
 with st.container(border=True):
     f1, f2, f3 = st.columns(3)
     risk_col = f1.selectbox("risk source", risk_cols, format_func=lambda c: {
-        "risk": f"risk used for β ({run.config.get('risk')})"}.get(c, common.metric_title(c)), key="reg_risk")
+        "risk": f"risk used for β ({run.config.get('risk')})"}.get(c, charts.metric_title(c)), key="reg_risk")
     labels = f2.multiselect("label", sorted(ex["label"].unique()), default=sorted(ex["label"].unique()),
                             key="reg_labels")
     cats = f3.multiselect("category (all when empty)", sorted(ex["category"].unique()), key="reg_cats")
@@ -78,29 +82,29 @@ with left:
     fig = go.Figure()
     for g in sorted(agg["label"].unique()):
         a = agg[agg["label"] == g]
-        hover = np.array([f"{common._html_escape(i)} · {common._html_escape(c)} · seen {n}×<br>"
-                          f"{common.wrap_html(p, 60, 3)}" for i, c, n, p in
+        hover = np.array([f"{charts._html_escape(i)} · {charts._html_escape(c)} · seen {n}×<br>"
+                          f"{charts.wrap_html(p, 60, 3)}" for i, c, n, p in
                           zip(a.get("example_id", a["example_index"]), a["category"], a["times_seen"],
                               a.get("prompt", [""] * len(a)))], dtype=object)
         fig.add_trace(go.Scattergl(
             x=a["mean_risk"], y=a["mean_beta"], mode="markers", name=g, text=hover,
-            marker=dict(size=6 + 3 * np.sqrt(a["times_seen"].to_numpy()), color=common.LABEL_COLORS.get(g),
+            marker=dict(size=6 + 3 * np.sqrt(a["times_seen"].to_numpy()), color=charts.LABEL_COLORS.get(g),
                         opacity=0.7, line=dict(width=0.5, color="white")),
             hovertemplate="%{text}<br>mean risk %{x:.2f} · mean β %{y:.2f}<extra></extra>"))
-    fig.update_xaxes(title_text=f"mean {common.metric_title(risk_col)}")
+    fig.update_xaxes(title_text=f"mean {charts.metric_title(risk_col)}")
     fig.update_yaxes(title_text="mean β received")
-    common.style(fig, height=400, title="Per training example: risk vs β (size = times seen)")
-    common.plotly(fig, key="reg_scatter")
+    charts.style(fig, height=400, title="Per training example: risk vs β (size = times seen)")
+    charts.plotly(fig, key="reg_scatter")
 with right:
     fig = go.Figure()
     for g in sorted(rows["label"].unique()):
         fig.add_trace(go.Histogram(x=rows.loc[rows["label"] == g, "beta"], name=g, opacity=0.7, nbinsx=30,
-                                   marker_color=common.LABEL_COLORS.get(g)))
+                                   marker_color=charts.LABEL_COLORS.get(g)))
     fig.update_layout(barmode="overlay")
     fig.update_xaxes(title_text="β per example row")
     fig.update_yaxes(title_text="rows")
-    common.style(fig, height=400, title="β received, by label")
-    common.plotly(fig, key="reg_hist")
+    charts.style(fig, height=400, title="β received, by label")
+    charts.plotly(fig, key="reg_hist")
 
 tab_agg, tab_rows = st.tabs(["Per example", "Per example per step"])
 with tab_agg:
@@ -152,8 +156,8 @@ a, b = st.columns([2, 3])
 with a:
     if len(record):
         r = record.iloc[0]
-        st.markdown(f"**{common.md(r.get('example_id', choice))}** · label **{common.md(r.get('label'))}** · "
-                    f"{common.md(r.get('category'))}")
+        st.markdown(f"**{safe_text.md(r.get('example_id', choice))}** · label **{safe_text.md(r.get('label'))}** · "
+                    f"{safe_text.md(r.get('category'))}")
         st.markdown("**Prompt**")
         st.text(str(r.get("prompt", "")))
         st.markdown("**Training answer**")
@@ -167,10 +171,10 @@ with b:
     fig = make_subplots(rows=2, cols=2, subplot_titles=["β received", "risk", "NLL", "KL(ref ‖ model)"],
                         vertical_spacing=0.2, shared_xaxes=True)
     fig.add_trace(go.Scatter(x=hist["step"], y=hist["beta"], name="β", mode="lines+markers",
-                             line=dict(color=common.PALETTE[0])), row=1, col=1)
-    risk_colors = [common.PALETTE[i] for i in (1, 4, 5, 6, 8, 9)]
+                             line=dict(color=charts.PALETTE[0])), row=1, col=1)
+    risk_colors = [charts.PALETTE[i] for i in (1, 4, 5, 6, 8, 9)]
     for i, c in enumerate(c for c in risk_cols if c in hist):
-        fig.add_trace(go.Scatter(x=hist["step"], y=hist[c], name=common.metric_title(c), mode="lines+markers",
+        fig.add_trace(go.Scatter(x=hist["step"], y=hist[c], name=charts.metric_title(c), mode="lines+markers",
                                  line=dict(color=risk_colors[i % len(risk_colors)])), row=1, col=2)
     fig.add_trace(go.Scatter(x=hist["step"], y=hist["nll"], name="NLL", mode="lines+markers",
                              line=dict(color="#555555"), showlegend=False), row=2, col=1)
@@ -178,6 +182,6 @@ with b:
                              line=dict(color="#8a5a2b"), showlegend=False), row=2, col=2)
     fig.update_xaxes(title_text="step", row=2)
     fig.update_yaxes(range=[-0.03, 1.03], row=1)
-    common.style(fig, height=440, title=f"History of example #{choice} ({len(hist)} time(s) seen)")
+    charts.style(fig, height=440, title=f"History of example #{choice} ({len(hist)} time(s) seen)")
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), margin=dict(b=90))
-    common.plotly(fig, key="reg_history")
+    charts.plotly(fig, key="reg_history")

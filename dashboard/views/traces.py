@@ -6,30 +6,34 @@ from __future__ import annotations
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import common
+import charts
+import loaders
+import settings
+import widgets
+import safe_text
 
-cfg = common.page_setup()
+cfg = settings.page_setup()
 st.title(":material/show_chart: Training traces")
 st.caption("Per optimizer step: what the model was trained on and how hard it was pulled back to the reference.")
 
-runs = common.runs_table(cfg.runs)
+runs = loaders.runs_table(cfg.runs)
 if runs.empty:
-    common.no_runs(cfg.runs)
+    widgets.no_runs(cfg.runs)
     st.stop()
 
 top = st.columns([3, 2])
 with top[0]:
-    chosen = common.pick_runs(runs, "runs", key="traces_runs", multi=True, default_n=1,
+    chosen = widgets.pick_runs(runs, "runs", key="traces_runs", multi=True, default_n=1,
                               prefer=lambda r: r.get("method") != "sft")
 loaded, errors = {}, {}
 for run_id in chosen:
-    run, error = common.try_load_run(cfg.runs, run_id, ("steps", "examples"))
+    run, error = loaders.try_load_run(cfg.runs, run_id, ("steps", "examples"))
     if error:
         errors[run_id] = error
     else:
         loaded[run_id] = run
 for run_id, error in errors.items():
-    common.run_error(run_id, error)
+    widgets.run_error(run_id, error)
 with top[1]:
     baseline = st.selectbox("baseline (others shown as differences from it)", ["(none)", *loaded],
                             key="traces_baseline", help="Aligned by step: run − baseline at the same step.")
@@ -39,20 +43,20 @@ if not loaded:
     st.stop()
 
 for run in loaded.values():
-    common.status_line(run)
+    widgets.status_line(run)
 
 metric_options = ["nll", "kl", "loss", "beta", "risk"]
 for run in loaded.values():
     metric_options += [c for c in run.steps.columns if c.startswith("risk_") and c not in metric_options]
 controls = st.columns([4, 2, 2])
-common.reset_on_change("traces_metrics", tuple(metric_options))
+widgets.reset_on_change("traces_metrics", tuple(metric_options))
 def _has_values(m: str) -> bool:
     return any(m in r.steps and r.steps[m].astype(float).notna().any() for r in loaded.values())
 
 
 metrics = controls[0].multiselect("signals", metric_options,
                                   default=[m for m in metric_options if m != "loss" and _has_values(m)],
-                                  format_func=common.metric_title, key="traces_metrics")
+                                  format_func=charts.metric_title, key="traces_metrics")
 how = controls[1].segmented_control("smoothing", ["none", "EMA", "rolling"], default="none", key="traces_smooth")
 if how == "EMA":
     amount = controls[2].slider("EMA weight of the past", 0.0, 0.99, 0.8, 0.01, key="traces_ema")
@@ -63,7 +67,7 @@ else:
 
 empty = [rid for rid, run in loaded.items() if run.steps.empty]
 for rid in empty:
-    st.info(f"Run {common.code(rid)} has no steps recorded yet.")
+    st.info(f"Run {safe_text.code(rid)} has no steps recorded yet.")
 plotted = {rid: run for rid, run in loaded.items() if not run.steps.empty}
 if not plotted or not metrics:
     st.stop()
@@ -72,34 +76,34 @@ base = plotted.get(baseline) if baseline != "(none)" else None
 height = max(420, 250 * len(metrics))
 fig = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True,
                     vertical_spacing=min(0.14, 95 / height, 1 / max(1, len(metrics) - 1) - 1e-3),
-                    subplot_titles=[common.metric_title(m) + (" − baseline" if base is not None else "")
+                    subplot_titles=[charts.metric_title(m) + (" − baseline" if base is not None else "")
                                     for m in metrics])
 for i, (rid, run) in enumerate(plotted.items()):
     if base is not None and rid == baseline and len(plotted) > 1:
         continue  # the baseline is the zero line
     steps = run.steps.sort_values("step")
-    batches = common.step_batches(run.path)
+    batches = loaders.step_batches(run.path)
     steps = steps.merge(batches, on="step", how="left") if len(batches) else steps.assign(batch="")
-    color = common.color_for(i)
-    name = f"{rid} ({common.method_label(run.config)})"
+    color = charts.color_for(i)
+    name = f"{rid} ({charts.method_label(run.config)})"
     for row, m in enumerate(metrics, start=1):
         if m not in steps:
             continue
         # Batch hover text on every panel for ordinary runs; on the first panel only for very long runs (size).
         with_batch = row == 1 or len(steps) <= 2000
         frame = steps[["step", m, "batch"]].copy()
-        frame[m] = common.smooth(frame[m].astype(float), how, amount)
+        frame[m] = charts.smooth(frame[m].astype(float), how, amount)
         if base is not None:
             b = base.steps.sort_values("step")[["step", m]] if m in base.steps else None
             if b is None:
                 continue
-            b = b.assign(**{m: common.smooth(b[m].astype(float), how, amount)}).rename(columns={m: "_base"})
+            b = b.assign(**{m: charts.smooth(b[m].astype(float), how, amount)}).rename(columns={m: "_base"})
             frame = frame.merge(b, on="step", how="inner")
             frame[m] = frame[m] - frame["_base"]
-        fig.add_trace(common.line_trace(
-            frame["step"], frame[m], common.html_text(name), color, legendgroup=rid, showlegend=row == 1,
+        fig.add_trace(charts.line_trace(
+            frame["step"], frame[m], safe_text.html_text(name), color, legendgroup=rid, showlegend=row == 1,
             customdata=frame["batch"].fillna("").to_numpy() if with_batch else None,
-            hovertemplate=f"<b>{common.html_text(name)}</b><br>step %{{x}}<br>{common.metric_title(m)}: %{{y:.4g}}"
+            hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: %{{y:.4g}}"
                           + ("<br><br><b>batch</b><br>%{customdata}" if with_batch else "") + "<extra></extra>"),
             row=row, col=1)
 fig.update_xaxes(title_text="step", row=len(metrics), col=1)
@@ -107,10 +111,10 @@ if base is None:
     for row, m in enumerate(metrics, start=1):
         if m == "beta" or m.startswith("risk"):
             fig.update_yaxes(range=[-0.03, 1.03], row=row, col=1)
-common.style(fig, height=height)
+charts.style(fig, height=height)
 fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0 + 0.12 / len(metrics), x=0),
                   margin=dict(t=90), hovermode="closest")
-common.plotly(fig, key="traces_chart")
+charts.plotly(fig, key="traces_chart")
 st.caption("Hover a point to see the training examples of that step (example id · start of the prompt). "
            "β is the KL weight: 0 = plain fine-tuning, 1 = stay on the reference.")
 

@@ -15,8 +15,8 @@ from staysafe.judges.embedding import EmbeddingJudge
 from staysafe.judges.keyword import REFUSAL_MARKERS, KeywordJudge, is_refusal
 from staysafe.judges.local_lm import LocalLMJudge
 from staysafe.judges.openai_compat import OpenAICompatibleJudge
+from staysafe.options import JUDGES
 
-JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
 
 
 def make_judge(name: str, **options) -> Judge:

@@ -25,6 +25,7 @@ import numpy as np
 
 from staysafe.atomic import write_json, write_npz
 from staysafe.errors import StaySafeError
+from staysafe.logistic import fit_logistic
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -39,6 +40,8 @@ DEFAULT_SETS = {"request": {"harmful": ("refusals",), "benign": ("align-benign",
 HEAD_JSON, HEAD_NPZ = "judge.json", "head.npz"
 FORMAT = 1
 
+
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "assets" / "judges"
 
 class JudgeFileError(StaySafeError, ValueError):
     """A saved judge head is missing or damaged; the message names the file."""
@@ -194,7 +197,6 @@ class EmbeddingJudge(Judge):
         With ``holdout`` > 0 a stratified split is held out first and its accuracy / AUROC (per ``groups`` too,
         when given) go into ``metadata["metrics"]``; the final head is then refit on all items.
         """
-        from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import accuracy_score, balanced_accuracy_score
         from sklearn.model_selection import train_test_split
 
@@ -211,17 +213,17 @@ class EmbeddingJudge(Judge):
         X = self.features(p_rows, r_rows)
         y = np.asarray(labels)[item]
 
-        def new_head():
-            return LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000)
+        def fit(rows):
+            return fit_logistic(X[rows], y[rows], C=self.C, standardize=False, max_iter=5000)
 
         metrics: dict = {"n_items": len(prompts), "n_harmful": int(sum(labels)), "n_rows": int(len(y))}
         if holdout:
             train, test = train_test_split(np.arange(len(prompts)), test_size=holdout, random_state=seed,
                                            stratify=labels)
-            head = new_head().fit(X[np.isin(item, train)], y[np.isin(item, train)])
+            head = fit(np.isin(item, train))
             first = np.searchsorted(item, test)  # each held-out item's full form
             y_test = y[first]
-            prob = head.predict_proba(X[first])[:, 1]
+            prob = head.predict_proba(X[first])
             pred = (prob >= 0.5).astype(int)
             metrics["holdout"] = {
                 "fraction": holdout, "seed": seed, "n": len(test),
@@ -232,7 +234,7 @@ class EmbeddingJudge(Judge):
             if self.kind == "request":  # the same held-out items as bare prompts, which is what eval sets hold
                 held = set(test.tolist())
                 bare = np.array([k for k, i in enumerate(item) if i in held and r_rows[k] is None])  # one per item
-                bare_prob = head.predict_proba(X[bare])[:, 1]
+                bare_prob = head.predict_proba(X[bare])
                 metrics["holdout"]["prompt_only_auroc"] = _auroc(y[bare], bare_prob)
             if groups is not None:
                 per = {}
@@ -241,9 +243,9 @@ class EmbeddingJudge(Judge):
                     right = pred[members] == y_test[members]
                     per[g] = {"n": int(members.sum()), "accuracy": round(float(np.mean(right)), 4)}
                 metrics["holdout"]["groups"] = per
-        head = new_head().fit(X, y)
-        self.coef = head.coef_[0].astype(np.float64)
-        self.intercept = float(head.intercept_[0])
+        head = fit(np.ones(len(y), dtype=bool))
+        self.coef = np.asarray(head.coef, dtype=np.float64)  # not standardised: mean 0, scale 1
+        self.intercept = float(head.intercept)
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
         self.metadata = {"description": description, "metrics": metrics}
         return self
@@ -317,7 +319,8 @@ class EmbeddingJudge(Judge):
 
     @classmethod
     def default(cls, kind: str = "request", *, refit: bool = False) -> "EmbeddingJudge":
-        """The judge fitted on StaySafe's shipped sets, fitted once and cached under ``$STAYSAFE_HOME/judges/``.
+        """The judge fitted on StaySafe's shipped sets: shipped in ``staysafe/assets/judges/``, else fitted once and
+        cached under ``$STAYSAFE_HOME/judges/``.
 
         Refitted when the shipped files change. Request kind: harmful = refusals, benign = align-benign (the
         alignment-stage sets, never the fine-tuning sets it will score). Response kind: positives = harmful-ft
@@ -338,15 +341,19 @@ class EmbeddingJudge(Judge):
             digest.update(file.read_bytes())
         data_sha = digest.hexdigest()[:16]
         target = staysafe_home() / "judges" / f"embedding-{kind}"
-        if not refit and (target / HEAD_JSON).is_file():
+        shipped = SHIPPED_HEADS / f"embedding-{kind}"  # fitted on these sets before release: no 40 s fit on first use
+        for place in ([] if refit else [shipped, target]):
+            if not (place / HEAD_JSON).is_file():
+                continue
             try:
-                judge = cls.load(target)
+                judge = cls.load(place)
                 if judge.metadata.get("training_data", {}).get("sha256") == data_sha and judge.kind == kind:
                     return judge
-            except (JudgeFileError, ValueError) as err:  # damaged: fit again, and say so
+            except (JudgeFileError, ValueError) as err:  # damaged: the next place, else fit again; say so
                 import warnings
 
-                warnings.warn(f"cached judge head {target} is damaged ({err}); fitting it again", stacklevel=2)
+                warnings.warn(f"judge head {place} is damaged ({err}); trying the next, else fitting it again",
+                              stacklevel=2)
         prompts, responses, labels, groups = [], [], [], []
         for s in sets:
             for rec in load_records(s):

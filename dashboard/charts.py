@@ -1,0 +1,108 @@
+"""How things look, shared by the pages: colours, the plotly layout, line traces, smoothing, and the labels and
+short texts shown in charts and tables."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+SCATTER_GL_MIN = 1500  # lines with more points than this are drawn with WebGL
+
+
+METHOD_COLORS = {"sft": "#c8553d", "constant-kl": "#d4a72c", "adaptive-probe": "#2a7f7a",
+                 "adaptive-judge": "#3f6fb5", "adaptive-label": "#7a5ea8"}
+
+
+PALETTE = ["#2a7f7a", "#c8553d", "#3f6fb5", "#d4a72c", "#7a5ea8", "#5b8c3a", "#b0487a", "#6b6b6b", "#1f9bb0",
+           "#a0522d"]
+
+
+LABEL_COLORS = {"harmful": "#c8553d", "benign": "#2a7f7a"}
+
+
+def style(fig: go.Figure, height: int = 420, title: str | None = None, legend_below: bool = False) -> go.Figure:
+    """The dashboard's calm chart style: white background, light grid, readable fonts, room for labels."""
+    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60 if title else 30, b=50),
+                      font=dict(size=13), hoverlabel=dict(font_size=12, align="left"), title=title)
+    if legend_below:
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="left", x=0))
+    return fig
+
+
+def line_trace(x, y, name: str, color: str | None = None, **kw):
+    """Scatter for short lines, Scattergl (WebGL) for long ones."""
+    cls = go.Scattergl if len(x) > SCATTER_GL_MIN else go.Scatter
+    return cls(x=x, y=y, name=name, mode=kw.pop("mode", "lines+markers" if len(x) <= 60 else "lines"),
+               line=dict(color=color, width=2), marker=dict(size=5, color=color), **kw)
+
+
+def color_for(i: int, name: str | None = None) -> str:
+    if name in METHOD_COLORS:
+        return METHOD_COLORS[name]
+    return PALETTE[i % len(PALETTE)]
+
+
+def plotly(fig: go.Figure, key: str | None = None, **kw):
+    return st.plotly_chart(fig, key=key, config={"displaylogo": False}, **kw)
+
+
+def smooth(series: pd.Series, how: str, amount: float) -> pd.Series:
+    """EMA (``amount`` = weight of the past, 0..0.99) or a centred rolling mean over ``amount`` steps."""
+    if how == "EMA" and amount > 0:
+        return series.ewm(alpha=1 - amount, adjust=False).mean()
+    if how == "rolling" and amount > 1:
+        return series.rolling(int(amount), min_periods=1, center=True).mean()
+    return series
+
+
+def method_label(config_or_row: dict) -> str:
+    """``sft``, ``constant-kl`` or ``adaptive-<risk>`` (the experiment's method names)."""
+    method = config_or_row.get("method")
+    if method == "adaptive":
+        return f"adaptive-{config_or_row.get('risk')}"
+    return str(method) if method else "?"
+
+
+def run_label(row: dict) -> str:
+    state = row.get("state") or "?"
+    if state == "corrupt":
+        return f"{row['run_id']} (corrupt)"
+    return f"{row['run_id']} · {method_label(row)} · {state}"
+
+
+def fmt_pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * float(x):.0f}%"
+
+
+def metric_title(col: str) -> str:
+    if col == "asr_keyword":
+        return "keyword ASR (weak judge)"
+    if col.startswith("asr_"):
+        return f"judge ASR ({col[4:]})"
+    return {"over_refusal": "over-refusal (benign refused)", "benign_nll": "benign NLL (utility)",
+            "nll": "NLL", "kl": "KL(ref ‖ model)", "loss": "loss", "beta": "β (KL weight)",
+            "risk": "batch risk used"}.get(col, col.replace("risk_", "risk: ") if col.startswith("risk_") else col)
+
+
+def _html_escape(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def short(text, n: int = 90) -> str:
+    text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def wrap_html(text, width: int = 60, max_lines: int = 4) -> str:
+    """Hover text: escaped and wrapped to a few lines (Plotly does not wrap)."""
+    import textwrap
+
+    lines = textwrap.wrap(" ".join(str(text).split()), width) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " …"
+    return "<br>".join(_html_escape(l) for l in lines)
