@@ -27,7 +27,7 @@ SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny")  # known names; a directory or hub id also works
 PRECISIONS = ("auto", "fp32", "bf16")
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
-RECORDED = {"versions", "command", "n_examples", "risk_scoring", "processes", "precision_used"}  # config.json extras
+RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used"}  # config.json extras
 
 
 class SpecError(StaySafeError, ValueError):

@@ -154,6 +154,22 @@ def test_the_live_preset_shows_the_effect(tmp_path):
     assert adaptive["mean_beta"] > 0.6  # the probe saw harmful data
 
 
+def test_a_failed_experiment_is_marked_failed(tmp_path):
+    """A run that fails inside an experiment once left experiment.json 'running' forever."""
+    from staysafe.experiment import load_experiment
+
+    spec = ExperimentSpec(scenario="harmful", methods=["sft"], seeds=1, model="tiny", out_dir=str(tmp_path / "e"),
+                          runs_dir=str(tmp_path / "runs"), experiment_id="exp-fails",
+                          overrides={"lora_r": 0, "steps": 1, "batch_size": 2, "max_length": 64, "eval_every": 0,
+                                     "eval_harmful": 1, "eval_benign": 1, "max_new_tokens": 2,
+                                     "eval_judges": ["no-such-judge"], "record_judge": False, "save_model": False,
+                                     "risk": "label"})
+    with pytest.raises(ValueError, match="unknown response judge"):
+        run_experiment(spec, log=lambda *a: None)
+    desc, _ = load_experiment(tmp_path / "e" / "exp-fails")
+    assert desc["state"] == "failed" and "no-such-judge" in desc["error"]
+
+
 def test_presets_set_defaults_that_explicit_options_override():
     from staysafe.experiment import base_spec
     from staysafe.presets import PRESETS

@@ -1,6 +1,6 @@
 """Launch a run: a form generated from the option schema (RunSpec), validated before anything is queued; the queue with live progress and cancel.
 
-Runs are started by ``staysafe.launcher`` as background processes (argument lists, never a shell), one at a time
+Runs are started by the queue worker (``staysafe.queue``) as background processes (argument lists, never a shell), one at a time
 on CPU; the queue lives on disk, so it keeps advancing with the browser closed.
 """
 
@@ -16,9 +16,10 @@ import charts
 import loaders
 import settings
 import widgets
+import safe_text
 from staysafe.experiment import METHODS as EXPERIMENT_METHODS, ExperimentSpec
-from staysafe.launcher import ACTIVE, LaunchError, Queue
 from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
+from staysafe.queue import ACTIVE, LaunchError, Queue
 from widgets import option_input
 
 OWN_DATA = "(my own data file)"
@@ -37,7 +38,7 @@ cfg = settings.page_setup()
 queue = Queue(cfg.runs)
 
 st.title(":material/rocket_launch: Launch a run")
-st.caption(f"Runs go to `{cfg.runs}`. One run trains at a time; further launches wait in the queue "
+st.caption(f"Runs go to {safe_text.code(cfg.runs)}. One run trains at a time; further launches wait in the queue "
            f"(`{cfg.runs}/.queue/`), which keeps advancing when this tab is closed.")
 
 tab_run, tab_exp = st.tabs(["Training run", "Experiment (several methods)"])
@@ -78,10 +79,10 @@ with tab_run:
                 raise SpecError("option model is empty: choose a model")
             job = queue.submit_train(RunSpec(**values), run_id.strip() or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
             st.session_state["launch_last"] = job["id"]
-            st.success(f"Queued run `{job['run_id']}` (job `{job['id']}`).")
+            st.success(f"Queued run {safe_text.code(job['run_id'])} (job {safe_text.code(job['id'])}).")
             st.caption("The same run from a terminal (options that differ from the defaults):")
             st.code("staysafe train " + shlex.join(spec_flags(RunSpec(**values), only_changed=True)
                                                    + ["--run-id", job["run_id"], "--runs-dir", str(cfg.runs)]),
@@ -110,18 +111,25 @@ with tab_exp:
                                           model=str(exp_model or "").strip() or None,
                                           steps=int(exp_steps) or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(f"Queued experiment `{job['target']}` (job `{job['id']}`); results in `{cfg.experiments}`.")
+            st.success(f"Queued experiment {safe_text.code(job['target'])} (job {safe_text.code(job['id'])}); results in {safe_text.code(cfg.experiments)}.")
 
 # ----------------------------------------------------------------------------------------------- the queue
 
 head, toggle = st.columns([4, 1], vertical_alignment="bottom")
 head.subheader("Queue")
-paused = toggle.toggle("pause the queue", value=queue.paused, key="launch_paused",
-                       help="Queued runs wait while paused; a running one finishes. Useful to keep the CPU free.")
-if paused != queue.paused:
-    queue.pause() if paused else queue.resume()
+
+
+def _set_paused() -> None:
+    """Only a click changes the queue's state; the widget itself always shows the state on disk."""
+    queue.pause() if st.session_state["launch_paused"] else queue.resume()
+
+
+st.session_state["launch_paused"] = queue.paused  # paused elsewhere (another tab, `staysafe queue pause`)
+toggle.toggle("pause the queue", key="launch_paused", on_change=_set_paused,
+              help="Queued runs wait while paused; a running one finishes. Useful to keep the CPU free. "
+                   "From a terminal: `staysafe queue pause|resume`.")
 initial_jobs = queue.jobs()
 polling = any(j.get("state") in ACTIVE for j in initial_jobs)
 
@@ -138,14 +146,14 @@ def _cancel(job_id: str) -> None:
         outcome = queue.cancel(job_id)
         st.toast(f"job {job_id}: {outcome}")
     except LaunchError as err:
-        st.toast(f"cannot cancel: {err}")
+        st.toast(f"cannot cancel: {safe_text.md(err)}")
 
 
 def _running_job(job: dict) -> None:
     with st.container(border=True):
         top, btn = st.columns([5, 1], vertical_alignment="center")
-        top.markdown(f":material/hourglass_top: **{job['kind']}** `{job['target']}` · started {_ago(job.get('started'))} · pid "
-                     f"{job.get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
+        top.markdown(f":material/hourglass_top: **{job['kind']}** {safe_text.code(job['target'])} · started {_ago(job.get('started'))} · pid "
+                     f"{(job.get('process') or {}).get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
         btn.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],),
                    disabled=bool(job.get("cancel_requested")))
         if job["kind"] == "train":
@@ -155,7 +163,7 @@ def _running_job(job: dict) -> None:
             else:
                 run, error = loaders.try_load_run(cfg.runs, job["target"], ("steps", "evals"))
                 if error:
-                    st.warning(f"progress unavailable: {error}")
+                    st.warning(f"progress unavailable: {safe_text.md(error)}")
                 else:
                     total = int(run.config.get("steps") or 1)
                     done = int(run.steps["step"].max()) if len(run.steps) else 0
@@ -176,7 +184,7 @@ def _running_job(job: dict) -> None:
             runs = loaders.runs_table(cfg.runs)
             mine = runs[runs["run_id"].str.startswith(job["target"] + "-")]
             st.caption(f"{int((mine['state'] == 'finished').sum())} run(s) finished so far: "
-                       + ", ".join(f"`{r}`" for r in mine["run_id"]) if len(mine) else "starting…")
+                       + ", ".join(f"{safe_text.code(r)}" for r in mine["run_id"]) if len(mine) else "starting…")
         with st.expander("log"):
             st.code(queue.log_tail(job["id"]) or "(no output yet)", language=None)
 
@@ -198,14 +206,14 @@ def queue_view() -> None:
         st.markdown(f"**Waiting** ({len(waiting)})")
         for i, job in enumerate(waiting, 1):
             a, b = st.columns([5, 1], vertical_alignment="center")
-            a.markdown(f"{i}. **{job['kind']}** `{job['target']}` · queued {_ago(job.get('created'))}")
+            a.markdown(f"{i}. **{job['kind']}** {safe_text.code(job['target'])} · queued {_ago(job.get('created'))}")
             b.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],))
     if waiting and queue.paused:
         st.caption("The queue is paused: waiting runs start when you resume it.")
-    elif waiting and not running and queue.runner_pid() is None:
-        st.warning("Runs are waiting but no queue runner is alive.")
-        if st.button("Start the queue runner", key="start_runner"):
-            queue.ensure_runner()
+    elif waiting and not running and queue.worker_pid() is None:
+        st.warning("Runs are waiting but no queue worker is alive.")
+        if st.button("Start the queue worker", key="start_runner"):
+            queue.ensure_worker()
     if done:
         st.markdown("**Finished jobs**")
         st.dataframe(pd.DataFrame([{
