@@ -635,14 +635,15 @@ def test_demo_page_live_rerun_goes_through_the_queue(env, tmp_path, monkeypatch)
     q = Queue(tmp_path / "runs")
     q.pause()  # never start the real (135M-model) experiment in a test
     at = open_page("demo")
-    [b for b in at.button if b.key == "demo_rerun"][0].click()
-    at.run()
-    assert_clean(at)
-    jobs = q.jobs()
-    assert len(jobs) == 1 and jobs[0]["kind"] == "experiment" and jobs[0]["state"] == "queued"
-    argv = command(jobs[0], q.root)
-    assert "--quick" in argv and argv[3] == "experiment"
-    assert q.cancel(jobs[0]["id"]) == "removed" and q.worker_pid() is None
+    for key, preset in (("demo_rerun_live", "live"), ("demo_rerun", "quick")):
+        [b for b in at.button if b.key == key][0].click()
+        at.run()
+        assert_clean(at)
+        jobs = q.jobs()
+        assert len(jobs) == 1 and jobs[0]["kind"] == "experiment" and jobs[0]["state"] == "queued"
+        argv = command(jobs[0], q.root)
+        assert argv[argv.index("--preset") + 1] == preset and argv[3] == "experiment"
+        assert q.cancel(jobs[0]["id"]) == "removed" and q.worker_pid() is None
 
 
 # ----------------------------------------------------------------------------------------------- real browser

@@ -67,12 +67,16 @@ def test_experiment_argv(tmp_path):
     argv = experiment_argv("exp-1", tmp_path / "runs", tmp_path / "exps", methods=["sft", "adaptive-probe"],
                            quick=True)
     assert argv[:4] == [sys.executable, "-m", "staysafe.cli", "experiment"]
-    assert "--quick" in argv and argv[argv.index("--id") + 1] == "exp-1"
+    assert argv[argv.index("--preset") + 1] == "quick" and argv[argv.index("--id") + 1] == "exp-1"
     assert argv[argv.index("--methods") + 1] == "sft,adaptive-probe"
     from staysafe.cli import build_parser
 
     args = build_parser().parse_args(argv[3:])
-    assert args.quick and args.out_dir == str((tmp_path / "exps").resolve())
+    assert args.preset == "quick" and args.out_dir == str((tmp_path / "exps").resolve())
+    live = experiment_argv("exp-3", tmp_path / "runs", tmp_path / "exps", preset="live")
+    assert live[live.index("--preset") + 1] == "live" and live[live.index("--methods") + 1] == "sft,adaptive-probe"
+    with pytest.raises(SpecError, match="unknown preset"):
+        experiment_argv("exp-4", tmp_path, tmp_path, preset="nope")
     with pytest.raises(SpecError, match="unknown method"):
         experiment_argv("exp-2", tmp_path, tmp_path, methods=["dpo"])
 

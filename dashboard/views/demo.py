@@ -35,11 +35,19 @@ else:
 
 
 def rerun_button(scenario: str = "harmful") -> None:
-    """Queue the same experiment live through the launcher (it lands in the normal experiments/runs roots)."""
-    if st.button("Re-run it live (`staysafe experiment --quick`, about 30 min on CPU)", key="demo_rerun",
-                 icon=":material/play_arrow:"):
+    """Queue the effect live through the launch queue (it lands in the normal experiments/runs roots): the live
+    preset (sft beside adaptive-probe, minutes) or the recorded experiment's quick preset."""
+    live, full = st.columns(2)
+    chosen = None
+    if live.button("Re-run it live in class (`--preset live`: sft and adaptive-probe, about 7 min on 2 CPU cores)",
+                   key="demo_rerun_live", icon=":material/play_arrow:"):
+        chosen = {"preset": "live"}
+    if full.button("Re-run the whole experiment (`--quick`, four methods, about an hour on 2 CPU cores)",
+                   key="demo_rerun", icon=":material/replay:"):
+        chosen = {"quick": True}
+    if chosen is not None:
         try:
-            job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, quick=True)
+            job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, **chosen)
         except (SpecError, LaunchError) as err:
             st.error(f"Not queued: {safe_text.md(err)}")
         else:

@@ -17,7 +17,8 @@ import loaders
 import settings
 import widgets
 import safe_text
-from staysafe.experiment import METHODS as EXPERIMENT_METHODS, ExperimentSpec
+from staysafe.experiment import METHODS as EXPERIMENT_METHODS
+from staysafe.presets import PRESETS
 from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
 from staysafe.queue import ACTIVE, LaunchError, Queue
 from widgets import option_input
@@ -90,16 +91,17 @@ with tab_run:
 
 with tab_exp:
     st.markdown("Runs several methods under the same data order and seeds (`staysafe experiment`); each method is "
-                "a normal run, summarised in one results table. The CPU preset (`--quick`) takes about 30 minutes "
-                "on the aligned model.")
+                "a normal run, summarised in one results table. Presets: `live` (sft beside adaptive-probe, about "
+                "7 minutes on 2 CPU cores: for showing the effect in class) and `quick` (the README's experiments, "
+                "15-20 minutes per method on a 2-core CPU without bf16).")
     with st.form("experiment_form"):
         x1, x2, x3 = st.columns(3)
         exp_scenario = x1.selectbox("scenario", SCENARIOS, key="exp_scenario")
-        exp_methods = x1.multiselect("methods", list(EXPERIMENT_METHODS),
-                                     default=ExperimentSpec().methods,
-                                     key="exp_methods")
+        exp_methods = x1.multiselect("methods (empty: the preset's, else all four)", list(EXPERIMENT_METHODS),
+                                     default=[], key="exp_methods")
         exp_seeds = x2.number_input("seeds", 1, 20, 1, key="exp_seeds")
-        exp_quick = x2.checkbox("quick CPU preset (--quick)", True, key="exp_quick")
+        exp_preset = x2.selectbox("preset", [*PRESETS, "none"], key="exp_preset",
+                                  help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
         exp_model = x3.selectbox("model", MODELS, accept_new_options=True, key="exp_model")
         exp_steps = x3.number_input("steps (0 = preset)", 0, 100_000, 0, key="exp_steps")
         exp_id = st.text_input("experiment id (optional)", key="exp_id")
@@ -107,7 +109,8 @@ with tab_exp:
     if exp_submit:
         try:
             job = queue.submit_experiment(cfg.experiments, exp_id.strip() or None, scenario=exp_scenario,
-                                          methods=list(exp_methods), seeds=int(exp_seeds), quick=bool(exp_quick),
+                                          methods=list(exp_methods) or None, seeds=int(exp_seeds),
+                                          quick=False, preset=None if exp_preset == "none" else exp_preset,
                                           model=str(exp_model or "").strip() or None,
                                           steps=int(exp_steps) or None)
         except (SpecError, LaunchError) as err:

@@ -18,7 +18,7 @@ from pathlib import Path
 from staysafe.queue.store import ACTIVE, LaunchError, JobStore
 from staysafe.traces import RUN_ID, TraceError, new_run_id, safe_run_path
 
-EXPERIMENT_OPTIONS = ("scenario", "methods", "seeds", "quick", "model", "steps")
+EXPERIMENT_OPTIONS = ("scenario", "methods", "seeds", "quick", "preset", "model", "steps")
 NOT_QUEUEABLE = ("judge_url", "judge_key_env")  # a file must never choose where a secret goes
 
 
@@ -32,19 +32,22 @@ def train_argv(spec, run_id: str, runs_root: Path) -> list[str]:
 
 def experiment_argv(experiment_id: str, runs_root: Path, experiments_root: Path, *, scenario: str = "harmful",
                     methods: list[str] | None = None, seeds: int = 1, quick: bool = True, model: str | None = None,
-                    steps: int | None = None) -> list[str]:
+                    steps: int | None = None, preset: str | None = None) -> list[str]:
     """The argument list of ``staysafe experiment`` (only what its CLI exposes); options are checked first."""
     from staysafe.experiment import ExperimentSpec
     from staysafe.options import SpecError
 
-    types = {"scenario": str, "seeds": int, "quick": bool, "model": (str, type(None)), "steps": (int, type(None))}
+    types = {"scenario": str, "seeds": int, "quick": bool, "model": (str, type(None)), "steps": (int, type(None)),
+             "preset": (str, type(None))}
+    if preset is not None:
+        quick = False  # a named preset replaces the quick one
     for name, value in (("scenario", scenario), ("seeds", seeds), ("quick", quick), ("model", model),
-                        ("steps", steps)):
+                        ("steps", steps), ("preset", preset)):
         if not isinstance(value, types[name]) or (isinstance(value, bool) and types[name] is not bool):
             raise SpecError(f"experiment option {name} = {value!r} is invalid: expected {types[name]}")
     if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
         raise SpecError(f"experiment option methods = {methods!r} is invalid: expected a list of method names")
-    exp = ExperimentSpec(scenario=scenario, seeds=seeds, quick=quick, steps=steps,
+    exp = ExperimentSpec(scenario=scenario, seeds=seeds, quick=quick, steps=steps, preset=preset,
                          **({"methods": list(methods)} if methods else {}), **({"model": model} if model else {}))
     try:
         exp.validate()
@@ -54,8 +57,8 @@ def experiment_argv(experiment_id: str, runs_root: Path, experiments_root: Path,
             "--methods", ",".join(exp.methods), "--seeds", str(exp.seeds), f"--model={exp.model}",
             "--out-dir", str(Path(experiments_root).resolve()), "--runs-dir", str(Path(runs_root).resolve()),
             "--id", experiment_id]
-    if exp.quick:
-        argv.append("--quick")
+    if exp.preset:  # validate() turned --quick into the quick preset
+        argv += ["--preset", exp.preset]
     if exp.steps:
         argv += ["--steps", str(exp.steps)]
     return argv
