@@ -25,7 +25,7 @@ from staysafe.faults import fault_pause
 class EvalSettings:
     n_harmful: int = 50
     n_benign: int = 50
-    max_new_tokens: int = 64
+    max_new_tokens: int = 32
     batch_size: int = 50  # 50 prompts a batch: 86 s against 134 s at 25 for 50 + 50 prompts x 64 tokens on 2 cores
     seed: int = 0
     response_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
