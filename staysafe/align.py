@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import torch
 
 from transformers import TrainerCallback
 
+from staysafe.atomic import publish_dir
 from staysafe.aligned import (ADAPTER_FILE, ALIGNED, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
                               cache_problem, file_sha256, training_data_sha)
 from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
@@ -125,20 +125,11 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                   "seconds": time.time() - t0, "n_train": len(records),
                   "targets": {"harmful_refusal_rate": ">= 0.80", "benign_refusal_rate": "<= 0.15"}}
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        _publish_over(tmp, target)
+        publish_dir(tmp, target)  # the old model stays readable until the new one is complete
         print(f"Aligned model ready in {report['seconds'] / 60:.1f} min: refuses "
               f"{metrics['harmful_refusal_rate']:.0%} of held-out harmful prompts and "
               f"{metrics['benign_refusal_rate']:.0%} of held-out benign prompts.", flush=True)
         return target
-
-
-def _publish_over(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by the complete ``tmp`` so that a reader always finds the old model or the new one."""
-    old = target.with_name(f".{target.name}-old-{os.getpid()}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class _Estimate(TrainerCallback):
