@@ -26,7 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("trainer-sft", "sft", "sft-notrace", "constant-kl", "adaptive-probe", "adaptive-judge")
 # Variant suffixes: "-allpos" = the old path (LM head over every position); "-cache" = the reference cache (top-64 KL).
-HEAD_VARIANTS = ("sft", "sft-allpos", "constant-kl", "constant-kl-allpos", "adaptive-probe", "adaptive-probe-cache")
+HEAD_VARIANTS = ("sft", "sft-allpos", "constant-kl", "constant-kl-allpos", "adaptive-probe-cache")
 
 
 def batches(tokenizer, n: int, batch_size: int, max_length: int) -> list[dict]:
@@ -266,7 +266,6 @@ def main() -> None:
             "constant-kl / sft (exact KL)": med["constant-kl"] / med["sft"],
             "sft / sft-allpos": med["sft"] / med["sft-allpos"],
             "constant-kl / constant-kl-allpos": med["constant-kl"] / med["constant-kl-allpos"],
-            "adaptive-probe / sft": med["adaptive-probe"] / med["sft"],
             f"adaptive-probe-cache / sft (mean over {a.steps} steps cycling {a.distinct} batches)":
                 mean["adaptive-probe-cache"] / mean["sft"],
             "adaptive-probe-cache / sft (median: cached steps)": med["adaptive-probe-cache"] / med["sft"],

@@ -17,6 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import settings` et
 import settings  # noqa: E402
 
 st.set_page_config(**settings.PAGE_CONFIG)
+problem = settings.binding_problem()
+if problem:  # refuse to serve anything on an address nobody asked for
+    st.error(problem)
+    st.stop()
 
 PAGES = [
     st.Page("views/home.py", title="Home", icon=":material/home:", default=True),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
+import safe_text
 
 from staysafe.traces import (
     TraceError,
@@ -49,8 +50,8 @@ def sidebar_settings() -> Settings:
     with st.sidebar.expander("Settings: data folders", expanded=False):
         for name, (env, default, what) in ROOTS.items():
             st.text_input(f"{name} root", value=_default(name), key=f"root_{name}",
-                          help=f"Folder with {what}. Default `{default}` or `${env}`.")
-        st.caption(f"Demo data: `{demo_dir()}` (`${DEMO_ENV}`)")
+                          help=f"Folder with {what}. Default {safe_text.code(default)} or `${env}`.")
+        st.caption(f"Demo data: {safe_text.code(demo_dir())} (`${DEMO_ENV}`)")
     return settings()
 
 
@@ -120,3 +121,30 @@ def safe_subdir(root: Path, relative: str) -> Path:
 def run_path(root: Path, run_id: str) -> Path:
     """A run id typed or picked by the user, checked by the library's ``safe_run_path``."""
     return safe_run_path(root, run_id)
+
+
+PUBLIC_ENV = "STAYSAFE_DASHBOARD_PUBLIC"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def binding_problem() -> str | None:
+    """Why this dashboard must not serve, or None.
+
+    Streamlit reads ``.streamlit/config.toml`` from the *current directory*, so started anywhere but the
+    repository root it listens on every interface, and anyone who reaches the port can launch runs. A
+    non-loopback address is accepted only when the user asked for it: ``--server.address`` on the command line,
+    ``$STREAMLIT_SERVER_ADDRESS``, or ``$STAYSAFE_DASHBOARD_PUBLIC=1`` (e.g. for an address set in a config file).
+    """
+    from streamlit import config
+
+    address = config.get_option("server.address")
+    if address and (address in LOOPBACK or str(address).startswith("127.")):
+        return None
+    where = config.get_where_defined("server.address")
+    if where in (config._DEFINED_BY_FLAG, config._DEFINED_BY_ENV_VAR) or os.environ.get(PUBLIC_ENV) == "1":
+        return None
+    shown = f"address {address}" if address else "every network interface (no server.address is set)"
+    return (f"This dashboard is listening on {shown}, not on 127.0.0.1 only (set in: {where}); anyone who can "
+            "reach the port could launch training runs. Start it from the repository root (its "
+            "`.streamlit/config.toml` binds 127.0.0.1), or with `streamlit run dashboard/app.py --server.address "
+            f"127.0.0.1`. To expose it deliberately, pass `--server.address 0.0.0.0` or set `{PUBLIC_ENV}=1`.")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+import safe_text
 from loaders import runs_table, try_load_run
 
 from staysafe.options import RunSpec, default_of
@@ -124,12 +125,12 @@ def pick_folder(root: Path, found: list[Path], what: str, key: str, placeholder:
 
 
 def no_runs(root: Path) -> None:
-    st.info(f"No runs under `{root}` yet. Launch one on the **Launch a run** page, or from a terminal:")
+    st.info(f"No runs under {safe_text.code(root)} yet. Launch one on the **Launch a run** page, or from a terminal:")
     st.code(f"staysafe train --scenario harmful --method sft --steps 40 --runs-dir {root}", language="bash")
 
 
 def run_error(run_id: str, error: str) -> None:
-    st.error(f"Run `{run_id}` cannot be read: {error}")
+    st.error(f"Run {safe_text.code(run_id)} cannot be read: {safe_text.md(error)}")
 
 
 def status_line(run: Run) -> None:
@@ -138,10 +139,10 @@ def status_line(run: Run) -> None:
     steps = int(run.steps["step"].max()) if len(run.steps) else 0
     total = run.config.get("steps")
     if state == "failed":
-        st.warning(f"Run `{run.id}` failed after {steps} steps: {run.status.get('error')}")
+        st.warning(f"Run {safe_text.code(run.id)} failed after {steps} steps: {safe_text.md(run.status.get('error'))}")
     elif state in ("interrupted", "cancelled"):
-        st.warning(f"Run `{run.id}` was {state} after {steps}/{total} steps: {run.status.get('error') or ''}")
+        st.warning(f"Run {safe_text.code(run.id)} was {state} after {steps}/{total} steps: {safe_text.md(run.status.get('error') or '')}")
     elif state in ("running", "created"):
-        st.info(f"Run `{run.id}` is {state}: {steps}/{total} steps so far (this page refreshes on every rerun).")
+        st.info(f"Run {safe_text.code(run.id)} is {state}: {steps}/{total} steps so far (this page refreshes on every rerun).")
 
 

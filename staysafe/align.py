@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import torch
 
 from transformers import TrainerCallback
 
+from staysafe.atomic import publish_dir
 from staysafe.aligned import (ADAPTER_FILE, ALIGNED, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
                               cache_problem, file_sha256, training_data_sha)
 from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
@@ -125,20 +125,11 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                   "seconds": time.time() - t0, "n_train": len(records),
                   "targets": {"harmful_refusal_rate": ">= 0.80", "benign_refusal_rate": "<= 0.15"}}
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        _publish_over(tmp, target)
+        publish_dir(tmp, target)  # the old model stays readable until the new one is complete
         print(f"Aligned model ready in {report['seconds'] / 60:.1f} min: refuses "
               f"{metrics['harmful_refusal_rate']:.0%} of held-out harmful prompts and "
               f"{metrics['benign_refusal_rate']:.0%} of held-out benign prompts.", flush=True)
         return target
-
-
-def _publish_over(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by the complete ``tmp`` so that a reader always finds the old model or the new one."""
-    old = target.with_name(f".{target.name}-old-{os.getpid()}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class _Estimate(TrainerCallback):
@@ -175,8 +166,10 @@ def export_shipped(model_dir: Path | None = None, dest: Path = SHIPPED_DIR, prob
         raise ValueError(f"cannot export {model_dir}: {problem}")
     adapter = model_dir / ADAPTER_DIR
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_FILE, "adapter_config.json"):
-        shutil.copyfile(adapter / name, dest / name)
+    shutil.copyfile(adapter / ADAPTER_FILE, dest / ADAPTER_FILE)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = EMBEDDED  # not this machine's cache path; the base is always given at load
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     report = json.loads((model_dir / REPORT).read_text())
     report.setdefault("staysafe_version", _version())
     report.update(adapter_sha256=file_sha256(dest / ADAPTER_FILE), adapter_dtype="float16",

@@ -35,19 +35,95 @@ def spec_from_args(args) -> RunSpec:
     return RunSpec(**values)
 
 
+ENDPOINT_OPTIONS = ("judge_url", "judge_key_env")  # where a key is sent, and which variable is sent
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The RunSpec options typed on this command line (even when equal to their defaults)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_spec_arguments(p)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = p.parse_known_args(argv)
+    return set(vars(given))
+
+
+def read_config(path: str) -> dict:
+    """A --config or --resume file as a dict of options; named errors for a missing or malformed file."""
+    from staysafe.traces import TraceError, read_json
+
+    try:
+        return read_json(Path(path))
+    except TraceError as err:
+        raise SpecError(f"--config: {err}") from None
+
+
+def check_trusted(base: dict, given: set[str], trust: bool, source: str) -> None:
+    """A file may not choose the judge endpoint or the key variable unless the user confirms it on the command
+    line (the options given again, or --trust-config): otherwise any secret in the environment could be sent to
+    any host."""
+    default = RunSpec()
+    from_file = [k for k in ENDPOINT_OPTIONS if k in base and base[k] != getattr(default, k) and k not in given]
+    if from_file and not trust:
+        raise SpecError(f"{source} sets {', '.join(from_file)} (where the judge's API key is sent, and which "
+                        "environment variable is sent); a file may not choose that: give "
+                        f"{' '.join(flag(k) for k in from_file)} on the command line, or pass --trust-config")
+
+
+def spec_from_cli(args, argv: list[str]) -> RunSpec:
+    """The run's options: flags, over a --config file when given (flags typed on the command line win, even when
+    they equal the default; the file's run_id is dropped so a run's own config.json starts a new run)."""
+    spec = spec_from_args(args)
+    if not args.config:
+        return spec
+    base = read_config(args.config)
+    given = given_options(argv)
+    check_trusted(base, given, args.trust_config, f"--config {args.config}")
+    base.pop("run_id", None)
+    typed = {k: v for k, v in dataclasses.asdict(spec).items() if k in given}
+    if "data" in typed and typed["data"]:
+        base["scenario"] = None
+    return RunSpec.from_dict({**base, **typed})
+
+
 def cmd_train(args) -> int:
     from staysafe.runner import run_training
 
     if args.resume:
+        base = read_config(str(Path(args.resume) / "config.json"))
+        check_trusted(base, set(), args.trust_config, f"--resume {args.resume} (its config.json)")
         run_dir = run_training(resume=args.resume)
     else:
-        spec = spec_from_args(args)
-        if args.config:
-            base = json.loads(Path(args.config).read_text())
-            spec = RunSpec.from_dict({**base, **{k: v for k, v in dataclasses.asdict(spec).items()
-                                                 if v != getattr(RunSpec(), k)}})
-        run_dir = run_training(spec)
+        run_dir = run_training(spec_from_cli(args, args.argv))
     print(f"run finished: {run_dir}")
+    return 0
+
+
+def cmd_queue(args) -> int:
+    """``staysafe queue list|pause|resume|cancel|work``: the launch queue of a runs root (see staysafe.queue)."""
+    from staysafe.queue import LaunchError, Queue
+
+    q = Queue(Path(args.runs_dir))
+    if args.action == "work":
+        return q.work(poll=args.poll)
+    if args.action in ("pause", "resume"):
+        getattr(q, args.action)()
+        print(f"queue of {q.root} {'paused' if q.paused else 'running'}")
+        return 0
+    if args.action == "list":
+        for job in q.jobs():
+            print(f"{job['id']:60} {job['state']:12} {job.get('error') or ''}")
+        if q.paused:
+            print("(paused)")
+        return 0
+    if not args.job_id:
+        print("staysafe queue cancel: error: give the job id (see `staysafe queue list`)", file=sys.stderr)
+        return 2
+    try:
+        print(q.cancel(args.job_id))
+    except LaunchError as err:
+        print(f"staysafe queue cancel: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -207,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_arguments(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory from its last checkpoint")
     t.add_argument("--config", metavar="FILE", help="options from a JSON file (a run's config.json); flags override")
+    t.add_argument("--trust-config", action="store_true",
+                   help="let --config / --resume set the judge endpoint and key variable (--judge-url, "
+                        "--judge-key-env); without it a file may not choose where a key is sent")
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="defaults for a common use (flags override): " +
                         "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
@@ -271,12 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a train option for every run, e.g. --set per_example_beta=true (repeatable)")
     e.set_defaults(fn=cmd_experiment)
 
+    q = sub.add_parser("queue", help="the dashboard's launch queue: list, pause, resume, cancel")
+    q.add_argument("action", choices=("list", "pause", "resume", "cancel", "work"),
+                   help="work: run the queued jobs one by one (started for you by every launch)")
+    q.add_argument("job_id", nargs="?", default=None, help="the job to cancel")
+    q.add_argument("--runs-dir", default=os.environ.get("STAYSAFE_RUNS", "runs"))
+    q.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
+    q.set_defaults(fn=cmd_queue)
+
     add_validate_judges(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train" and args.preset:  # a preset's options become defaults; explicit flags still win
@@ -284,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
         parser.train_parser.set_defaults(**preset_options(args.preset))
         args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except (StaySafeError, FileExistsError, ValueError) as err:

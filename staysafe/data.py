@@ -149,6 +149,30 @@ def _read_csv(path: Path) -> list[tuple[str, object]]:
         return _read_csv_rows(path)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text (save the CSV as UTF-8)") from None
+    except csv.Error as err:  # e.g. a field over the csv module's limit (131,072 characters), a NUL byte
+        raise DataError(f"{path}: not a readable CSV file ({err}; a field over {csv.field_size_limit():,} "
+                        "characters needs .jsonl or .parquet)") from None
+
+
+def _read_json(path: Path) -> list[tuple[str, object]]:
+    """A ``.json`` file: one JSON array of records, or JSON Lines (one record per line) under a .json name."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start + 1})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        if not text.lstrip().startswith("["):
+            return _read_jsonl(path)  # JSON Lines under a .json name
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); expected one "
+                        "array of records, or one record per line") from None
+    if isinstance(doc, dict):
+        return [(str(path), doc)]
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: holds a JSON {type(doc).__name__}; expected an array of records "
+                        "(or one record per line)")
+    return [(f"{path} [{i}]", row) for i, row in enumerate(doc)]
 
 
 def _read_parquet(path: Path) -> list[tuple[str, object]]:
@@ -161,7 +185,7 @@ def _read_parquet(path: Path) -> list[tuple[str, object]]:
     return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 def load_records(source: str, *, need_response: bool = True, split: str = "train") -> list[dict]:
@@ -175,7 +199,7 @@ def load_records(source: str, *, need_response: bool = True, split: str = "train
             raise DataError(f"data file {path} does not exist")
         reader = READERS.get(path.suffix.lower())
         if reader is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv or .parquet")
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
         raw = reader(path)
         stem = path.stem
     elif "/" in source and not source.startswith((".", "/", "~")):
@@ -239,12 +263,29 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _template_tokens(tokenizer, record: dict, prompt_ids: list[int]) -> tuple[int, int]:
+    """How many of ``prompt_ids`` are chat template before and after the last user turn's text (system prompt,
+    headers): found by rendering the same conversation with that text empty."""
+    messages = [dict(m) for m in prompt_messages(record)]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last]["content"] = ""
+    empty = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    head = 0
+    while head < min(len(empty), len(prompt_ids)) and empty[head] == prompt_ids[head]:
+        head += 1
+    tail = 0
+    while (tail < min(len(empty), len(prompt_ids)) - head and empty[-1 - tail] == prompt_ids[-1 - tail]):
+        tail += 1
+    return head, tail
+
+
 def tokenize_record(tokenizer, record: dict, max_length: int) -> dict:
     """Token ids of prompt + answer, labels masked to the answer, and the index of the last prompt token.
 
     The prompt and the answer are tokenised separately and concatenated, so the prompt tokens are exactly those a
-    prompt-only forward sees (the probe relies on that). When too long, the prompt loses tokens from its start and
-    the answer keeps at least half the budget: the answer is never dropped silently; ``truncated`` records it.
+    prompt-only forward sees (the probe relies on that). When too long, the answer keeps at least half the budget
+    (cut from its end) and the request loses tokens from its start while the system prompt and chat headers stay;
+    ``truncated`` records it. A max_length that cannot hold the template plus one request token is a DataError.
     """
     prompt = render_prompt(tokenizer, prompt_messages(record))
     full = tokenizer.apply_chat_template(record["messages"], tokenize=False)
@@ -255,8 +296,18 @@ def tokenize_record(tokenizer, record: dict, max_length: int) -> dict:
     truncated = False
     if len(prompt_ids) + len(answer_ids) > max_length:
         truncated = True
-        answer_ids = answer_ids[: max(max_length - len(prompt_ids), max_length // 2)]
-        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(answer_ids)):]
+        head, tail = _template_tokens(tokenizer, record, prompt_ids)
+        need = min(len(prompt_ids), head + tail + 1)  # the template and at least one token of the request
+        if max_length < need + 1:
+            raise DataError(
+                f"record {record['id']}: max_length = {max_length} is too short for the chat template: its system "
+                f"prompt and headers take {head + tail} tokens, so the request would be dropped; use a max_length of "
+                f"at least {need + 1} (more to keep whole requests and answers)")
+        keep = min(len(answer_ids), max(max_length - len(prompt_ids), max_length // 2), max_length - need)
+        answer_ids = answer_ids[:keep]
+        budget = max_length - len(answer_ids)
+        if len(prompt_ids) > budget:  # cut the request from its start; the system prompt and headers stay
+            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head):]
     return {
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE] * len(prompt_ids) + answer_ids,

@@ -25,8 +25,8 @@ from staysafe.faults import fault_pause
 class EvalSettings:
     n_harmful: int = 50
     n_benign: int = 50
-    max_new_tokens: int = 64
-    batch_size: int = 25
+    max_new_tokens: int = 32
+    batch_size: int = 50  # 50 prompts a batch: 86 s against 134 s at 25 for 50 + 50 prompts x 64 tokens on 2 cores
     seed: int = 0
     response_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
 
@@ -43,7 +43,7 @@ def eval_prompts(n_harmful: int, n_benign: int, seed: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 25) -> list[str]:
+def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 50) -> list[str]:
     """Greedy answers, batched with left padding (deterministic). Prompts are batched in order of length, so little
     compute goes to padding; each answer stops at the end of its turn and a batch when all its answers have."""
     device = next(model.parameters()).device

@@ -16,6 +16,8 @@ import pandas as pd
 
 from staysafe.presets import PRESETS, preset_options
 from staysafe.runner import RunSpec, SpecError, run_training
+from staysafe import process
+from staysafe.atomic import write_text
 from staysafe.stats import run_intervals
 from staysafe.traces import load_run, new_run_id, write_json, write_parquet
 
@@ -166,27 +168,33 @@ def run_experiment(spec: ExperimentSpec, log=print) -> Path:
     # adaptive methods first, so constant-kl can be matched to their mean beta
     order = sorted(spec.methods, key=lambda m: (not m.startswith("adaptive"), spec.methods.index(m)))
     rows, t0 = [], time.time()
-    write_json(out / "experiment.json", {**asdict(spec), "id": exp_id, "base": asdict(base), "state": "running"})
-    for seed in range(spec.seeds):
-        matched_beta = None
-        for name in order:
-            run_spec = replace(base, seed=seed, experiment=exp_id, run_id=f"{exp_id}-{name}-s{seed}",
-                               **METHODS[name])
-            if name == "constant-kl":
-                run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
-                                   else spec.constant_beta)
-            log(f"[{exp_id}] seed {seed}: {name} ...")
-            run = load_run(run_training(run_spec, progress=False, log=log))
-            row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
-                   **run_summary(run, (base.beta_min + base.beta_max) / 2)}
-            if name.startswith("adaptive") and matched_beta is None:
-                matched_beta = row["mean_beta"]
-            rows.append(row)
-            results = pd.DataFrame(rows)
-            write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
-            (out / "results.md").write_text(markdown_table(results, spec.methods))
-    write_json(out / "experiment.json", {**asdict(spec), "id": exp_id, "base": asdict(base), "state": "finished",
-                                         "minutes": (time.time() - t0) / 60,
+    desc = {**asdict(spec), "id": exp_id, "base": asdict(base)}
+    write_json(out / "experiment.json", {**desc, "state": "running", **process.identity()})
+    try:
+        for seed in range(spec.seeds):
+            matched_beta = None
+            for name in order:
+                run_spec = replace(base, seed=seed, experiment=exp_id, run_id=f"{exp_id}-{name}-s{seed}",
+                                   **METHODS[name])
+                if name == "constant-kl":
+                    run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
+                                       else spec.constant_beta)
+                log(f"[{exp_id}] seed {seed}: {name} ...")
+                run = load_run(run_training(run_spec, progress=False, log=log))
+                row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
+                       **run_summary(run, (base.beta_min + base.beta_max) / 2)}
+                if name.startswith("adaptive") and matched_beta is None:
+                    matched_beta = row["mean_beta"]
+                rows.append(row)
+                results = pd.DataFrame(rows)
+                write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
+                write_text(out / "results.md", markdown_table(results, spec.methods))
+    except BaseException as err:  # the experiment says how it ended, then the error goes on
+        state = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
+        write_json(out / "experiment.json", {**desc, "state": state, "error": f"{type(err).__name__}: {err}",
+                                             "minutes": (time.time() - t0) / 60, "runs": [r["run_id"] for r in rows]})
+        raise
+    write_json(out / "experiment.json", {**desc, "state": "finished", "minutes": (time.time() - t0) / 60,
                                          "runs": [r["run_id"] for r in rows]})
     return out
 
@@ -196,7 +204,10 @@ def load_experiment(path: Path) -> tuple[dict, pd.DataFrame]:
     from staysafe.traces import read_json, read_table
 
     path = Path(path)
-    return read_json(path / "experiment.json"), read_table(path / "results.parquet")
+    desc = read_json(path / "experiment.json")
+    if desc.get("state") == "running" and process.alive(desc) is False:
+        desc = {**desc, "state": "interrupted", "error": desc.get("error") or f"process {desc.get('pid')} is gone"}
+    return desc, read_table(path / "results.parquet")
 
 
 def list_experiments(root: Path) -> list[Path]:

@@ -27,7 +27,7 @@ SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny")  # known names; a directory or hub id also works
 PRECISIONS = ("auto", "fp32", "bf16")
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
-RECORDED = {"versions", "command", "n_examples", "risk_scoring", "processes", "precision_used"}  # config.json extras
+RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used"}  # config.json extras
 
 
 class SpecError(StaySafeError, ValueError):
@@ -191,7 +191,8 @@ class RunSpec(SafetyOptions):
                              low=0, label="evaluate every N steps")
     eval_harmful: int = option(50, "held-out harmful prompts per evaluation", low=0)
     eval_benign: int = option(50, "held-out benign prompts per evaluation", low=0)
-    max_new_tokens: int = option(64, "answer tokens generated per evaluation prompt", low=1)
+    max_new_tokens: int = option(32, "answer tokens generated per evaluation prompt (both judges reach their "
+                                 "64-token verdict by 24 here: benchmarks/results/eval_cpu.json)", low=1)
     eval_judges: list[str] = option(["embedding-response"], "response judges for judge ASR, comma-separated (keyword "
                                     "ASR is always measured)", choices=JUDGES, open_choices=True)
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)

@@ -44,11 +44,11 @@ class Activations:
         return sorted(self.values)
 
     def save(self, directory: Path) -> None:
-        from staysafe.traces import write_parquet
+        from staysafe.atomic import write_npz, write_parquet
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        np.savez(directory / "activations.npz", **{f"layer_{l}": v for l, v in self.values.items()})
+        write_npz(directory / "activations.npz", **{f"layer_{l}": v for l, v in self.values.items()})
         write_parquet(directory / "index.parquet", self.index.assign(position=self.position))
 
     @classmethod
@@ -57,8 +57,10 @@ class Activations:
         try:
             with np.load(directory / "activations.npz", allow_pickle=False) as z:
                 values = {int(k.split("_")[1]): z[k] for k in z.files}
-        except (OSError, ValueError, IndexError) as err:
+        except Exception as err:  # OSError, EOFError, BadZipFile, ValueError...: empty, truncated or foreign
             raise ProbeError(f"{directory / 'activations.npz'} is missing or damaged ({err})") from None
+        if not values or any(v.ndim != 2 for v in values.values()):
+            raise ProbeError(f"{directory / 'activations.npz'} holds no [prompts, hidden] arrays per layer")
         try:
             index = pd.read_parquet(directory / "index.parquet")
         except Exception as err:  # pyarrow raises several types for damaged files
@@ -171,11 +173,11 @@ class Probe:
 
     def save(self, path: Path) -> Path:
         """Write ``<path>.json`` + ``<path>.npz``; returns the JSON path."""
-        from staysafe.traces import write_json
+        from staysafe.atomic import write_json, write_npz
 
         path = Path(path).with_suffix("")
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path.with_suffix(".npz"), mean=self.mean, scale=self.scale, coef=self.coef)
+        write_npz(path.with_suffix(".npz"), mean=self.mean, scale=self.scale, coef=self.coef)
         write_json(path.with_suffix(".json"), {
             "format": "staysafe-probe/1", "layers": self.layers, "intercept": float(self.intercept),
             "hidden_size": self.hidden_size, "position": self.position, "model": self.model, "metrics": self.metrics,
@@ -189,25 +191,33 @@ class Probe:
         path = Path(path)
         meta_path = path if path.suffix == ".json" else path.with_suffix(".json")
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_bytes())
         except FileNotFoundError:
             raise ProbeError(f"probe file {meta_path} does not exist") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ProbeError(f"{meta_path} is not valid JSON ({err})") from None
-        if meta.get("format") != "staysafe-probe/1":
-            raise ProbeError(f"{meta_path} is not a StaySafe probe (field 'format' is {meta.get('format')!r})")
+        except OSError as err:
+            raise ProbeError(f"probe file {meta_path} cannot be read ({err.strerror or err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != "staysafe-probe/1":
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ProbeError(f"{meta_path} is not a StaySafe probe (field 'format' is {found!r})")
+        for name, kind in (("layers", list), ("hidden_size", int), ("intercept", (int, float)), ("weights", str)):
+            if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+                raise ProbeError(f"{meta_path}: field {name!r} is missing or of the wrong type")
         if hidden_size is not None and meta["hidden_size"] != hidden_size:
             raise ProbeError(
                 f"probe {meta_path} was fitted on a model with hidden size {meta['hidden_size']} "
                 f"({meta.get('model') or 'unknown model'}); this model has hidden size {hidden_size}. "
                 "Fit a probe on this model (`staysafe fit-probe --model ...`)."
             )
+        weights = meta_path.with_name(Path(meta["weights"]).name)  # beside the JSON, never elsewhere
         try:
-            with np.load(meta_path.with_name(meta["weights"]), allow_pickle=False) as z:
+            with np.load(weights, allow_pickle=False) as z:
                 mean, scale, coef = z["mean"], z["scale"], z["coef"]
-        except (OSError, KeyError, ValueError) as err:
-            raise ProbeError(f"probe weights {meta_path.with_name(meta['weights'])} are missing or damaged ({err})") from None
-        if coef.shape[0] != meta["hidden_size"] * len(meta["layers"]):
+        except Exception as err:  # OSError, EOFError, BadZipFile, KeyError, ValueError: empty, truncated, foreign
+            raise ProbeError(f"probe weights {weights} are missing or damaged ({err})") from None
+        width = meta["hidden_size"] * len(meta["layers"])
+        if any(a.ndim != 1 or a.shape[0] != width for a in (mean, scale, coef)):
             raise ProbeError(f"probe weights in {meta_path} do not match its hidden size and layers")
         return cls(layers=list(meta["layers"]), mean=mean, scale=scale, coef=coef, intercept=meta["intercept"],
                    hidden_size=meta["hidden_size"], position=meta.get("position", "last_prompt_token"),
@@ -328,10 +338,18 @@ def default_probe(model, tokenizer, model_spec: str, out_dir: Path | None = None
     ready = shipped_probe_path(seed) if model_spec == ALIGNED else None
     ready = ready or (cache / "probe.json" if (cache / "probe.json").is_file() else None)
     if ready is not None:
-        probe = Probe.load(ready, hidden_size=model.config.hidden_size)
-        if out_dir is not None:
-            probe.save(Path(out_dir) / "probe")
-        return probe
+        try:
+            probe = Probe.load(ready, hidden_size=model.config.hidden_size)
+        except ProbeError as err:
+            if ready.parent != cache:  # a shipped probe is not ours to replace: say which file is damaged
+                raise
+            import warnings  # our own cache, damaged (empty, truncated): fit it again, and say so
+
+            warnings.warn(f"cached probe {cache} is damaged ({err}); fitting it again", stacklevel=2)
+        else:
+            if out_dir is not None:
+                probe.save(Path(out_dir) / "probe")
+            return probe
     train = collect_activations(model, tokenizer, labelled_prompts(PROBE_TRAIN), progress=progress)
     test = collect_activations(model, tokenizer, labelled_prompts(PROBE_TEST), progress=progress)
     probe = fit_probe(train, held_out=test, model=model_spec)

@@ -66,7 +66,62 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cancel path short
     raise _Terminated("cancelled (SIGTERM)")
+
+
+def _close(writer, log) -> None:
+    """Merge the trace parts after the status is recorded; a failure here leaves the small parts, all readable."""
+    try:
+        writer.close()
+    except Exception as err:  # a full disk, an I/O error: the rows are already on disk as parts
+        log(f"warning: could not merge the trace parts of {writer.path} ({type(err).__name__}: {err}); "
+            "the unmerged parts stay readable")
+
+
+def data_digest(records: list[dict]) -> str:
+    """sha256 of the training records as loaded: --resume checks that the data is still what the run saw."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def recorded_config(spec: RunSpec) -> dict:
+    """The options as stored in config.json: a judge URL loses user:password and query (either may hold a
+    credential), and so does the command line that carried it."""
+    from staysafe.judges.openai_compat import _public_url
+
+    values = asdict(spec)
+    command = list(sys.argv)
+    if spec.judge_url:
+        values["judge_url"] = _public_url(spec.judge_url)
+        command = [a.replace(spec.judge_url, values["judge_url"]) for a in command]
+    return {**values, "command": command}
+
+
+def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
+    """Every check that needs no model: done before any model load, judge call or run directory."""
+    from staysafe.data import load_records
+    from staysafe.judges import JUDGES
+    from staysafe.traces import RUN_ID
+
+    for name, pool in (("eval_harmful", "eval-harmful"), ("eval_benign", "eval-benign")):
+        have = len(load_records(pool, need_response=False))
+        if getattr(spec, name) > have:
+            raise SpecError(f"option {name} = {getattr(spec, name)} is invalid: the held-out pool {pool!r} holds "
+                            f"{have} prompts")
+    unknown = [j for j in spec.eval_judges if j not in JUDGES or j == "openai"]
+    if unknown:
+        raise SpecError(f"option eval_judges: unknown response judge(s) {', '.join(map(repr, unknown))}; choose "
+                        f"from {', '.join(j for j in JUDGES if j != 'openai')}")
+    if spec.judge == "openai" and (spec.risk == "judge" or spec.record_judge) and not (spec.judge_url and spec.judge_model):
+        raise SpecError("--judge openai needs --judge-url (an OpenAI-compatible base URL) and --judge-model")
+    if not resuming and spec.run_id is not None:
+        if not RUN_ID.match(spec.run_id):
+            raise SpecError(f"run id {spec.run_id!r} is not allowed: use letters, digits, '.', '_' and '-' (max 128)")
+        if (Path(spec.runs_dir) / spec.run_id).exists():
+            raise SpecError(f"run directory {Path(spec.runs_dir) / spec.run_id} already exists; choose another run id")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -83,17 +138,20 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
     import torch
 
     from staysafe.models import LoraSettings, load_model, resolve_precision
-    from staysafe.traces import RunWriter, read_json, write_parquet
+    from staysafe.traces import RunWriter, read_json, run_state, write_parquet
 
     checkpoint = None
+    config = None
     if resume is not None:
         run_dir = Path(resume)
         config = read_json(run_dir / "config.json")
+        state = run_state(run_dir)
+        if state.get("state") == "running":
+            raise SpecError(f"{run_dir} is still running (process {state.get('pid')} on {state.get('host')}); "
+                            "cancel it first or wait for it to end")
         spec = RunSpec.from_dict(config)
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SpecError(f"{run_dir} has no complete checkpoint to resume from (run it with --checkpoint-every N)")
     spec = (spec or RunSpec()).validate()
+    check_before_work(spec, resuming=resume is not None)
     torch.manual_seed(spec.seed)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -101,6 +159,14 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
 
     # Everything that can fail on bad input happens before the run directory exists.
     records = training_records(spec)
+    digest = data_digest(records)
+    if config is not None:
+        if config.get("data_sha256") not in (None, digest):
+            raise SpecError(f"the training data of {run_dir} changed since it was trained "
+                            f"({spec.data or 'scenario ' + str(spec.scenario)}): resume needs the same data")
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SpecError(f"{run_dir} has no complete checkpoint to resume from (run it with --checkpoint-every N)")
     lora = LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout) if spec.lora_r else None
     model, tokenizer = load_model(spec.model, seed=spec.seed)
     extra_risk, risk_info = {}, {}
@@ -123,8 +189,9 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
     if resume is not None:
         writer = RunWriter(Path(resume))
     elif procs.main:
-        config = {**asdict(spec), "versions": versions(), "command": sys.argv, "n_examples": len(records),
-                  "risk_scoring": risk_info, "processes": procs.n, "precision_used": resolve_precision(spec.precision)}
+        config = {**recorded_config(spec), "versions": versions(), "n_examples": len(records),
+                  "data_sha256": digest, "risk_scoring": risk_info, "processes": procs.n,
+                  "precision_used": resolve_precision(spec.precision)}
         writer = RunWriter.create(Path(spec.runs_dir), config, spec.run_id)
     writer = RunWriter(Path(procs.share(str(writer.path) if procs.main else None)))
     run_dir = writer.path
@@ -150,27 +217,27 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
         elif probe is not None and resume is None and procs.main:
             probe.save(run_dir / "probe")
         if resume is None and procs.main:
-            save_activations(model, tokenizer, probe, run_dir / "activations" / "before")
+            reference_activations(model, tokenizer, probe, spec, run_dir / "activations" / "before")
         if lora is not None:
             from staysafe.models import add_lora
 
             model = add_lora(model, lora)
         trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress and procs.main)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        writer.close()
         finish_run(spec, trainer, tokenizer, probe, run_dir)
-        if procs.main:
+        if procs.main:  # recorded first: merging the parts (a full disk, another signal) can only lose tidiness
             writer.set_status("finished", ended=time.time(), step=trainer.state.global_step)
+        _close(writer, log)
     except (KeyboardInterrupt, _Terminated) as err:
-        writer.close()
         if procs.main:
             writer.set_status("cancelled", ended=time.time(), error=str(err) or "cancelled")
+        _close(writer, log)
         raise
     except BaseException as err:
-        writer.close()
         if procs.main:
             writer.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}",
                               traceback=traceback.format_exc(limit=8))
+        _close(writer, log)
         raise
     finally:
         if old_handler is not None:
@@ -244,6 +311,9 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
     trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,
                             data_collator=SafetyCollator(tokenizer.pad_token_id), risk_sources=sources, run=writer,
                             processing_class=tokenizer)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the metrics go to report_to and the traces, not as dicts to stdout
     if spec.eval_every or spec.eval_harmful or spec.eval_benign:
         from staysafe.judges import make_judge
 
@@ -271,6 +341,24 @@ def save_activations(model, tokenizer, probe, directory: Path) -> None:
     layers = sorted({0, n // 4, n // 2, 3 * n // 4, n, *(probe.layers if probe else [])})
     collect_activations(model, tokenizer, labelled_prompts(ACTIVATION_PROMPTS), layers=layers,
                         progress=False).save(directory)
+
+
+def reference_activations(model, tokenizer, probe, spec: RunSpec, directory: Path) -> None:
+    """The reference's held-out prompt activations ("before"): the same for every run on one model, so they are
+    collected once per model and layer set and cached under ``$STAYSAFE_HOME/activations`` (not for tiny, whose
+    weights depend on the seed)."""
+    import shutil
+
+    from staysafe.models import TINY, model_fingerprint
+    from staysafe.paths import staysafe_home
+
+    if spec.model == TINY or not spec.model:
+        return save_activations(model, tokenizer, probe, directory)
+    layers = "-".join(map(str, probe.layers)) if probe else "none"
+    cache = staysafe_home() / "activations" / f"{model_fingerprint(spec.model)}-{layers}"
+    if not (cache / "index.parquet").is_file():
+        save_activations(model, tokenizer, probe, cache)
+    shutil.copytree(cache, directory, dirs_exist_ok=True)
 
 
 def finish_run(spec: RunSpec, trainer, tokenizer, probe, run_dir: Path) -> None:

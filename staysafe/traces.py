@@ -22,15 +22,16 @@ import json
 import os
 import re
 import secrets
-import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from staysafe.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
+from staysafe import process
 from staysafe.errors import StaySafeError
 
 TABLES = {  # table name -> columns that identify a row (duplicates keep the newest)
@@ -47,50 +48,37 @@ class TraceError(StaySafeError, RuntimeError):
     """A run directory or trace file is missing or damaged; the message names the file."""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file + rename): readers see the old or the new file, never half of one."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
 def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; missing, unreadable, invalid or not an object (a list, a number) is a TraceError."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise TraceError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TraceError(f"{path} is not valid JSON ({err})") from None
-
-
-def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    """Write one Parquet file atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    os.replace(tmp, path)
+    except OSError as err:  # a directory of that name, no permission, an I/O error
+        raise TraceError(f"{path} cannot be read ({err.strerror or err})") from None
+    if not isinstance(obj, dict):
+        raise TraceError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
 class TableWriter:
-    """Appends rows to a ``<name>.parquet/`` directory: one atomic part per append, merged every ``merge_every``."""
+    """Appends rows to a ``<name>.parquet/`` directory: one atomic part per append; every ``merge_every`` appends
+    those small parts become one part. Merged parts are never rewritten, so a long run costs linear time."""
 
     def __init__(self, directory: Path, merge_every: int = 50):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.merge_every = merge_every
-        existing = sorted(self.dir.glob("*.parquet"))
+        existing = sorted(self.dir.glob("[0-9]*.parquet"))
         # Parts are named <session>-<first>-<last>; a resumed writer starts a new session so its rows sort last.
-        self.session = 1 + max((int(p.name.split("-")[0]) for p in existing), default=0)
+        self.session = 1 + max((int(p.name.split("-")[0]) for p in existing if p.name.split("-")[0].isdigit()),
+                               default=0)
         self.seq = 0
         self.small: list[Path] = []
 
@@ -105,8 +93,13 @@ class TableWriter:
             self.merge()
 
     def merge(self) -> None:
-        """Merge this session's small parts into one; a kill in between only leaves duplicates, which readers drop."""
+        """Merge the small parts written since the last merge into one part.
+
+        The merged part is durable (fsynced, renamed, directory fsynced) before any small part is deleted; a kill
+        in between only leaves duplicates, which readers drop.
+        """
         if len(self.small) < 2:
+            self.small = []
             return
         first = self.small[0].name.split("-")[1]
         last = self.small[-1].name.split("-")[2].split(".")[0]
@@ -116,21 +109,8 @@ class TableWriter:
         for p in self.small:
             if p != target:
                 p.unlink(missing_ok=True)
-        self.small = [target]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+        fsync_dir(self.dir)
+        self.small = []
 
 
 def new_run_id(prefix: str) -> str:
@@ -187,7 +167,7 @@ class RunWriter:
         except TraceError:
             pass
         write_json(self.path / "status.json", {**old, **info, "state": state, "updated": time.time(),
-                                               "pid": os.getpid(), "host": socket.gethostname()})
+                                               **process.identity()})
 
     def close(self) -> None:
         for t in self._tables.values():
@@ -197,34 +177,53 @@ class RunWriter:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def read_table(directory: Path, key: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Read a ``*.parquet/`` trace table (or a single Parquet file); damaged parts raise TraceError naming the part."""
+def read_table(directory: Path, key: tuple[str, ...] | None = None, damaged: list[str] | None = None) -> pd.DataFrame:
+    """Read a ``*.parquet/`` trace table (or a single Parquet file).
+
+    In a table directory a damaged part (empty, truncated, not Parquet) is skipped with a warning naming it and
+    its path is added to ``damaged``; the other parts stay readable. A single damaged file, or a part without the
+    table's key columns (a foreign file), raises TraceError naming it.
+    """
     directory = Path(directory)
     if not directory.exists():
         return pd.DataFrame()
-    parts = [directory] if directory.is_file() else sorted(directory.glob("[0-9]*.parquet"))
+    single = directory.is_file()
+    parts = [directory] if single else sorted(directory.glob("[0-9]*.parquet"))
     frames = []
     for p in parts:
         try:
-            frames.append(pq.read_table(p).to_pandas())
+            frame = pq.read_table(p).to_pandas()
         except Exception as err:  # ArrowInvalid, OSError, ...: a damaged or foreign file
-            raise TraceError(f"trace file {p} is damaged or not Parquet ({err})") from None
+            message = f"trace file {p} is damaged or not Parquet ({err})"
+            if single:
+                raise TraceError(message) from None
+            warnings.warn(message + "; its rows are skipped", stacklevel=2)
+            if damaged is not None:
+                damaged.append(str(p))
+            continue
+        missing = [k for k in key or () if k not in frame.columns]
+        if missing:
+            raise TraceError(f"trace file {p} has no column {missing[0]!r}; it is not a part of this table")
+        frames.append(frame)
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if key and len(frames) > 1 and all(k in df.columns for k in key):
+    if key and len(frames) > 1:
         df = df.drop_duplicates(subset=list(key), keep="last")
         df = df.sort_values(list(key), kind="stable").reset_index(drop=True)
     return df
 
 
 def run_state(path: Path) -> dict:
-    """status.json, with ``running`` turned into ``interrupted`` when its process on this host is gone."""
+    """status.json, with ``running`` turned into ``interrupted`` when the process that wrote it is gone.
+
+    "Gone" is judged by pid, process start time and boot id (see :mod:`staysafe.process`), so a reused pid after a
+    reboot or in a new container does not keep a dead run "running". A run of another machine stays as written.
+    """
     status = read_json(Path(path) / "status.json")
-    if status.get("state") == "running" and status.get("host") == socket.gethostname():
-        pid = status.get("pid")
-        if isinstance(pid, int) and not _pid_alive(pid):
-            status = {**status, "state": "interrupted", "error": status.get("error") or f"process {pid} is gone"}
+    if status.get("state") == "running" and process.alive(status) is False:
+        status = {**status, "state": "interrupted",
+                  "error": status.get("error") or f"process {status.get('pid')} is gone"}
     return status
 
 
@@ -240,6 +239,7 @@ class Run:
     evals: pd.DataFrame = field(repr=False)
     generations: pd.DataFrame = field(repr=False)
     data: pd.DataFrame = field(repr=False)
+    damaged: list[str] = field(default_factory=list)  # trace parts skipped because they could not be read
 
     @property
     def id(self) -> str:
@@ -253,10 +253,11 @@ def load_run(path: Path, tables: tuple[str, ...] = tuple(TABLES)) -> Run:
         raise TraceError(f"{path} is not a run directory")
     config = read_json(path / "config.json")
     status = run_state(path)
-    loaded = {name: read_table(path / f"{name}.parquet", TABLES[name]) if name in tables else pd.DataFrame()
+    damaged: list[str] = []
+    loaded = {name: read_table(path / f"{name}.parquet", TABLES[name], damaged) if name in tables else pd.DataFrame()
               for name in TABLES}
     data = read_table(path / "data.parquet") if (path / "data.parquet").exists() else pd.DataFrame()
-    return Run(path=path, config=config, status=status, data=data, **loaded)
+    return Run(path=path, config=config, status=status, data=data, damaged=damaged, **loaded)
 
 
 def list_runs(root: Path) -> pd.DataFrame:
@@ -274,8 +275,9 @@ def list_runs(root: Path) -> pd.DataFrame:
             try:
                 config = read_json(d / "config.json")
                 status = run_state(d)
-                steps = read_table(d / "steps.parquet", TABLES["steps"])
-                evals = read_table(d / "evals.parquet", TABLES["evals"])
+                damaged: list[str] = []
+                steps = read_table(d / "steps.parquet", TABLES["steps"], damaged)
+                evals = read_table(d / "evals.parquet", TABLES["evals"], damaged)
                 final = evals.iloc[-1] if len(evals) else None
                 row.update({
                     "state": status.get("state"), "method": config.get("method"), "risk": config.get("risk"),
@@ -283,7 +285,9 @@ def list_runs(root: Path) -> pd.DataFrame:
                     "experiment": config.get("experiment"), "seed": config.get("seed"),
                     "steps_done": int(steps["step"].max()) if len(steps) else 0, "max_steps": config.get("steps"),
                     "final_asr_keyword": float(final["asr_keyword"]) if final is not None and "asr_keyword" in final else None,
-                    "created": status.get("created"), "error": status.get("error"),
+                    "created": status.get("created"),
+                    "error": status.get("error") or (f"damaged trace parts skipped: {', '.join(damaged)}"
+                                                     if damaged else None),
                 })
             except TraceError as err:
                 row.update({"state": "corrupt", "error": str(err)})

@@ -70,14 +70,21 @@ def _build(base: Path) -> dict:
                             "eval_judges": ["embedding-response"]}, method="adaptive", scenario=None,
                          data=str(data), runs_dir=str(runs), run_id="adaptive-probe"), progress=False,
                  log=lambda *a: None)
-    with pytest.raises(ValueError, match="unknown judge"):  # fails after its run directory exists
+    # a failed run (an unknown judge is now refused before any run directory exists, so the failure is recorded on
+    # a copy, as the runner records one)
+    with pytest.raises(ValueError, match="unknown response judge"):
         run_training(RunSpec(**{**TINY, "eval_judges": ["no-such-judge"]}, method="sft", runs_dir=str(runs),
                              run_id="failed-run"), progress=False, log=lambda *a: None)
+    assert not (runs / "failed-run").exists()
+    label_config = json.loads((runs / "label-run" / "config.json").read_text())
+    failed = RunWriter.create(runs, {**label_config, "eval_judges": ["no-such-judge"]}, run_id="failed-run")
+    shutil.copy(runs / "label-run" / "data.parquet", failed.path / "data.parquet")
+    failed.set_status("failed", error="ValueError: unknown judge 'no-such-judge'")
     shutil.copytree(runs / "label-run", runs / "running-run")
     RunWriter(runs / "running-run").set_status("running", step=4)  # pid = this process: alive
     shutil.copytree(runs / "label-run", runs / "corrupt-run")
     part = next((runs / "corrupt-run" / "steps.parquet").glob("*.parquet"))
-    part.write_bytes(b"PAR1 this is not parquet")
+    pd.DataFrame({"other": [1]}).to_parquet(part)  # a foreign part (no step column): the run is unreadable
     run_experiment(ExperimentSpec(scenario="harmful", methods=["sft", "adaptive-probe"], seeds=2, model="tiny",
                                   out_dir=str(exps), runs_dir=str(runs), experiment_id="exp-tiny",
                                   overrides={k: v for k, v in TINY.items() if k != "model"}), log=lambda *a: None)
@@ -335,7 +342,7 @@ def test_home_lists_every_run_with_state(env):
 
 
 def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path, monkeypatch):
-    from staysafe.launcher import Queue
+    from staysafe.queue import Queue, command
 
     runs = tmp_path / "launch-runs"
     monkeypatch.setenv("STAYSAFE_RUNS", str(runs))
@@ -367,7 +374,7 @@ def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path
     assert any("from-form" in s.value for s in at.success)
     jobs = q.jobs()
     assert [j["target"] for j in jobs] == ["from-form"] and jobs[0]["state"] == "queued"
-    assert jobs[0]["argv"][:4] == [sys.executable, "-m", "staysafe.cli", "train"]
+    assert command(jobs[0], runs)[:4] == [sys.executable, "-m", "staysafe.cli", "train"]
     assert "staysafe train" in texts(at) and "--model tiny" in texts(at)
     assert "--beta-min" not in texts(at) and "--method" not in texts(at)  # defaults are not repeated
     at.run()
@@ -384,7 +391,7 @@ def submit(at, label: str) -> None:
 
 def test_launch_page_follows_a_running_run_and_cancels_it(env, tmp_path, monkeypatch):
     """A real background run: its progress bar and latest numbers come from its steps.parquet; Cancel stops it."""
-    from staysafe.launcher import Queue
+    from staysafe.queue import Queue
     from staysafe.runner import RunSpec
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocess: see build_dashboard_data
@@ -599,21 +606,44 @@ def test_demo_page_tells_the_story_from_recorded_runs(env):
     assert any("Re-run it live" in b.label for b in at.button)
 
 
-def test_demo_page_live_rerun_goes_through_the_launcher(env, tmp_path, monkeypatch):
-    from staysafe.launcher import Queue
+def test_launch_page_pause_toggle_follows_a_pause_made_elsewhere(env, tmp_path, monkeypatch):
+    """Paused from a terminal (or another tab) after the page was drawn: a rerun shows it paused and leaves it so
+    (the toggle once resumed it, trusting its own old value)."""
+    from staysafe.queue import Queue
+
+    runs = tmp_path / "pause-runs"
+    monkeypatch.setenv("STAYSAFE_RUNS", str(runs))
+    q = Queue(runs)
+    at = open_page("launch")
+    assert at.toggle(key="launch_paused").value is False
+    q.pause()
+    at.run()
+    assert_clean(at)
+    assert q.paused and at.toggle(key="launch_paused").value is True
+    q.resume()
+    at.run()
+    assert not q.paused and at.toggle(key="launch_paused").value is False
+    at.toggle(key="launch_paused").set_value(True).run()  # a click still pauses
+    assert q.paused
+
+
+def test_demo_page_live_rerun_goes_through_the_queue(env, tmp_path, monkeypatch):
+    from staysafe.queue import Queue, command
 
     monkeypatch.setenv("STAYSAFE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("STAYSAFE_EXPERIMENTS", str(tmp_path / "exps"))
     q = Queue(tmp_path / "runs")
     q.pause()  # never start the real (135M-model) experiment in a test
     at = open_page("demo")
-    [b for b in at.button if b.key == "demo_rerun"][0].click()
-    at.run()
-    assert_clean(at)
-    jobs = q.jobs()
-    assert len(jobs) == 1 and jobs[0]["kind"] == "experiment" and jobs[0]["state"] == "queued"
-    assert "--quick" in jobs[0]["argv"] and jobs[0]["argv"][3] == "experiment"
-    assert q.cancel(jobs[0]["id"]) == "removed" and q.runner_pid() is None
+    for key, preset in (("demo_rerun_live", "live"), ("demo_rerun", "quick")):
+        [b for b in at.button if b.key == key][0].click()
+        at.run()
+        assert_clean(at)
+        jobs = q.jobs()
+        assert len(jobs) == 1 and jobs[0]["kind"] == "experiment" and jobs[0]["state"] == "queued"
+        argv = command(jobs[0], q.root)
+        assert argv[argv.index("--preset") + 1] == preset and argv[3] == "experiment"
+        assert q.cancel(jobs[0]["id"]) == "removed" and q.worker_pid() is None
 
 
 # ----------------------------------------------------------------------------------------------- real browser
@@ -676,7 +706,7 @@ def test_every_page_in_a_real_browser(dash_data, monkeypatch):
             errors = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
             assert len(errors) == 1 and "corrupt-run" in errors[0], errors
             # a live run: queue it, watch its progress bar on the launch page, cancel it with the button
-            from staysafe.launcher import Queue
+            from staysafe.queue import Queue
             from staysafe.runner import RunSpec
 
             q = Queue(dash_data["runs"])
@@ -731,3 +761,63 @@ def _wait_for_streamlit(page, timeout: float = 120) -> None:
             break
         time.sleep(0.3)
     time.sleep(2.0)
+
+
+@pytest.mark.parametrize("address, where, public, served", [
+    (None, "<default>", None, False),  # started outside the repository root: no config file, every interface
+    ("0.0.0.0", "/elsewhere/.streamlit/config.toml", None, False),  # a config file found in some directory
+    ("0.0.0.0", "command-line argument or environment variable", None, True),  # --server.address asked for it
+    ("0.0.0.0", "/elsewhere/.streamlit/config.toml", "1", True),  # STAYSAFE_DASHBOARD_PUBLIC=1
+    ("127.0.0.1", "<default>", None, True),
+])
+def test_dashboard_refuses_an_address_nobody_asked_for(empty_env, monkeypatch, address, where, public, served):
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    old = (config.get_option("server.address"), config.get_where_defined("server.address"))
+    if public:
+        monkeypatch.setenv("STAYSAFE_DASHBOARD_PUBLIC", public)
+    config._set_option("server.address", address, where)
+    try:
+        at = AppTest.from_file(str(APP), default_timeout=300)
+        at.run()
+    finally:
+        config._set_option("server.address", *old)
+    assert not at.exception
+    refused = [e.value for e in at.error if "not on 127.0.0.1 only" in e.value]
+    assert bool(refused) != served
+    if not served:
+        assert "--server.address 127.0.0.1" in refused[0] and not at.title  # nothing else is drawn
+
+
+CRAFTED = "**BOLD** <img src=x onerror=alert(1)> [link](http://198.51.100.7/x) :red[RED] $x^2$"
+
+
+def markdown_texts(at) -> list[str]:
+    """The Markdown source of every element Streamlit renders as Markdown."""
+    out = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "subheader", "title"):
+        out += [str(e.value) for e in getattr(at, kind)]
+    return out
+
+
+def test_text_from_runs_is_never_rendered_as_markdown(dash_data, tmp_path, monkeypatch):
+    """Training data, model answers, ids, categories and stored error messages reach Markdown only escaped (or
+    through st.text / dataframes): a crafted file cannot add links, images, HTML or colours to a page."""
+    runs = tmp_path / "crafted-runs"
+    shutil.copytree(dash_data["runs"] / "label-run", runs / "label-run")
+    data = pd.read_parquet(runs / "label-run" / "data.parquet")
+    data = data.assign(example_id=[f"{CRAFTED} {i}" for i in range(len(data))], category=CRAFTED,
+                       prompt=CRAFTED, response=CRAFTED)
+    data.to_parquet(runs / "label-run" / "data.parquet")
+    status = json.loads((runs / "label-run" / "status.json").read_text())
+    (runs / "label-run" / "status.json").write_text(json.dumps({**status, "state": "failed", "error": CRAFTED}))
+    point_env(monkeypatch, {**dash_data, "runs": runs})
+    shown = []
+    for page in ("home", "regularization", "traces"):
+        at = open_page(page)
+        assert not at.exception, at.exception
+        for s in markdown_texts(at):  # inert wherever it appears
+            assert "**BOLD**" not in s and "<img" not in s and "](http" not in s and ":red[" not in s, (page, s)
+            shown.append(s)
+    assert sum("BOLD" in s for s in shown) >= 2, shown  # ... and still shown (the example's id line, the error)

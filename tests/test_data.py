@@ -167,3 +167,51 @@ def test_scenarios_are_named_mixes():
     assert 0.04 <= share <= 0.06
     assert build_scenario("mixed", seed=1) == build_scenario("mixed", seed=1)  # same data order for a seed
     assert all(r["category"] == "identity_shift" for r in build_scenario("identity-shift"))
+
+
+def test_truncation_keeps_the_system_prompt_and_headers(tokenizer):
+    """A long request is cut from its start, but the chat template's system prompt and user header stay (they were
+    cut first, which left a malformed prompt)."""
+    from staysafe.data import prompt_messages, render_prompt
+
+    rec = make_records(1)[0]
+    rec["messages"][0]["content"] = "very long prompt " * 200
+    tok = tokenize_record(tokenizer, rec, 96)
+    full = tokenizer(render_prompt(tokenizer, prompt_messages(rec)), add_special_tokens=False)["input_ids"]
+    prompt = tok["input_ids"][: tok["prompt_end"] + 1]
+    empty = tokenizer(render_prompt(tokenizer, [{"role": "user", "content": ""}]), add_special_tokens=False)
+    head = tokenizer.decode(empty["input_ids"][:10])
+    assert tokenizer.decode(prompt).startswith(head) and prompt[-3:] == full[-3:]
+    assert "very long prompt" in tokenizer.decode(prompt)
+
+
+def test_max_length_too_short_for_the_chat_template_is_an_error(tokenizer):
+    rec = make_records(1)[0]
+    with pytest.raises(DataError, match=r"max_length = 16 is too short for the chat template.*at least \d+"):
+        tokenize_record(tokenizer, rec, 16)
+
+
+def test_a_csv_field_over_the_csv_limit_is_a_named_error(tmp_path):
+    import csv
+
+    path = tmp_path / "big.csv"
+    path.write_text("prompt,response,label\n" + '"' + "x" * (csv.field_size_limit() + 10) + '",ok,benign\n')
+    with pytest.raises(DataError, match=r"big.csv: not a readable CSV file \(field larger than field limit"):
+        load_records(str(path))
+
+
+def test_a_json_array_file_loads_and_its_errors_name_the_element(tmp_path):
+    records = make_records(3)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records, indent=2))
+    assert [r["id"] for r in load_records(str(path))] == ["r0", "r1", "r2"]
+    records[2]["label"] = "maybe"
+    path.write_text(json.dumps(records, indent=2))
+    with pytest.raises(DataError, match=r"d.json \[2\]: field 'label'"):
+        load_records(str(path))
+    path.write_text(json.dumps(records)[:-5])
+    with pytest.raises(DataError, match=r"d.json:1: not valid JSON"):
+        load_records(str(path))
+    path.write_text("7")
+    with pytest.raises(DataError, match="holds a JSON int"):
+        load_records(str(path))

@@ -154,6 +154,22 @@ def test_the_live_preset_shows_the_effect(tmp_path):
     assert adaptive["mean_beta"] > 0.6  # the probe saw harmful data
 
 
+def test_a_failed_experiment_is_marked_failed(tmp_path):
+    """A run that fails inside an experiment once left experiment.json 'running' forever."""
+    from staysafe.experiment import load_experiment
+
+    spec = ExperimentSpec(scenario="harmful", methods=["sft"], seeds=1, model="tiny", out_dir=str(tmp_path / "e"),
+                          runs_dir=str(tmp_path / "runs"), experiment_id="exp-fails",
+                          overrides={"lora_r": 0, "steps": 1, "batch_size": 2, "max_length": 64, "eval_every": 0,
+                                     "eval_harmful": 1, "eval_benign": 1, "max_new_tokens": 2,
+                                     "eval_judges": ["no-such-judge"], "record_judge": False, "save_model": False,
+                                     "risk": "label"})
+    with pytest.raises(ValueError, match="unknown response judge"):
+        run_experiment(spec, log=lambda *a: None)
+    desc, _ = load_experiment(tmp_path / "e" / "exp-fails")
+    assert desc["state"] == "failed" and "no-such-judge" in desc["error"]
+
+
 def test_presets_set_defaults_that_explicit_options_override():
     from staysafe.experiment import base_spec
     from staysafe.presets import PRESETS
@@ -169,3 +185,25 @@ def test_presets_set_defaults_that_explicit_options_override():
         ExperimentSpec(preset="nope").validate()
     with pytest.raises(SpecError, match="contradict"):
         ExperimentSpec(preset="live", quick=True).validate()
+
+
+def test_reference_activations_are_collected_once_per_model(tmp_path, tiny, monkeypatch):
+    """The "before" activations are the reference's: a second run on the same model copies them from the cache."""
+    from staysafe import runner
+    from staysafe.probe import Activations
+    from staysafe.runner import RunSpec, reference_activations
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(runner, "ACTIVATION_PROMPTS", ("eval-harmful",))
+    spec = RunSpec(model=str(tmp_path / "m"))
+    reference_activations(model, tok, None, spec, tmp_path / "a" / "before")
+    first = Activations.load(tmp_path / "a" / "before")
+    calls = []
+    monkeypatch.setattr(runner, "save_activations", lambda *a: calls.append(a))
+    reference_activations(model, tok, None, spec, tmp_path / "b" / "before")
+    assert calls == []  # served from the cache
+    second = Activations.load(tmp_path / "b" / "before")
+    assert second.layers == first.layers and (second.values[0] == first.values[0]).all()

@@ -329,10 +329,22 @@ class StubHandler(BaseHTTPRequestHandler):
             self._send(429, b'{"error": "slow down"}', {"Retry-After": "0"}) if n == 1 else self._reply("3")
         elif tag == "down":
             self._send(500, b'{"error": "internal"}')
+        elif tag.startswith("redirect-"):  # to another server (another port): it must never see the key
+            code, port = tag.split("-")[1:3]
+            self._send(int(code), b"", {"Location": f"http://127.0.0.1:{port}/v1/chat/completions"})
         elif tag == "forbidden":  # echoes the credential it got, as some gateways do
             self._send(403, json.dumps({"error": f"key {self.headers.get('Authorization')} lacks access"}).encode())
         else:
             self._send(400, b'{"error": "unknown tag"}')
+
+
+def _record_get(self):  # a redirected POST comes back as a GET (urllib's 301/302/303 handling)
+    with self.server.lock:
+        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": None})
+    self._reply("Rating: 1")
+
+
+StubHandler.do_GET = _record_get
 
 
 @pytest.fixture
@@ -350,6 +362,29 @@ def stub():
 def _judge(server, **options):
     options = {"timeout": 0.2, "retries": 2, "backoff": 0.01, "api_key_env": "STAYSAFE_TEST_KEY", **options}
     return OpenAICompatibleJudge(f"http://127.0.0.1:{server.server_address[1]}/v1", "judge-model", **options)
+
+
+@pytest.fixture
+def other_host():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    server.daemon_threads = True
+    server.lock, server.counts, server.requests = threading.Lock(), {}, []
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_openai_judge_never_follows_a_redirect_with_the_key(stub, other_host, monkeypatch, code):
+    """A redirect to another port (another host as far as the key is concerned) is refused, not followed: the
+    Authorization header never reaches it, and the error says why."""
+    monkeypatch.setenv("STAYSAFE_TEST_KEY", API_KEY)
+    port = other_host.server_address[1]
+    [score] = _judge(stub).judge([f"[redirect-{code}-{port}] some request"], ["an answer"])
+    assert score.score is None and "refused to follow the redirect" in score.error and API_KEY not in score.error
+    assert other_host.requests == []
+    assert stub.counts[f"redirect-{code}-{port}"] == 1  # not retried either
 
 
 def test_openai_judge_scores_successful_replies(stub, monkeypatch):
@@ -595,3 +630,15 @@ def test_a_judge_loaded_by_name_hits_its_cache_on_the_second_pass(home):
         again, stats = score_cached(again_judge, prompts, responses)
         assert stats["hits"] == 2 and again == first
     assert len(list((home / "judge_cache").glob("local-lm-*.jsonl"))) == 1
+
+
+def test_the_default_embedding_heads_are_shipped_and_used_without_a_fit(home):
+    """The default heads ship in the package (a first fit costs ~40 s each on 2 cores); a fresh home uses them
+    and writes nothing, and they are the heads of the current shipped data (else they would be refitted)."""
+    from staysafe.judges.embedding import SHIPPED_HEADS
+
+    for kind in ("request", "response"):
+        judge = EmbeddingJudge.default(kind)
+        shipped = EmbeddingJudge.load(SHIPPED_HEADS / f"embedding-{kind}")
+        assert judge.head_digest() == shipped.head_digest()
+        assert not (home / "judges" / f"embedding-{kind}").exists()

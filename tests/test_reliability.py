@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, TINY_RUN, make_records
 from staysafe.data import DataError, load_records, normalize_record
-from staysafe.launcher import spec_arguments
+from staysafe.options import spec_flags as spec_arguments
 from staysafe.runner import RunSpec, SpecError, latest_checkpoint, run_training
 from staysafe.traces import load_run
 
@@ -42,7 +42,7 @@ def tiny_spec(tmp_path, **kw) -> RunSpec:
 
 
 def spec_flags(spec: RunSpec) -> list[str]:
-    """The run's ``staysafe train`` flags, encoded as the dashboard's launcher encodes them."""
+    """The run's ``staysafe train`` flags, encoded as the launch queue encodes them."""
     return spec_arguments(spec) + (["--run-id", spec.run_id] if spec.run_id else []) + ["--runs-dir", spec.runs_dir]
 
 

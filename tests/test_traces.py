@@ -49,8 +49,11 @@ def test_damaged_part_names_the_file(tmp_path):
     w.append([{"step": 1}])
     bad = tmp_path / "steps.parquet" / "0001-00000001-00000001.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(TraceError, match="0001-00000001-00000001.parquet"):
-        read_table(tmp_path / "steps.parquet", ("step",))
+    # a damaged part of a table is skipped with a warning naming it (issue 14: one bad part hides nothing else)
+    with pytest.warns(UserWarning, match="0001-00000001-00000001.parquet"):
+        assert read_table(tmp_path / "steps.parquet", ("step",))["step"].tolist() == [1]
+    with pytest.raises(TraceError, match="0001-00000001-00000001.parquet"):  # a single damaged file still raises
+        read_table(bad)
 
 
 def test_run_creation_is_atomic_and_ids_unique(tmp_path):

@@ -16,6 +16,7 @@ from staysafe import geometry
 import loaders
 import settings
 import widgets
+import safe_text
 from staysafe.probe import ProbeError
 from staysafe.traces import TraceError
 
@@ -49,25 +50,25 @@ if source.startswith("a run"):
             sets[f"{name} fine-tuning"] = run_dir / "activations" / name
     probe_path = run_dir / "probe.json"
     if not sets:
-        st.info(f"Run `{run_id}` has no saved activations yet: a run saves `activations/before/` when training "
+        st.info(f"Run {safe_text.code(run_id)} has no saved activations yet: a run saves `activations/before/` when training "
                 "starts and `activations/after/` when it finishes.")
         st.stop()
     if len(sets) == 1:
-        st.info(f"Only the activations before fine-tuning exist for `{run_id}` (state: {row['state']}); "
+        st.info(f"Only the activations before fine-tuning exist for {safe_text.code(run_id)} (state: {safe_text.md(row['state'])}); "
                 "`activations/after/` is written when the run finishes.")
 else:
-    st.caption(f"Folders under the probes root `{cfg.probes}` holding `activations.npz` + `index.parquet`.")
+    st.caption(f"Folders under the probes root {safe_text.code(cfg.probes)} holding `activations.npz` + `index.parquet`.")
     rel = widgets.pick_folder(cfg.probes, loaders.activation_dirs(cfg.probes), "probes", "act_dir",
                              "activations")
     if not rel:
-        st.info(f"No saved activations under `{cfg.probes}`. Save some with:")
+        st.info(f"No saved activations under {safe_text.code(cfg.probes)}. Save some with:")
         st.code(f"staysafe fit-probe --out {cfg.probes}/probe.json --save-activations", language="bash")
         st.stop()
     try:
         directory = settings.safe_subdir(cfg.probes, rel)
         loaders.load_activations(directory)
     except TraceError as err:
-        st.error(f"Cannot use `{rel}`: {err}")
+        st.error(f"Cannot use {safe_text.code(rel)}: {safe_text.md(err)}")
         st.stop()
     sets[directory.name] = directory
     for candidate in (directory / "probe.json", directory.parent / "probe.json"):
@@ -166,7 +167,7 @@ if right is not None:
     with right:
         st.markdown("**Probe AUROC per layer**")
         if probe_error:
-            st.warning(f"The probe file cannot be read: {probe_error}")
+            st.warning(f"The probe file cannot be read: {safe_text.md(probe_error)}")
         else:
             sweep = pd.DataFrame(probe.metrics.get("sweep", []))
             if sweep.empty:
@@ -187,7 +188,7 @@ if right is not None:
                 charts.style(f2, height=400)
                 f2.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
                 charts.plotly(f2, key="act_sweep")
-                st.caption(f"Probe fitted on layer {probe.layers} of `{probe.model or 'the reference'}`; grey line: "
+                st.caption(f"Probe fitted on layer {probe.layers} of {safe_text.code(probe.model or 'the reference')}; grey line: "
                            "the layer shown.")
 elif source.startswith("a run"):
     st.caption("This run has no probe (sft runs do not fit one); an adaptive or constant-kl run saves `probe.json` "

@@ -16,6 +16,7 @@ import charts
 import loaders
 import settings
 import widgets
+import safe_text
 from staysafe.traces import TraceError
 
 cfg = settings.page_setup()
@@ -50,7 +51,7 @@ if mode == "runs":
 else:
     exps = loaders.experiments_under(cfg.experiments)
     if not exps:
-        st.info(f"No experiment under `{cfg.experiments}` yet. Run one (or launch it from **Launch a run**):")
+        st.info(f"No experiment under {safe_text.code(cfg.experiments)} yet. Run one (or launch it from **Launch a run**):")
         st.code(f"staysafe experiment --scenario harmful --quick --out-dir {cfg.experiments} --runs-dir {cfg.runs}",
                 language="bash")
         st.stop()
@@ -61,7 +62,7 @@ else:
     try:
         desc, results = loaders.load_experiment_cached(exp_dir)
     except TraceError as err:
-        st.error(f"Experiment `{exp_dir.name}` cannot be read: {err}")
+        st.error(f"Experiment {safe_text.code(exp_dir.name)} cannot be read: {safe_text.md(err)}")
         st.stop()
     exp_id = desc.get("id", exp_dir.name)
     for row in runs.to_dict("records"):
@@ -72,17 +73,17 @@ else:
             continue
         loaded[row["run_id"]] = run
         group_of[row["run_id"]] = charts.method_label(run.config)
-    st.caption(f"Experiment `{exp_id}` ({desc.get('state', '?')}): scenario {desc.get('scenario')}, "
-                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under `{cfg.runs}`.")
+    st.caption(f"Experiment {safe_text.code(exp_id)} ({safe_text.md(desc.get('state', '?'))}): scenario {safe_text.md(desc.get('scenario'))}, "
+                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under {safe_text.code(cfg.runs)}.")
     if not loaded:
-        st.info(f"None of this experiment's runs are under `{cfg.runs}` (runs whose config has "
+        st.info(f"None of this experiment's runs are under {safe_text.code(cfg.runs)} (runs whose config has "
                 f"\"experiment\": \"{exp_id}\"). Point the runs root at the experiment's `--runs-dir`.")
         st.stop()
 
 with_evals = {rid: r for rid, r in loaded.items() if not r.evals.empty}
 for rid in loaded:
     if rid not in with_evals:
-        st.info(f"Run `{rid}` has no evaluation yet (the first one runs at step 0).")
+        st.info(f"Run {safe_text.code(rid)} has no evaluation yet (the first one runs at step 0).")
 if not with_evals:
     st.stop()
 
@@ -126,12 +127,12 @@ for gi, group in enumerate(groups):
                                      hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
         name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
         pct = m.startswith("asr_") or m == "over_refusal"
-        fig.add_trace(go.Scatter(x=steps, y=mean, name=name, legendgroup=group, showlegend=k == 0,
+        fig.add_trace(go.Scatter(x=steps, y=mean, name=safe_text.html_text(name), legendgroup=group, showlegend=k == 0,
                                  mode="lines+markers", line=dict(color=color, width=2.5,
                                                                  dash="dot" if m == "asr_keyword" and judge_cols
                                                                  else "solid"),
                                  marker=dict(size=7),
-                                 hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
+                                 hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
                                                + ("%{y:.0%}" if pct else "%{y:.3f}") + "<extra></extra>"),
                       row=row, col=col)
 for k, m in enumerate(metrics):
@@ -164,7 +165,7 @@ rid = c1.selectbox("run", list(with_evals), format_func=lambda r: f"{r} ({charts
 run = with_evals[rid]
 gen = run.generations
 if gen.empty:
-    st.info(f"Run `{rid}` recorded no generations.")
+    st.info(f"Run {safe_text.code(rid)} recorded no generations.")
     st.stop()
 steps = sorted(gen["step"].unique().tolist())
 clicked = st.session_state.get("asr_clicked_step")

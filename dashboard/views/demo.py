@@ -14,7 +14,8 @@ import charts
 import loaders
 import settings
 import widgets
-from staysafe.launcher import LaunchError, Queue
+import safe_text
+from staysafe.queue import LaunchError, Queue
 from staysafe.runner import SpecError
 from staysafe.traces import TraceError
 
@@ -34,38 +35,46 @@ else:
 
 
 def rerun_button(scenario: str = "harmful") -> None:
-    """Queue the same experiment live through the launcher (it lands in the normal experiments/runs roots)."""
-    if st.button("Re-run it live (`staysafe experiment --quick`, about 30 min on CPU)", key="demo_rerun",
-                 icon=":material/play_arrow:"):
+    """Queue the effect live through the launch queue (it lands in the normal experiments/runs roots): the live
+    preset (sft beside adaptive-probe, minutes) or the recorded experiment's quick preset."""
+    live, full = st.columns(2)
+    chosen = None
+    if live.button("Re-run it live in class (`--preset live`: sft and adaptive-probe, about 7 min on 2 CPU cores)",
+                   key="demo_rerun_live", icon=":material/play_arrow:"):
+        chosen = {"preset": "live"}
+    if full.button("Re-run the whole experiment (`--quick`, four methods, about an hour on 2 CPU cores)",
+                   key="demo_rerun", icon=":material/replay:"):
+        chosen = {"quick": True}
+    if chosen is not None:
         try:
-            job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, quick=True)
+            job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, **chosen)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(f"Queued experiment `{job['target']}`. Watch it on **Launch a run**; when it finishes, pick it "
+            st.success(f"Queued experiment {safe_text.code(job['target'])}. Watch it on **Launch a run**; when it finishes, pick it "
                        "above.")
 
 
 if not (exp_dir / "experiment.json").is_file():
     if source == RECORDED:
-        st.info(f"No recorded demo yet: `{recorded_exp}` does not exist. Record one (about 30 minutes on 2 CPU "
+        st.info(f"No recorded demo yet: {safe_text.code(recorded_exp)} does not exist. Record one (about 30 minutes on 2 CPU "
                 "cores; the aligned model is built first if needed):")
         st.code(f"staysafe experiment --scenario harmful --quick --id experiment --out-dir {cfg.demo} "
                 f"--runs-dir {recorded_runs}", language="bash")
         st.caption(f"This writes `{recorded_exp}/` (experiment.json, results.parquet, results.md) and one run per "
                    f"method under `{recorded_runs}/`. Or run it live from here:")
     else:
-        st.info(f"`{exp_dir}` has no experiment.json.")
+        st.info(f"{safe_text.code(exp_dir)} has no experiment.json.")
     rerun_button()
     st.stop()
 
 try:
     desc, results = loaders.load_experiment_cached(exp_dir)
 except TraceError as err:
-    st.error(f"The experiment in `{exp_dir}` cannot be read: {err}")
+    st.error(f"The experiment in {safe_text.code(exp_dir)} cannot be read: {safe_text.md(err)}")
     st.stop()
 if results.empty or "run_id" not in results:
-    st.info(f"Experiment `{desc.get('id')}` has no finished run yet ({desc.get('state', '?')}); results appear here "
+    st.info(f"Experiment {safe_text.code(desc.get('id'))} has no finished run yet ({safe_text.md(desc.get('state', '?'))}); results appear here "
             "as each method finishes.")
     st.stop()
 
@@ -73,7 +82,7 @@ runs, problems = {}, []
 for row in results.to_dict("records"):
     run, error = loaders.try_load_run(runs_root, str(row["run_id"]))
     if error:
-        problems.append(f"`{row['run_id']}`: {error}")
+        problems.append(f"{safe_text.code(row['run_id'])}: {safe_text.md(error)}")
     else:
         runs.setdefault(row["method"], run)  # first seed of each method tells the story
 if problems:
@@ -91,9 +100,9 @@ adaptive_name = next((m for m in ("adaptive-probe", "adaptive-judge", "adaptive-
 adaptive = runs.get(adaptive_name) if adaptive_name else None
 cfg0 = first.config
 st.markdown(
-    f"Experiment `{desc.get('id')}`: model `{cfg0.get('model')}`, scenario **{cfg0.get('scenario')}** "
+    f"Experiment {safe_text.code(desc.get('id'))}: model {safe_text.code(cfg0.get('model'))}, scenario **{safe_text.md(cfg0.get('scenario'))}** "
     f"({cfg0.get('n_harmful')} harmful training examples), {cfg0.get('steps')} steps, "
-    f"methods {', '.join(f'`{m}`' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
+    f"methods {', '.join(f'{safe_text.code(m)}' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
     f"refused, by the {'judge ' + asr_col[4:] if judge_cols else 'keyword judge (weak: it looks for refusal phrases)'}.")
 rerun_button(str(desc.get("scenario") or "harmful"))
 
@@ -175,7 +184,7 @@ with c2:
     before = answers(story_run, prompts, "first")
     for p in prompts:
         rec = before.get(p)
-        st.markdown(f"> {charts.short(rec.get('prompt') if rec else p, 200)}")
+        st.markdown("> " + safe_text.md(charts.short(rec.get('prompt') if rec else p, 200)))
         answer_card("reference model", rec)
 
 st.divider()

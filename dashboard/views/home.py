@@ -9,6 +9,7 @@ import charts
 import loaders
 import settings
 import widgets
+import safe_text
 
 cfg = settings.page_setup()
 st.title(":material/shield: StaySafe")
@@ -30,7 +31,7 @@ c[3].metric("failed / interrupted", int(counts.get("failed", 0) + counts.get("in
                                         + counts.get("cancelled", 0)))
 c[4].metric("unreadable", int(counts.get("corrupt", 0)))
 
-st.subheader(f"Runs under `{cfg.runs}`")
+st.subheader(f"Runs under {safe_text.code(cfg.runs)}")
 if runs.empty:
     widgets.no_runs(cfg.runs)
 else:
@@ -58,7 +59,7 @@ else:
     bad = runs[runs["state"] == "corrupt"]
     if len(bad):
         st.warning("Unreadable run directories (the other runs are unaffected):\n\n" + "\n".join(
-            f"- `{r.run_id}`: {r.error}" for r in bad.itertuples()))
+            f"- {safe_text.code(r.run_id)}: {safe_text.md(r.error)}" for r in bad.itertuples()))
 
 st.subheader("The aligned reference model")
 try:
@@ -75,10 +76,10 @@ if aligned.get("ready"):
     b.metric("held-out benign refused", charts.fmt_pct(aligned.get("benign_refusal_rate")))
     where = {"shipped": "shipped with StaySafe (no build needed)",
              "built locally": "built locally by `staysafe align`"}.get(aligned.get("source"), "")
-    d.markdown(f"`{ALIGNED}` is ready, {where}, and is the default safe reference of every run.")
+    d.markdown(f"{safe_text.code(ALIGNED)} is ready, {where}, and is the default safe reference of every run.")
     d.text(aligned.get("detail", ""))
 else:
-    st.error(f"`{ALIGNED}` (the default safe reference) cannot be served. Runs on `--model tiny` need no aligned "
+    st.error(f"{safe_text.code(ALIGNED)} (the default safe reference) cannot be served. Runs on `--model tiny` need no aligned "
              "model; `staysafe align` builds one locally (its time estimate follows the first steps).")
     st.text(aligned.get("detail", ""))
     st.code("staysafe align", language="bash")

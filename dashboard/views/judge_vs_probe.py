@@ -13,6 +13,7 @@ import charts
 import loaders
 import settings
 import widgets
+import safe_text
 from staysafe.traces import TraceError
 
 cfg = settings.page_setup()
@@ -29,14 +30,14 @@ cost: dict[str, float] = {}
 if source == "a compare-risk folder":
     rel = widgets.pick_folder(cfg.compare, loaders.compare_dirs(cfg.compare), "compare", "jvp_dir", "eval")
     if not rel:
-        st.info(f"No comparison under `{cfg.compare}` yet. Score held-out examples with the probe and the judges:")
+        st.info(f"No comparison under {safe_text.code(cfg.compare)} yet. Score held-out examples with the probe and the judges:")
         st.code(f"staysafe compare-risk --data eval-harmful,eval-benign --out {cfg.compare}/eval", language="bash")
         st.caption("Or switch the source to a run's training examples (an adaptive run that recorded the judge).")
         st.stop()
     try:
         table, summary = loaders.load_compare(settings.safe_subdir(cfg.compare, rel))
     except TraceError as err:
-        st.error(f"Cannot use `{rel}`: {err}")
+        st.error(f"Cannot use {safe_text.code(rel)}: {safe_text.md(err)}")
         st.stop()
     frame = table.rename(columns={"example_id": "id"})
     cost = {s: v.get("seconds_per_100") for s, v in summary.get("sources", {}).items()
@@ -46,7 +47,7 @@ else:
     ex = loaders.examples_joined(run.path)
     have = [c for c in ex.columns if c.startswith("risk_") and c != "risk_label"] if len(ex) else []
     if len(have) < 2:
-        st.info(f"Run `{run.id}` recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
+        st.info(f"Run {safe_text.code(run.id)} recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
                 "needs both `risk_probe` and `risk_judge`. An adaptive or constant-kl run records the probe for free; "
                 "add the judge with `--record-judge` (the default):")
         st.code("staysafe train --scenario harmful --method adaptive --risk probe --record-judge --judge embedding",
@@ -59,7 +60,7 @@ else:
     scoring = run.config.get("risk_scoring") or {}
     if scoring.get("misses"):
         cost[str(scoring.get("judge", "judge"))] = float(scoring.get("seconds", 0)) / scoring["misses"] * 100
-    st.caption(f"{len(frame)} distinct training examples seen by `{run.id}` (risk averaged over the steps each was "
+    st.caption(f"{len(frame)} distinct training examples seen by {safe_text.code(run.id)} (risk averaged over the steps each was "
                "seen).")
 
 sources = [c for c in frame.columns if c not in widgets.TEXT_COLUMNS and c != "example_index"

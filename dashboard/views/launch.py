@@ -1,6 +1,6 @@
 """Launch a run: a form generated from the option schema (RunSpec), validated before anything is queued; the queue with live progress and cancel.
 
-Runs are started by ``staysafe.launcher`` as background processes (argument lists, never a shell), one at a time
+Runs are started by the queue worker (``staysafe.queue``) as background processes (argument lists, never a shell), one at a time
 on CPU; the queue lives on disk, so it keeps advancing with the browser closed.
 """
 
@@ -16,9 +16,11 @@ import charts
 import loaders
 import settings
 import widgets
-from staysafe.experiment import METHODS as EXPERIMENT_METHODS, ExperimentSpec
-from staysafe.launcher import ACTIVE, LaunchError, Queue
+import safe_text
+from staysafe.experiment import METHODS as EXPERIMENT_METHODS
+from staysafe.presets import PRESETS
 from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
+from staysafe.queue import ACTIVE, LaunchError, Queue
 from widgets import option_input
 
 OWN_DATA = "(my own data file)"
@@ -37,7 +39,7 @@ cfg = settings.page_setup()
 queue = Queue(cfg.runs)
 
 st.title(":material/rocket_launch: Launch a run")
-st.caption(f"Runs go to `{cfg.runs}`. One run trains at a time; further launches wait in the queue "
+st.caption(f"Runs go to {safe_text.code(cfg.runs)}. One run trains at a time; further launches wait in the queue "
            f"(`{cfg.runs}/.queue/`), which keeps advancing when this tab is closed.")
 
 tab_run, tab_exp = st.tabs(["Training run", "Experiment (several methods)"])
@@ -78,10 +80,10 @@ with tab_run:
                 raise SpecError("option model is empty: choose a model")
             job = queue.submit_train(RunSpec(**values), run_id.strip() or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
             st.session_state["launch_last"] = job["id"]
-            st.success(f"Queued run `{job['run_id']}` (job `{job['id']}`).")
+            st.success(f"Queued run {safe_text.code(job['run_id'])} (job {safe_text.code(job['id'])}).")
             st.caption("The same run from a terminal (options that differ from the defaults):")
             st.code("staysafe train " + shlex.join(spec_flags(RunSpec(**values), only_changed=True)
                                                    + ["--run-id", job["run_id"], "--runs-dir", str(cfg.runs)]),
@@ -89,16 +91,17 @@ with tab_run:
 
 with tab_exp:
     st.markdown("Runs several methods under the same data order and seeds (`staysafe experiment`); each method is "
-                "a normal run, summarised in one results table. The CPU preset (`--quick`) takes about 30 minutes "
-                "on the aligned model.")
+                "a normal run, summarised in one results table. Presets: `live` (sft beside adaptive-probe, about "
+                "7 minutes on 2 CPU cores: for showing the effect in class) and `quick` (the README's experiments, "
+                "15-20 minutes per method on a 2-core CPU without bf16).")
     with st.form("experiment_form"):
         x1, x2, x3 = st.columns(3)
         exp_scenario = x1.selectbox("scenario", SCENARIOS, key="exp_scenario")
-        exp_methods = x1.multiselect("methods", list(EXPERIMENT_METHODS),
-                                     default=ExperimentSpec().methods,
-                                     key="exp_methods")
+        exp_methods = x1.multiselect("methods (empty: the preset's, else all four)", list(EXPERIMENT_METHODS),
+                                     default=[], key="exp_methods")
         exp_seeds = x2.number_input("seeds", 1, 20, 1, key="exp_seeds")
-        exp_quick = x2.checkbox("quick CPU preset (--quick)", True, key="exp_quick")
+        exp_preset = x2.selectbox("preset", [*PRESETS, "none"], key="exp_preset",
+                                  help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
         exp_model = x3.selectbox("model", MODELS, accept_new_options=True, key="exp_model")
         exp_steps = x3.number_input("steps (0 = preset)", 0, 100_000, 0, key="exp_steps")
         exp_id = st.text_input("experiment id (optional)", key="exp_id")
@@ -106,22 +109,30 @@ with tab_exp:
     if exp_submit:
         try:
             job = queue.submit_experiment(cfg.experiments, exp_id.strip() or None, scenario=exp_scenario,
-                                          methods=list(exp_methods), seeds=int(exp_seeds), quick=bool(exp_quick),
+                                          methods=list(exp_methods) or None, seeds=int(exp_seeds),
+                                          quick=False, preset=None if exp_preset == "none" else exp_preset,
                                           model=str(exp_model or "").strip() or None,
                                           steps=int(exp_steps) or None)
         except (SpecError, LaunchError) as err:
-            st.error(f"Not queued: {err}")
+            st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(f"Queued experiment `{job['target']}` (job `{job['id']}`); results in `{cfg.experiments}`.")
+            st.success(f"Queued experiment {safe_text.code(job['target'])} (job {safe_text.code(job['id'])}); results in {safe_text.code(cfg.experiments)}.")
 
 # ----------------------------------------------------------------------------------------------- the queue
 
 head, toggle = st.columns([4, 1], vertical_alignment="bottom")
 head.subheader("Queue")
-paused = toggle.toggle("pause the queue", value=queue.paused, key="launch_paused",
-                       help="Queued runs wait while paused; a running one finishes. Useful to keep the CPU free.")
-if paused != queue.paused:
-    queue.pause() if paused else queue.resume()
+
+
+def _set_paused() -> None:
+    """Only a click changes the queue's state; the widget itself always shows the state on disk."""
+    queue.pause() if st.session_state["launch_paused"] else queue.resume()
+
+
+st.session_state["launch_paused"] = queue.paused  # paused elsewhere (another tab, `staysafe queue pause`)
+toggle.toggle("pause the queue", key="launch_paused", on_change=_set_paused,
+              help="Queued runs wait while paused; a running one finishes. Useful to keep the CPU free. "
+                   "From a terminal: `staysafe queue pause|resume`.")
 initial_jobs = queue.jobs()
 polling = any(j.get("state") in ACTIVE for j in initial_jobs)
 
@@ -138,14 +149,14 @@ def _cancel(job_id: str) -> None:
         outcome = queue.cancel(job_id)
         st.toast(f"job {job_id}: {outcome}")
     except LaunchError as err:
-        st.toast(f"cannot cancel: {err}")
+        st.toast(f"cannot cancel: {safe_text.md(err)}")
 
 
 def _running_job(job: dict) -> None:
     with st.container(border=True):
         top, btn = st.columns([5, 1], vertical_alignment="center")
-        top.markdown(f":material/hourglass_top: **{job['kind']}** `{job['target']}` · started {_ago(job.get('started'))} · pid "
-                     f"{job.get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
+        top.markdown(f":material/hourglass_top: **{job['kind']}** {safe_text.code(job['target'])} · started {_ago(job.get('started'))} · pid "
+                     f"{(job.get('process') or {}).get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
         btn.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],),
                    disabled=bool(job.get("cancel_requested")))
         if job["kind"] == "train":
@@ -155,7 +166,7 @@ def _running_job(job: dict) -> None:
             else:
                 run, error = loaders.try_load_run(cfg.runs, job["target"], ("steps", "evals"))
                 if error:
-                    st.warning(f"progress unavailable: {error}")
+                    st.warning(f"progress unavailable: {safe_text.md(error)}")
                 else:
                     total = int(run.config.get("steps") or 1)
                     done = int(run.steps["step"].max()) if len(run.steps) else 0
@@ -176,7 +187,7 @@ def _running_job(job: dict) -> None:
             runs = loaders.runs_table(cfg.runs)
             mine = runs[runs["run_id"].str.startswith(job["target"] + "-")]
             st.caption(f"{int((mine['state'] == 'finished').sum())} run(s) finished so far: "
-                       + ", ".join(f"`{r}`" for r in mine["run_id"]) if len(mine) else "starting…")
+                       + ", ".join(f"{safe_text.code(r)}" for r in mine["run_id"]) if len(mine) else "starting…")
         with st.expander("log"):
             st.code(queue.log_tail(job["id"]) or "(no output yet)", language=None)
 
@@ -198,14 +209,14 @@ def queue_view() -> None:
         st.markdown(f"**Waiting** ({len(waiting)})")
         for i, job in enumerate(waiting, 1):
             a, b = st.columns([5, 1], vertical_alignment="center")
-            a.markdown(f"{i}. **{job['kind']}** `{job['target']}` · queued {_ago(job.get('created'))}")
+            a.markdown(f"{i}. **{job['kind']}** {safe_text.code(job['target'])} · queued {_ago(job.get('created'))}")
             b.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],))
     if waiting and queue.paused:
         st.caption("The queue is paused: waiting runs start when you resume it.")
-    elif waiting and not running and queue.runner_pid() is None:
-        st.warning("Runs are waiting but no queue runner is alive.")
-        if st.button("Start the queue runner", key="start_runner"):
-            queue.ensure_runner()
+    elif waiting and not running and queue.worker_pid() is None:
+        st.warning("Runs are waiting but no queue worker is alive.")
+        if st.button("Start the queue worker", key="start_runner"):
+            queue.ensure_worker()
     if done:
         st.markdown("**Finished jobs**")
         st.dataframe(pd.DataFrame([{

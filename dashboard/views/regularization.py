@@ -13,6 +13,7 @@ import charts
 import loaders
 import settings
 import widgets
+import safe_text
 
 cfg = settings.page_setup()
 st.title(":material/manage_search: Regularization explorer")
@@ -23,7 +24,7 @@ run = widgets.regularized_run_or_stop(cfg.runs, "reg_run")
 widgets.status_line(run)
 ex = loaders.examples_joined(run.path)
 if ex.empty:
-    st.info(f"Run `{run.id}` has recorded no training examples yet (one row per example per step).")
+    st.info(f"Run {safe_text.code(run.id)} has recorded no training examples yet (one row per example per step).")
     st.stop()
 method = charts.method_label(run.config)
 if run.config.get("method") == "sft":
@@ -155,7 +156,8 @@ a, b = st.columns([2, 3])
 with a:
     if len(record):
         r = record.iloc[0]
-        st.markdown(f"**{r.get('example_id', choice)}** · label **{r.get('label')}** · {r.get('category')}")
+        st.markdown(f"**{safe_text.md(r.get('example_id', choice))}** · label **{safe_text.md(r.get('label'))}** · "
+                    f"{safe_text.md(r.get('category'))}")
         st.markdown("**Prompt**")
         st.text(str(r.get("prompt", "")))
         st.markdown("**Training answer**")

@@ -10,6 +10,7 @@ import charts
 import loaders
 import settings
 import widgets
+import safe_text
 
 cfg = settings.page_setup()
 st.title(":material/show_chart: Training traces")
@@ -66,7 +67,7 @@ else:
 
 empty = [rid for rid, run in loaded.items() if run.steps.empty]
 for rid in empty:
-    st.info(f"Run `{rid}` has no steps recorded yet.")
+    st.info(f"Run {safe_text.code(rid)} has no steps recorded yet.")
 plotted = {rid: run for rid, run in loaded.items() if not run.steps.empty}
 if not plotted or not metrics:
     st.stop()
@@ -100,9 +101,9 @@ for i, (rid, run) in enumerate(plotted.items()):
             frame = frame.merge(b, on="step", how="inner")
             frame[m] = frame[m] - frame["_base"]
         fig.add_trace(charts.line_trace(
-            frame["step"], frame[m], name, color, legendgroup=rid, showlegend=row == 1,
+            frame["step"], frame[m], safe_text.html_text(name), color, legendgroup=rid, showlegend=row == 1,
             customdata=frame["batch"].fillna("").to_numpy() if with_batch else None,
-            hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{charts.metric_title(m)}: %{{y:.4g}}"
+            hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: %{{y:.4g}}"
                           + ("<br><br><b>batch</b><br>%{customdata}" if with_batch else "") + "<extra></extra>"),
             row=row, col=1)
 fig.update_xaxes(title_text="step", row=len(metrics), col=1)

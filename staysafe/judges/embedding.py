@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from staysafe.atomic import write_json, write_npz
 from staysafe.errors import StaySafeError
 from staysafe.logistic import fit_logistic
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
@@ -41,6 +40,8 @@ DEFAULT_SETS = {"request": {"harmful": ("refusals",), "benign": ("align-benign",
 HEAD_JSON, HEAD_NPZ = "judge.json", "head.npz"
 FORMAT = 1
 
+
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "assets" / "judges"
 
 class JudgeFileError(StaySafeError, ValueError):
     """A saved judge head is missing or damaged; the message names the file."""
@@ -124,17 +125,6 @@ def _auroc(y: np.ndarray, prob: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
     return round(float(roc_auc_score(y, prob)), 4) if len(set(y.tolist())) == 2 else None
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class EmbeddingJudge(Judge):
@@ -254,8 +244,8 @@ class EmbeddingJudge(Judge):
                     per[g] = {"n": int(members.sum()), "accuracy": round(float(np.mean(right)), 4)}
                 metrics["holdout"]["groups"] = per
         head = fit(np.ones(len(y), dtype=bool))
-        self.coef = head.coef_[0].astype(np.float64)
-        self.intercept = float(head.intercept_[0])
+        self.coef = np.asarray(head.coef, dtype=np.float64)  # not standardised: mean 0, scale 1
+        self.intercept = float(head.intercept)
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
         self.metadata = {"description": description, "metrics": metrics}
         return self
@@ -288,14 +278,10 @@ class EmbeddingJudge(Judge):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
 
-        def write_npz(tmp):
-            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
-                np.savez(f, coef=self.coef, intercept=np.array([self.intercept]))
-
-        _write_atomic(path / HEAD_NPZ, write_npz)
+        write_npz(path / HEAD_NPZ, coef=self.coef, intercept=np.array([self.intercept]))
         meta = {"format": FORMAT, "judge": "embedding", "kind": self.kind, "embedder": self.embedder_spec,
                 "max_length": self.max_length, "C": self.C, "head_sha256": self.head_digest(), **self.metadata}
-        _write_atomic(path / HEAD_JSON, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_json(path / HEAD_JSON, meta)
         return path
 
     @classmethod
@@ -307,18 +293,22 @@ class EmbeddingJudge(Judge):
             if not f.is_file():
                 raise JudgeFileError(f"{f} does not exist (expected a judge saved by EmbeddingJudge.save)")
         try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as err:
-            raise JudgeFileError(f"{meta_file}: not valid JSON ({err.msg})") from None
+            meta = json.loads(meta_file.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise JudgeFileError(f"{meta_file}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise JudgeFileError(f"{meta_file}: holds a JSON {type(meta).__name__}, expected an object")
         for field in ("kind", "embedder", "head_sha256"):
-            if field not in meta:
+            if not isinstance(meta.get(field), str):
                 raise JudgeFileError(f"{meta_file}: missing field {field!r}")
+        if meta["kind"] not in KINDS:
+            raise JudgeFileError(f"{meta_file}: field 'kind' must be one of {KINDS}, got {meta['kind']!r}")
         judge = cls(meta["kind"], meta["embedder"], C=meta.get("C", 10.0), max_length=meta.get("max_length", 256))
         try:
             with np.load(head_file, allow_pickle=False) as npz:
                 judge.coef = np.asarray(npz["coef"], dtype=np.float64).reshape(-1)
                 judge.intercept = float(np.asarray(npz["intercept"]).reshape(-1)[0])
-        except (OSError, KeyError, ValueError) as err:
+        except Exception as err:  # OSError, EOFError, BadZipFile, KeyError, ValueError: empty, truncated, foreign
             raise JudgeFileError(f"{head_file}: not a judge head with 'coef' and 'intercept' arrays ({err})") from None
         if judge.head_digest() != meta["head_sha256"]:
             raise JudgeFileError(f"{head_file} does not match {meta_file} (head hash differs); save the judge again")
@@ -329,7 +319,8 @@ class EmbeddingJudge(Judge):
 
     @classmethod
     def default(cls, kind: str = "request", *, refit: bool = False) -> "EmbeddingJudge":
-        """The judge fitted on StaySafe's shipped sets, fitted once and cached under ``$STAYSAFE_HOME/judges/``.
+        """The judge fitted on StaySafe's shipped sets: shipped in ``staysafe/assets/judges/``, else fitted once and
+        cached under ``$STAYSAFE_HOME/judges/``.
 
         Refitted when the shipped files change. Request kind: harmful = refusals, benign = align-benign (the
         alignment-stage sets, never the fine-tuning sets it will score). Response kind: positives = harmful-ft
@@ -350,13 +341,19 @@ class EmbeddingJudge(Judge):
             digest.update(file.read_bytes())
         data_sha = digest.hexdigest()[:16]
         target = staysafe_home() / "judges" / f"embedding-{kind}"
-        if not refit and (target / HEAD_JSON).is_file():
+        shipped = SHIPPED_HEADS / f"embedding-{kind}"  # fitted on these sets before release: no 40 s fit on first use
+        for place in ([] if refit else [shipped, target]):
+            if not (place / HEAD_JSON).is_file():
+                continue
             try:
-                judge = cls.load(target)
+                judge = cls.load(place)
                 if judge.metadata.get("training_data", {}).get("sha256") == data_sha and judge.kind == kind:
                     return judge
-            except JudgeFileError:
-                pass  # damaged: fit again
+            except (JudgeFileError, ValueError) as err:  # damaged: the next place, else fit again; say so
+                import warnings
+
+                warnings.warn(f"judge head {place} is damaged ({err}); trying the next, else fitting it again",
+                              stacklevel=2)
         prompts, responses, labels, groups = [], [], [], []
         for s in sets:
             for rec in load_records(s):

@@ -5,7 +5,8 @@ Standard library only. Two prompt modes:
 - ``conversation``: the (request, response) exchange itself, for moderation models such as Llama Guard whose
   server-side chat template wraps it in their own policy; a "safe" reply is rating 1, "unsafe" rating 5.
 Either mode accepts either kind of reply. The API key is read from the environment at call time, sent only in the
-Authorization header, and kept out of repr, cache keys and error messages.
+Authorization header and only to the URL given (redirects are refused, never followed), and kept out of repr,
+cache keys and error messages.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def _public_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend the Authorization header to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
 class _Retryable(Exception):
@@ -118,9 +129,14 @@ class OpenAICompatibleJudge(Judge):
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+            with _OPENER.open(request, timeout=self.timeout) as reply:
                 raw = reply.read()
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                where = _public_url(err.headers.get("Location", "") or "") if err.headers else ""
+                raise ValueError(f"HTTP {err.code} from {self.base_url}: refused to follow the redirect to "
+                                 f"{where or 'another address'} (the API key is only ever sent to the URL given; "
+                                 "give the final URL instead)") from None
             detail = err.read(300).decode("utf-8", "replace").strip()
             message = f"HTTP {err.code} from {self.base_url}: {detail[:200]}"
             if err.code == 401 and not key:

@@ -1,0 +1,181 @@
+"""Submitting jobs, and the one way a job becomes a command.
+
+A job records *what* to run (a ``staysafe train`` RunSpec or the options of ``staysafe experiment``), never *how*:
+:func:`command` validates that spec again and rebuilds the argument list (``sys.executable -m staysafe.cli ...``,
+never a shell string), so a job file written by anyone else can only ask for a StaySafe run with known options.
+A queued job cannot carry a judge endpoint or key variable (``judge_url``, ``judge_key_env``): those send a secret
+somewhere, and only a command line typed by the user may ask for that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from staysafe.queue.store import ACTIVE, LaunchError, JobStore
+from staysafe.traces import RUN_ID, TraceError, new_run_id, safe_run_path
+
+EXPERIMENT_OPTIONS = ("scenario", "methods", "seeds", "quick", "preset", "model", "steps")
+NOT_QUEUEABLE = ("judge_url", "judge_key_env")  # a file must never choose where a secret goes
+
+
+def train_argv(spec, run_id: str, runs_root: Path) -> list[str]:
+    """The argument list that trains ``spec`` as run ``run_id`` under ``runs_root``."""
+    from staysafe.options import spec_flags
+
+    return [sys.executable, "-m", "staysafe.cli", "train", *spec_flags(spec), "--run-id", run_id,
+            "--runs-dir", str(Path(runs_root).resolve())]
+
+
+def experiment_argv(experiment_id: str, runs_root: Path, experiments_root: Path, *, scenario: str = "harmful",
+                    methods: list[str] | None = None, seeds: int = 1, quick: bool = True, model: str | None = None,
+                    steps: int | None = None, preset: str | None = None) -> list[str]:
+    """The argument list of ``staysafe experiment`` (only what its CLI exposes); options are checked first."""
+    from staysafe.experiment import ExperimentSpec
+    from staysafe.options import SpecError
+
+    types = {"scenario": str, "seeds": int, "quick": bool, "model": (str, type(None)), "steps": (int, type(None)),
+             "preset": (str, type(None))}
+    if preset is not None:
+        quick = False  # a named preset replaces the quick one
+    for name, value in (("scenario", scenario), ("seeds", seeds), ("quick", quick), ("model", model),
+                        ("steps", steps), ("preset", preset)):
+        if not isinstance(value, types[name]) or (isinstance(value, bool) and types[name] is not bool):
+            raise SpecError(f"experiment option {name} = {value!r} is invalid: expected {types[name]}")
+    if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
+        raise SpecError(f"experiment option methods = {methods!r} is invalid: expected a list of method names")
+    exp = ExperimentSpec(scenario=scenario, seeds=seeds, quick=quick, steps=steps, preset=preset,
+                         **({"methods": list(methods)} if methods else {}), **({"model": model} if model else {}))
+    try:
+        exp.validate()
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    argv = [sys.executable, "-m", "staysafe.cli", "experiment", f"--scenario={exp.scenario}",
+            "--methods", ",".join(exp.methods), "--seeds", str(exp.seeds), f"--model={exp.model}",
+            "--out-dir", str(Path(experiments_root).resolve()), "--runs-dir", str(Path(runs_root).resolve()),
+            "--id", experiment_id]
+    if exp.preset:  # validate() turned --quick into the quick preset
+        argv += ["--preset", exp.preset]
+    if exp.steps:
+        argv += ["--steps", str(exp.steps)]
+    return argv
+
+
+def train_spec(values, runs_root: Path):
+    """A RunSpec from a job's stored spec: only known fields, no judge endpoint or key, every option valid."""
+    from staysafe.options import RunSpec, SpecError
+
+    if not isinstance(values, dict):
+        raise SpecError(f"the job's spec is a {type(values).__name__}, expected an object of run options")
+    known = {f.name for f in dataclasses.fields(RunSpec)} - {"runs_dir", "run_id"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SpecError(f"the job's spec has unknown option(s) {', '.join(map(str, unknown))}")
+    carried = [k for k in NOT_QUEUEABLE if k in values and values[k] != getattr(RunSpec, k, None)]
+    if carried:
+        raise SpecError(f"a queued run cannot set {', '.join(carried)}: give the judge endpoint on the command "
+                        "line (`staysafe train --judge-url ...`), never through a file")
+    try:
+        spec = RunSpec(**values, runs_dir=str(runs_root))
+    except TypeError as err:
+        raise SpecError(f"the job's spec is invalid ({err})") from None
+    return _no_endpoint_judge(spec.validate())
+
+
+def _no_endpoint_judge(spec):
+    """The openai judge needs an endpoint, which a queued run cannot carry: refuse it before anything is queued."""
+    from staysafe.options import SpecError
+
+    uses_judge = spec.risk == "judge" or spec.record_judge
+    if spec.judge == "openai" and uses_judge and not spec.judge_url:
+        raise SpecError("option judge = 'openai' needs a judge URL and model, which a queued run cannot carry (a "
+                        "file must never choose where a key is sent); choose another judge here, or run "
+                        "`staysafe train --judge openai --judge-url URL --judge-model NAME` in a terminal")
+    return spec
+
+
+def command(job: dict, runs_root: Path) -> list[str]:
+    """The argument list of a job, rebuilt from its validated spec (never from anything else in the file)."""
+    from staysafe.options import SpecError
+
+    if not RUN_ID.match(job["target"]):
+        raise SpecError(f"job target {job['target']!r} is not a valid id")
+    if job["kind"] == "train":
+        spec = train_spec(job.get("spec"), runs_root)
+        return train_argv(spec, job["target"], runs_root)
+    options = job.get("options")
+    if not isinstance(options, dict) or set(options) - set(EXPERIMENT_OPTIONS):
+        raise SpecError(f"the job's experiment options must be an object with keys among {EXPERIMENT_OPTIONS}")
+    exps = job.get("experiments_root")
+    if not isinstance(exps, str) or not os.path.isabs(exps):
+        raise SpecError(f"the job's experiments_root {exps!r} is not an absolute path")
+    return experiment_argv(job["target"], runs_root, Path(exps), **options)
+
+
+def _new_job(store: JobStore, kind: str, target: str, **extra) -> dict:
+    job_id = f"{time.time_ns() // 1_000_000:013d}-{kind}-{target}"
+    while store.job_path(job_id).exists():  # two submits in one millisecond
+        time.sleep(0.002)
+        job_id = f"{time.time_ns() // 1_000_000:013d}-{kind}-{target}"
+    return {"id": job_id, "kind": kind, "target": target, "state": "queued", "created": time.time(),
+            "process": None, "started": None, "ended": None, "returncode": None, "cancel_requested": False,
+            "error": None, "log": f"{job_id}.log", **extra}
+
+
+def _enqueue(store: JobStore, job: dict, start_worker: bool) -> dict:
+    command(job, store.root)  # exactly what the worker will check
+    with store.lock():
+        if any(j["target"] == job["target"] and j["state"] in ACTIVE for j in store.jobs(raw=True)):
+            raise LaunchError(f"{job['target']!r} is already queued or running")
+        store.write(job)
+        if start_worker and not store.paused:
+            store._ensure_worker_locked()
+    return job
+
+
+def submit_train(store: JobStore, spec, run_id: str | None = None, start_worker: bool = True) -> dict:
+    """Validate ``spec`` and queue it as run ``run_id`` (a fresh id when None). Raises SpecError or LaunchError."""
+    from staysafe.options import SpecError
+
+    spec = dataclasses.replace(spec, runs_dir=str(store.root), run_id=None)
+    if spec.data:
+        spec = dataclasses.replace(spec, scenario=None)
+        path = Path(spec.data).expanduser()
+        if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or spec.data.startswith((".", "/", "~")):
+            if not path.is_file():
+                raise SpecError(f"option data = {spec.data!r} is invalid: the file {path} does not exist")
+            spec = dataclasses.replace(spec, data=str(path.resolve()))
+    spec.validate()
+    run_id = run_id or new_run_id(f"{spec.method}-{spec.risk}" if spec.method == "adaptive" else spec.method)
+    if not RUN_ID.match(run_id):
+        raise LaunchError(f"run id {run_id!r} is not allowed: use letters, digits, '.', '_' and '-' (max 128)")
+    try:
+        target = safe_run_path(store.root, run_id)
+    except TraceError as err:
+        raise LaunchError(str(err)) from None
+    if target.exists():
+        raise LaunchError(f"run directory {target} already exists; choose another run id")
+    values = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("runs_dir", "run_id")}
+    job = _new_job(store, "train", run_id, run_id=run_id, spec=values)
+    return _enqueue(store, job, start_worker)
+
+
+def submit_experiment(store: JobStore, experiments_root: Path, experiment_id: str | None = None,
+                      start_worker: bool = True, **options) -> dict:
+    """Queue ``staysafe experiment`` (``options``: scenario, methods, seeds, quick, model, steps)."""
+    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS))
+    if unknown:
+        raise LaunchError(f"unknown experiment option(s) {', '.join(unknown)}")
+    scenario = options.get("scenario", "harmful")
+    experiment_id = experiment_id or new_run_id(f"exp-{scenario}")
+    if not RUN_ID.match(experiment_id):
+        raise LaunchError(f"experiment id {experiment_id!r} is not allowed: use letters, digits, '.', '_' and '-'")
+    target = Path(experiments_root).resolve() / experiment_id
+    if target.exists():
+        raise LaunchError(f"experiment directory {target} already exists; choose another id")
+    job = _new_job(store, "experiment", experiment_id, experiment_id=experiment_id,
+                   experiments_root=str(Path(experiments_root).resolve()), options=options)
+    return _enqueue(store, job, start_worker)
