@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from staysafe.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
-from staysafe import process
+import staysafe.process as process
 from staysafe.errors import StaySafeError
 
 TABLES = {  # table name -> columns that identify a row (duplicates keep the newest)

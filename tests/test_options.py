@@ -19,7 +19,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def test_every_option_is_one_cli_flag_with_the_schemas_help_and_default():
-    actions = {a.dest: a for a in train_parser()._actions if a.dest not in ("help", "resume", "config", "preset")}
+    actions = {a.dest: a for a in train_parser()._actions if a.dest not in ("help", "resume", "config", "preset", "trust_config")}
     assert set(actions) == {f.name for f in dataclasses.fields(RunSpec)}
     for f in dataclasses.fields(RunSpec):
         assert f.metadata["help"], f.name

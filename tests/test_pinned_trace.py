@@ -1,5 +1,5 @@
 """A pinned tiny-model run: its trace must match the values the trainer produced before the refactor of issue 13
-(tests/pinned_trace.json, written by the old code with ``python tests/test_pinned_trace.py --write``) to 1e-6.
+(tests/pinned_trace.json, written by the old code (f126866) with ``python tests/test_pinned_trace.py --write``) to 1e-6.
 
 Two CLI runs cover the paths the refactor touched: full fine-tuning with the label risk and an EMA (frozen
 reference copy), and LoRA with per-example beta and the top-k KL (adapter-disabled reference, probe recorded).
@@ -24,7 +24,7 @@ RUNS = {
     "lora-per-example": ["--method", "adaptive", "--risk", "label", "--lora-r", "4", "--per-example-beta",
                          "--kl-top-k", "8"],
 }
-COMMON = [*TINY_RUN, "--steps", "4", "--eval-every", "2", "--lr", "0.01", "--threads", "1", "--seed", "3"]
+COMMON = [*TINY_RUN, "--max-length", "128", "--steps", "4", "--eval-every", "2", "--lr", "0.01", "--threads", "1", "--seed", "3"]
 STEP_COLS = ("loss", "nll", "kl", "beta", "risk", "risk_label", "risk_probe", "n_fallback", "grad_norm", "lr")
 EXAMPLE_COLS = ("example_index", "nll", "kl", "beta", "risk", "risk_label")
 
