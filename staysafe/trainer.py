@@ -221,8 +221,10 @@ class _StepRecorder(TrainerCallback):
             tr._unlogged.append({k: v for k, v in row.items() if k in LOGGED or k.startswith("risk_")})
         if tr.run is None or not state.is_world_process_zero:
             return
-        tr.run.append("examples", _example_rows(state.global_step, gathered))
+        # The step row first: a kill between the two appends leaves a step without its example rows, never example
+        # rows of a step the trace does not have.
         tr.run.append("steps", [row])
+        tr.run.append("examples", _example_rows(state.global_step, gathered))
         tr.run.set_status("running", step=state.global_step)
         fault_pause(f"step@{state.global_step}")
 
