@@ -606,7 +606,10 @@ def test_default_embedding_judges_on_held_out_shipped_data(home):
     from staysafe.data import load_records, prompt_text
 
     request = EmbeddingJudge.default("request")
-    assert (home / "judges" / "embedding-request" / "judge.json").is_file()
+    from staysafe.judges.embedding import SHIPPED_HEADS
+
+    # the shipped head (fitted on the shipped sets before release) or, without one, the head fitted into the home
+    assert any((d / "embedding-request" / "judge.json").is_file() for d in (SHIPPED_HEADS, home / "judges"))
     harmful = [prompt_text(r) for r in load_records("eval-harmful", need_response=False)]
     benign = [prompt_text(r) for r in load_records("eval-benign", need_response=False)]
     scores = request.score(harmful + benign)
