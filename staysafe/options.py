@@ -193,6 +193,9 @@ class RunSpec(SafetyOptions):
     eval_benign: int = option(50, "held-out benign prompts per evaluation", low=0)
     max_new_tokens: int = option(32, "answer tokens generated per evaluation prompt (both judges reach their "
                                  "64-token verdict by 24 here: benchmarks/results/eval_cpu.json)", low=1)
+    eval_samples: int = option(0, "sampled answers per harmful prompt per evaluation, beside the greedy one (0 = "
+                               "greedy only); gives ASR@k and the mean per-answer ASR", low=0)
+    eval_temperature: float = option(0.7, "sampling temperature of those answers", above=0.0)
     eval_judges: list[str] = option(["embedding-response"], "response judges for judge ASR, comma-separated (keyword "
                                     "ASR is always measured)", choices=JUDGES, open_choices=True)
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)

@@ -319,7 +319,8 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
 
         judges = [make_judge(name) for name in spec.eval_judges]
         evaluator = SafetyEvaluator(tokenizer, EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens,
-                                                            seed=spec.seed), judges)
+                                                            seed=spec.seed, samples=spec.eval_samples,
+                                                            temperature=spec.eval_temperature), judges)
         trainer.add_callback(EvalCallback(evaluator, writer, spec.eval_every, trainer))
     return trainer
 

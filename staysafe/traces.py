@@ -7,7 +7,8 @@ A run lives in ``<runs_root>/<run_id>/``:
   process is gone reads as ``interrupted``;
 - ``steps.parquet/``: one row per optimizer step;
 - ``examples.parquet/``: one row per training example per step it was seen;
-- ``evals.parquet/`` and ``generations.parquet/``: safety evaluations over training;
+- ``evals.parquet/``, ``generations.parquet/`` and ``samples.parquet/``: safety evaluations over training (the
+  figures, the greedy answers, the sampled answers when ``eval_samples > 0``);
 - ``data.parquet``: the training records (text) the run used.
 
 Each ``*.parquet/`` table is a directory of Parquet parts (pyarrow and pandas read it as one table). Every part is
@@ -39,6 +40,7 @@ TABLES = {  # table name -> columns that identify a row (duplicates keep the new
     "examples": ("step", "slot"),
     "evals": ("step",),
     "generations": ("step", "prompt_id"),
+    "samples": ("step", "prompt_id", "sample"),
 }
 STATES = ("created", "running", "finished", "failed", "cancelled", "interrupted")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -238,6 +240,7 @@ class Run:
     examples: pd.DataFrame = field(repr=False)
     evals: pd.DataFrame = field(repr=False)
     generations: pd.DataFrame = field(repr=False)
+    samples: pd.DataFrame = field(repr=False)
     data: pd.DataFrame = field(repr=False)
     damaged: list[str] = field(default_factory=list)  # trace parts skipped because they could not be read
 

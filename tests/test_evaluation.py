@@ -32,7 +32,8 @@ def test_keyword_scoring_of_fixed_generations(tiny, monkeypatch):
     import staysafe.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "generate", lambda *a, **k: answers)
-    row, gens = ev.evaluate(model, step=7)
+    row, gens, samples = ev.evaluate(model, step=7)
+    assert samples == [] and "asr_at_k_keyword" not in row  # greedy only unless asked
     assert row["step"] == 7
     assert row["asr_keyword"] == pytest.approx(0.5)  # 2 of 4 harmful answers carry no refusal marker
     assert row["over_refusal"] == pytest.approx(0.25)  # 1 of 4 benign answers refused
@@ -48,11 +49,54 @@ def test_response_judge_asr_is_recorded_beside_keyword_asr(tiny, monkeypatch):
 
     answers = ["I'm sorry, but I can't help with that.", "Sure, here is exactly what you asked for.", "Hi", "Yo"]
     monkeypatch.setattr(evaluation, "generate", lambda *a, **k: answers)
-    row, gens = ev.evaluate(model, step=0)
+    row, gens, _ = ev.evaluate(model, step=0)
     assert row["asr_keyword"] == 0.5 and "failed_keyword" not in row and "asr_embedding_response" in row
     assert row["failed_embedding_response"] == 0
     assert gens[0]["score_embedding_response"] < 0.5 < gens[1]["score_embedding_response"]
     assert "score_embedding_response" not in gens[2]  # benign answers are not judged for harm
+
+
+def test_sampled_asr_at_k_and_per_answer_asr_from_fixed_answers(tiny, monkeypatch):
+    """k = 3 sampled answers to each of 2 harmful prompts: ASR@k counts prompts with any success, the sampled ASR
+    every answer; the greedy figures are untouched."""
+    model, tok = tiny
+    ev = SafetyEvaluator(tok, EvalSettings(n_harmful=2, n_benign=1, max_new_tokens=2, samples=3), judges=[])
+    greedy = ["I can't help with that.", "I won't do that.", "Paris."]
+    sampled = ["I can't help with that.", "Sure, step one is", "I won't.",  # prompt 1: one success in 3
+               "I'm sorry, I cannot help.", "I cannot do that.", "No, I can't."]  # prompt 2: none
+    import staysafe.evaluation as evaluation
+
+    calls = []
+
+    def fake_generate(model, tokenizer, records, *args, **kw):
+        calls.append((len(records), args))
+        return greedy if len(calls) == 1 else sampled
+
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    row, gens, samples = ev.evaluate(model, step=4)
+    assert row["asr_keyword"] == 0.0
+    assert row["asr_at_k_keyword"] == pytest.approx(0.5) and row["asr_sampled_keyword"] == pytest.approx(1 / 6)
+    assert row["eval_samples"] == 3 and calls[1][0] == 6 and calls[1][1][2] == pytest.approx(0.7)  # temperature
+    assert [(r["prompt_id"], r["sample"]) for r in samples] == [(gens[0]["prompt_id"], j) for j in (1, 2, 3)] + \
+        [(gens[1]["prompt_id"], j) for j in (1, 2, 3)]
+    assert [r["refused"] for r in samples] == [True, False, True, True, True, True]
+
+
+def test_sampled_answers_are_seeded_and_recorded_in_the_run(tmp_path):
+    """A real tiny run with eval_samples: samples.parquet holds k answers per harmful prompt per evaluated step,
+    the same under the same seed, not all equal to the greedy answer (sampling happened), and training is unchanged
+    by the sampling (it draws from a forked generator)."""
+    a = load_run(run_training(tiny_run(tmp_path / "a", eval_samples=3, eval_temperature=1.5), progress=False))
+    b = load_run(run_training(tiny_run(tmp_path / "b", eval_samples=3, eval_temperature=1.5), progress=False))
+    c = load_run(run_training(tiny_run(tmp_path / "c"), progress=False))
+    assert len(a.samples) == len(a.evals) * 3 * 3 and set(a.samples["sample"]) == {1, 2, 3}
+    assert a.samples["response"].tolist() == b.samples["response"].tolist()
+    greedy = a.generations.set_index(["step", "prompt_id"])["response"]
+    assert any(r.response != greedy[(r.step, r.prompt_id)] for r in a.samples.itertuples())
+    assert (a.evals["asr_at_k_keyword"] >= a.evals["asr_sampled_keyword"]).all()
+    assert c.samples.empty and "asr_at_k_keyword" not in c.evals
+    pd.testing.assert_series_equal(a.steps["loss"], c.steps["loss"])
+    assert a.generations["response"].tolist() == c.generations["response"].tolist()
 
 
 def test_generation_is_deterministic_and_batch_invariant(tiny):
