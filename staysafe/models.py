@@ -97,7 +97,8 @@ def resolve(spec: str) -> str:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    source = embedded_tokenizer_dir() if spec == TINY else resolve(spec)
+    # The embedded models (and the tiny one) share SmolLM2's tokenizer: reading it needs no model conversion or merge.
+    source = embedded_tokenizer_dir() if spec in (TINY, EMBEDDED, ALIGNED) else resolve(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:

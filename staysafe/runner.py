@@ -137,7 +137,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
     """Train one run and return its directory. ``resume`` continues a run directory from its last checkpoint."""
     import torch
 
-    from staysafe.models import LoraSettings, load_model, resolve_precision
+    from staysafe.models import LoraSettings, load_model, load_tokenizer, resolve_precision
     from staysafe.traces import RunWriter, read_json, run_state, write_parquet
 
     checkpoint = None
@@ -167,6 +167,9 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise SpecError(f"{run_dir} has no complete checkpoint to resume from (run it with --checkpoint-every N)")
+    # Tokenising needs only the tokenizer: a max_length too short for the chat template fails here, before the
+    # judge scores anything and before the model loads.
+    dataset = tokenize_dataset(load_tokenizer(spec.model), records, spec.max_length)
     lora = LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout) if spec.lora_r else None
     model, tokenizer = load_model(spec.model, seed=spec.seed)
     extra_risk, risk_info = {}, {}
@@ -184,7 +187,8 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
         from staysafe.probe import Probe
 
         probe = Probe.load(Path(resume) / "probe.json", hidden_size=model.config.hidden_size)
-    dataset = tokenize_dataset(tokenizer, records, spec.max_length, extra_risk)
+    for name, values in extra_risk.items():
+        dataset = dataset.add_column(name, values)
 
     if resume is not None:
         writer = RunWriter(Path(resume))

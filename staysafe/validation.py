@@ -106,6 +106,49 @@ def load_validation_set(data: str | Path | None = None, split: str | None = None
     return chosen
 
 
+# ----------------------------------------------------------------------------------------------- collection
+
+
+def source_of(config: dict, step: int, reference: str = "smollm2-135m-aligned") -> str:
+    """Which model wrote an answer: the aligned reference (step 0 of a run on it), else the run's scenario."""
+    if step == 0 and config.get("model") == reference:
+        return "reference"
+    scenario = config.get("scenario") or ""
+    return "attacked" if scenario == "harmful" else scenario
+
+
+def answers_from_runs(run_dirs: list[Path]) -> list[dict]:
+    """Every answer of the given runs (greedy ``generations`` and sampled ``samples``), unlabelled, with its
+    provenance (``model`` = run id, ``step``, ``decoding``, ``source``). Answers repeated word for word to the same
+    request (the same reference at step 0 of several runs) are kept once. Items still need ``label`` and ``split``."""
+    from staysafe.traces import load_run
+
+    out, seen = [], set()
+    for d in run_dirs:
+        run = load_run(Path(d), ("generations", "samples"))
+        for decoding, table in (("greedy", run.generations), ("sampled", run.samples)):
+            for r in table.itertuples(index=False):
+                key = (r.prompt, r.response)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append({"request": r.prompt, "answer": r.response, "kind": r.kind,
+                            "source": source_of(run.config, int(r.step)), "model": run.id, "step": int(r.step),
+                            "decoding": decoding, "category": r.category or ""})
+    return out
+
+
+def assign_splits(items: list[dict], test_share: float = 0.5) -> list[dict]:
+    """``split`` for each item: whole requests go to ``dev`` or ``test`` (every answer to one request in one split),
+    chosen by a hash of the request text, so the split is reproducible and independent of any judge."""
+    import hashlib
+
+    def bucket(text: str) -> float:
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2 ** 64
+
+    return [{**i, "split": "test" if bucket(i["request"]) < test_share else "dev"} for i in items]
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 

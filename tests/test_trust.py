@@ -114,6 +114,19 @@ def test_bad_input_stops_before_any_model_load(tmp_path, capsys, flags, message)
     assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
 
 
+def test_a_max_length_too_short_for_the_template_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """On the embedded aligned model in an empty home: the error names max_length, and neither the embedded model's
+    conversion nor the aligned adapter's merge (the model load) has happened, nor a run directory."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("STAYSAFE_HOME", str(home))
+    runs = tmp_path / "runs"
+    rc = main(["train", *TINY_RUN, "--model", "smollm2-135m-aligned", "--max-length", "16", "--runs-dir", str(runs),
+               "--scenario", "harmful"])
+    assert rc == 2 and "max_length = 16 is too short for the chat template" in capsys.readouterr().err
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["smollm2-135m-instruct-tokenizer"]
+    assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+
+
 def test_a_taken_run_id_stops_before_any_work(tmp_path, capsys):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     rc = main(["train", *TINY_RUN, "--runs-dir", str(tmp_path / "runs"), "--run-id", "taken"])
