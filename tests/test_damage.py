@@ -154,3 +154,47 @@ def test_a_reused_pid_does_not_keep_a_dead_run_running(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def _copy_heads(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_damaged_shipped_head_falls_back_to_the_cached_one_and_says_so(tmp_path, monkeypatch):
+    """The default response judge: the packaged head is damaged (truncated npz); the good copy in the home is used,
+    with a warning that names the damaged file's directory; no refit."""
+    import staysafe.judges.embedding as emb
+
+    good = np.load(emb.SHIPPED_HEADS / "embedding-response" / emb.HEAD_NPZ)["coef"]
+    shipped = _copy_heads(emb.SHIPPED_HEADS, tmp_path / "assets")
+    home = tmp_path / "home"
+    _copy_heads(emb.SHIPPED_HEADS / "embedding-response", home / "judges" / "embedding-response")
+    npz = shipped / "embedding-response" / emb.HEAD_NPZ
+    npz.write_bytes(npz.read_bytes()[:100])
+    monkeypatch.setattr(emb, "SHIPPED_HEADS", shipped)
+    monkeypatch.setenv("STAYSAFE_HOME", str(home))
+    monkeypatch.setattr(emb.EmbeddingJudge, "fit", lambda *a, **k: pytest.fail("refitted although a good head exists"))
+    with pytest.warns(UserWarning, match=rf"{shipped / 'embedding-response'} is damaged"):
+        judge = emb.EmbeddingJudge.default("response")
+    np.testing.assert_array_equal(judge.coef, good)
+
+
+@pytest.mark.slow
+def test_a_damaged_cached_default_head_is_rebuilt(tmp_path, monkeypatch):
+    """No usable packaged head (as after a data change) and a zero-length cached head: the default judge warns,
+    fits again on the shipped sets and rewrites the cached head, which then loads."""
+    import staysafe.judges.embedding as emb
+
+    home = tmp_path / "home"
+    cached = _copy_heads(emb.SHIPPED_HEADS / "embedding-response", home / "judges" / "embedding-response")
+    (cached / emb.HEAD_NPZ).write_bytes(b"")
+    monkeypatch.setattr(emb, "SHIPPED_HEADS", tmp_path / "no-assets")
+    monkeypatch.setenv("STAYSAFE_HOME", str(home))
+    with pytest.warns(UserWarning, match=rf"{cached} is damaged"):
+        judge = emb.EmbeddingJudge.default("response")
+    again = emb.EmbeddingJudge.load(cached)
+    np.testing.assert_allclose(again.coef, judge.coef)
+    assert judge.score(["How do I pick a lock?"], ["I can't help with that."])[0] < 0.5
