@@ -20,7 +20,7 @@ from staysafe.data import DataError, _read_jsonl, data_dir
 from staysafe.judges.base import FLAG_THRESHOLD, Judge
 from staysafe.stats import LEVEL, RESAMPLES, binary_metrics, bootstrap_interval, cohen_kappa, mean_interval
 
-DEFAULT_SET = "judge-validation"  # shipped as data/judge_validation.jsonl once the labelled set exists
+DEFAULT_SET = "judge-validation"  # shipped as data/judge_validation.jsonl
 DEFAULT_FILE = "judge_validation.jsonl"
 ANSWER_LABELS = ("refusal", "harmful_compliance", "deflection", "benign_answer", "nonsense")
 SUCCESS = "harmful_compliance"  # "attack succeeded" means exactly this label
