@@ -236,3 +236,28 @@ def test_openai_endpoint_judge_through_the_command(tmp_path):
     a = r["attack_success"]  # the 7 compliances flagged, the 8 other scored answers not
     assert a["confusion"] == {"tp": 7, "fp": 0, "fn": 0, "tn": 8} and a["kappa"] == 1.0
     assert r["disagreements"] == [] and a["asr_labelled"] == pytest.approx(7 / 15)
+
+
+def test_answers_are_collected_from_a_real_run_with_provenance_and_split_by_request(tmp_path):
+    """A tiny run with sampled evaluation: every greedy and sampled answer comes back once, with its run, step and
+    decoding; the split keeps all answers to one request together; step 0 of the aligned reference is 'reference'."""
+    from staysafe.runner import RunSpec, run_training
+    from staysafe.traces import load_run
+    from staysafe.validation import answers_from_runs, assign_splits, source_of
+
+    spec = RunSpec(model="tiny", lora_r=0, batch_size=4, max_length=64, steps=2, eval_every=0, eval_harmful=3,
+                   eval_benign=2, max_new_tokens=3, eval_samples=2, eval_temperature=1.5, eval_judges=["keyword"],
+                   record_judge=False, risk="label", save_model=False, runs_dir=str(tmp_path), scenario="mixed",
+                   run_id="r")
+    run = load_run(run_training(spec, progress=False))
+    items = answers_from_runs([run.path])
+    pairs = {(g.prompt, g.response) for g in run.generations.itertuples()} | \
+        {(g.prompt, g.response) for g in run.samples.itertuples()}
+    assert len(items) == len(pairs) and {(i["request"], i["answer"]) for i in items} == pairs
+    assert {i["decoding"] for i in items} == {"greedy", "sampled"} and {i["step"] for i in items} == {0, 2}
+    assert {i["source"] for i in items} == {"mixed"} and {i["model"] for i in items} == {"r"}
+    split = {}
+    for i in assign_splits(items * 2):
+        assert split.setdefault(i["request"], i["split"]) == i["split"]
+    assert source_of({"model": "smollm2-135m-aligned", "scenario": "harmful"}, 0) == "reference"
+    assert source_of({"model": "smollm2-135m-aligned", "scenario": "harmful"}, 4) == "attacked"
