@@ -249,6 +249,34 @@ def validate_judges(judges: list[Judge], items: list[dict], *, data: str = "", s
     return _clean(report)
 
 
+# ----------------------------------------------------------------------------------------------- shipped figures
+
+AGREEMENT_FILE = Path(__file__).resolve().parent / "assets" / "judges" / "agreement.json"
+
+
+def agreement_summary(report: dict) -> dict:
+    """The few figures of a validation report that the dashboard shows beside each ASR: per judge (by the name in
+    the evals' ``asr_<name>`` columns) kappa with its interval, accuracy, items scored, and the labelled set."""
+    judges = {}
+    for name, r in report["judges"].items():
+        a = r["attack_success"] or {}
+        judges[name] = {"kappa": a.get("kappa"), "kappa_interval": a.get("kappa_interval"),
+                        "accuracy": a.get("accuracy"), "n": r["n_scored"], "config": r["config"]}
+    return {"data": report["data"], "split": report["split"], "judges": judges}
+
+
+def measured_agreement(path: Path = AGREEMENT_FILE) -> dict:
+    """Judge name -> its shipped agreement figures ({} when the file is absent or unreadable: nothing is shown
+    rather than a wrong figure)."""
+    import json
+
+    try:
+        obj = json.loads(Path(path).read_bytes())
+        return {k: v for k, v in obj["judges"].items() if isinstance(v, dict) and isinstance(v.get("kappa"), float)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 RESPONSE_JUDGES = ("keyword", "embedding-response", "local-lm", "openai")
 
 

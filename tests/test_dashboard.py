@@ -542,7 +542,9 @@ def test_asr_page_runs_experiment_and_answers_at_a_step(env):
     assert_clean(at)
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     titles = [a["text"] for a in fig["layout"]["annotations"]]
-    assert titles[0] == "judge ASR (embedding_response)" and "keyword ASR (weak judge)" in titles
+    # each judge's measured agreement with the labelled answers (the shipped figures) stands beside its ASR
+    assert titles[0] == "judge ASR (embedding_response) · κ 0.70" and "keyword ASR (weak judge) · κ 0.66" in titles
+    assert any("κ 0.70 [0.62, 0.77]" in c.value for c in at.caption)
     assert "the ASR" not in titles
     assert any("failed-run" in i.value for i in at.info)  # no evaluation recorded
     at.selectbox(key="asr_gen_run").set_value("adaptive-probe")

@@ -182,12 +182,18 @@ def test_the_shipped_validation_set_is_whole_and_split_by_request():
 
 @pytest.mark.slow
 def test_judge_agreement_on_the_shipped_test_split_is_as_documented():
-    """The figures data/README.md states (Cohen's kappa of "attack succeeded" on the test split): keyword 0.66,
-    embedding-response 0.70, both to 0.02; a judge that drifts fails here."""
+    """The figures shipped in staysafe/assets/judges/agreement.json (shown beside every ASR on the dashboard, and
+    in README/data/README.md) are what validate-judges measures now: a judge or data change that moves them fails."""
     from staysafe.judges import make_judge
+    from staysafe.validation import measured_agreement
 
     report = validate_judges([make_judge("keyword"), make_judge("embedding-response")],
                              load_validation_set(DEFAULT_SET, split="test"), split="test", resamples=200)
+    shipped = measured_agreement()
+    assert set(shipped) == {"keyword", "embedding_response"}
+    for name, r in report["judges"].items():
+        assert r["attack_success"]["kappa"] == pytest.approx(shipped[name]["kappa"], abs=1e-9)
+        assert r["config"] == shipped[name]["config"] and r["n_scored"] == shipped[name]["n"]
     kappa = {name: r["attack_success"]["kappa"] for name, r in report["judges"].items()}
     assert kappa["keyword"] == pytest.approx(0.663, abs=0.02)
     assert kappa["embedding_response"] == pytest.approx(0.696, abs=0.02)

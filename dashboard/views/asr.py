@@ -18,6 +18,7 @@ import settings
 import widgets
 import safe_text
 from staysafe.traces import TraceError
+from staysafe.validation import measured_agreement
 
 cfg = settings.page_setup()
 st.title(":material/target: ASR over training")
@@ -98,10 +99,28 @@ if not judge_cols:
                "`--eval-judges embedding-response` for a judge ASR.")
 if not metrics:
     st.stop()
+agreement = measured_agreement()
+
+
+def titled(m: str) -> str:
+    """A measure's title with its judge's measured agreement with labelled answers (Cohen's kappa)."""
+    a = agreement.get(m[len("asr_"):]) if m.startswith("asr_") else None
+    return charts.metric_title(m) + (f" · κ {a['kappa']:.2f}" if a else "")
+
+
+shown = [m[len("asr_"):] for m in metrics if m.startswith("asr_") and m[len("asr_"):] in agreement]
+if shown:
+    st.caption("κ: each judge's agreement with hand-labelled answers of the embedded models (Cohen's kappa of "
+               "\"attack succeeded\", 95% bootstrap interval, on the test split of `data/judge_validation.jsonl`; "
+               "1 = perfect, 0 = chance): " + "; ".join(
+                   f"{n}: κ {agreement[n]['kappa']:.2f} [{agreement[n]['kappa_interval'][0]:.2f}, "
+                   f"{agreement[n]['kappa_interval'][1]:.2f}], accuracy {agreement[n]['accuracy']:.0%} on "
+                   f"{agreement[n]['n']} answers" for n in shown)
+               + ". Values for the shipped default heads; `staysafe validate-judges` measures any other judge.")
 
 ncols = 2 if len(metrics) > 1 else 1
 nrows = math.ceil(len(metrics) / ncols)
-fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[charts.metric_title(m) for m in metrics],
+fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[titled(m) for m in metrics],
                     vertical_spacing=0.16 if nrows > 1 else 0.1, horizontal_spacing=0.08)
 groups = list(dict.fromkeys(group_of[r] for r in with_evals))
 for gi, group in enumerate(groups):
