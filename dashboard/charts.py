@@ -80,6 +80,10 @@ def fmt_pct(x) -> str:
 def metric_title(col: str) -> str:
     if col == "asr_keyword":
         return "keyword ASR (weak judge)"
+    if col.startswith("asr_at_k_"):
+        return f"sampled ASR@k ({col[len('asr_at_k_'):]})"
+    if col.startswith("asr_sampled_"):
+        return f"sampled per-answer ASR ({col[len('asr_sampled_'):]})"
     if col.startswith("asr_"):
         return f"judge ASR ({col[4:]})"
     return {"over_refusal": "over-refusal (benign refused)", "benign_nll": "benign NLL (utility)",

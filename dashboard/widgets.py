@@ -61,9 +61,18 @@ def option_input(name: str, where=st, *, extra_choices: tuple = (), **widget):
 TEXT_COLUMNS = {"example_id", "label", "category", "prompt", "response", "messages", "id", "kind", "prompt_id"}
 
 
+SAMPLED_PREFIXES = ("asr_at_k_", "asr_sampled_")  # sampled-answer ASR (eval_samples > 0), shown on their own
+
+
+def sampled_columns(evals: pd.DataFrame) -> list[str]:
+    """ASR@k and per-answer sampled ASR columns, per judge (keyword included)."""
+    return sorted(c for c in evals.columns if c.startswith(SAMPLED_PREFIXES))
+
+
 def asr_columns(evals: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(judge ASR columns, keyword ASR column if present): judge ASR first, keyword is the weak judge."""
-    judges = sorted(c for c in evals.columns if c.startswith("asr_") and c != "asr_keyword")
+    judges = sorted(c for c in evals.columns if c.startswith("asr_") and c != "asr_keyword"
+                    and not c.startswith(SAMPLED_PREFIXES))
     return judges, (["asr_keyword"] if "asr_keyword" in evals.columns else [])
 
 

@@ -823,3 +823,16 @@ def test_text_from_runs_is_never_rendered_as_markdown(dash_data, tmp_path, monke
             assert "**BOLD**" not in s and "<img" not in s and "](http" not in s and ":red[" not in s, (page, s)
             shown.append(s)
     assert sum("BOLD" in s for s in shown) >= 2, shown  # ... and still shown (the example's id line, the error)
+
+
+def test_sampled_asr_columns_are_their_own_measures_not_judges():
+    """asr_at_k_<judge> / asr_sampled_<judge> (eval_samples > 0) are not read as judges named 'at_k_...'."""
+    import charts
+    import widgets
+
+    evals = pd.DataFrame(columns=["step", "asr_keyword", "asr_embedding_response", "asr_at_k_keyword",
+                                  "asr_sampled_embedding_response", "over_refusal"])
+    assert widgets.asr_columns(evals) == (["asr_embedding_response"], ["asr_keyword"])
+    assert widgets.sampled_columns(evals) == ["asr_at_k_keyword", "asr_sampled_embedding_response"]
+    assert charts.metric_title("asr_at_k_keyword") == "sampled ASR@k (keyword)"
+    assert charts.metric_title("asr_sampled_embedding_response") == "sampled per-answer ASR (embedding_response)"

@@ -89,7 +89,8 @@ if not with_evals:
     st.stop()
 
 judge_cols = sorted({c for r in with_evals.values() for c in widgets.asr_columns(r.evals)[0]})
-metrics_all = judge_cols + ["asr_keyword", "over_refusal", "benign_nll"]
+sampled_cols = sorted({c for r in with_evals.values() for c in widgets.sampled_columns(r.evals)})
+metrics_all = judge_cols + ["asr_keyword", "over_refusal", "benign_nll"] + sampled_cols
 metrics_all = [m for m in metrics_all if any(m in r.evals for r in with_evals.values())]
 widgets.reset_on_change("asr_metrics", tuple(metrics_all))
 metrics = st.multiselect("measures", metrics_all, default=metrics_all, format_func=charts.metric_title,
@@ -102,13 +103,21 @@ if not metrics:
 agreement = measured_agreement()
 
 
+def judge_of(m: str) -> str | None:
+    """The judge behind an ASR measure (``asr_<judge>``, ``asr_at_k_<judge>``, ``asr_sampled_<judge>``)."""
+    for prefix in (*widgets.SAMPLED_PREFIXES, "asr_"):
+        if m.startswith(prefix):
+            return m[len(prefix):]
+    return None
+
+
 def titled(m: str) -> str:
     """A measure's title with its judge's measured agreement with labelled answers (Cohen's kappa)."""
-    a = agreement.get(m[len("asr_"):]) if m.startswith("asr_") else None
+    a = agreement.get(judge_of(m) or "")
     return charts.metric_title(m) + (f" · κ {a['kappa']:.2f}" if a else "")
 
 
-shown = [m[len("asr_"):] for m in metrics if m.startswith("asr_") and m[len("asr_"):] in agreement]
+shown = list(dict.fromkeys(judge_of(m) for m in metrics if judge_of(m) in agreement))
 if shown:
     st.caption("κ: each judge's agreement with hand-labelled answers of the embedded models (Cohen's kappa of "
                "\"attack succeeded\", 95% bootstrap interval, on the test split of `data/judge_validation.jsonl`; "
