@@ -331,11 +331,16 @@ def tokenize_dataset(tokenizer, records: list[dict], max_length: int = 128,
         for k in ("input_ids", "labels", "prompt_end", "truncated"):
             rows[k].append(tok[k])
         rows["example_index"].append(i)
-    columns = {**rows, **risk_columns(records), **(extra_risk or {})}
+    return add_risk_columns(Dataset.from_dict(rows), {**risk_columns(records), **(extra_risk or {})})
+
+
+def add_risk_columns(dataset: Dataset, columns: dict[str, list[float]]) -> Dataset:
+    """``dataset`` with more ``risk_*`` columns, one value per record (a count mismatch is a named DataError)."""
     for name, values in columns.items():
-        if len(values) != len(records):
-            raise DataError(f"risk column {name!r} has {len(values)} values for {len(records)} records")
-    return Dataset.from_dict(columns)
+        if len(values) != len(dataset):
+            raise DataError(f"risk column {name!r} has {len(values)} values for {len(dataset)} records")
+        dataset = dataset.add_column(name, values)
+    return dataset
 
 
 @dataclass

@@ -118,9 +118,10 @@ def check_tokenizer(tokenizer, spec: str):
 
 
 def load_model(spec: str = ALIGNED, *, lora: LoraSettings | None = None, dtype: torch.dtype = torch.float32,
-               device: str | None = None, seed: int = 0):
-    """Return ``(model, tokenizer)`` for a known name, a local directory or a hub id; with ``lora`` an adapter is added."""
-    tokenizer = load_tokenizer(spec)
+               device: str | None = None, seed: int = 0, tokenizer=None):
+    """Return ``(model, tokenizer)`` for a known name, a local directory or a hub id; with ``lora`` an adapter is
+    added. ``tokenizer``: the one already loaded for ``spec`` with :func:`load_tokenizer` (not read again)."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     if spec == TINY:
         model = build_tiny(tokenizer, seed=seed)
     else:

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from staysafe.data import build_scenario, load_records, records_table, tokenize_dataset
+from staysafe.data import add_risk_columns, build_scenario, load_records, records_table, tokenize_dataset
 from staysafe.options import RunSpec, SpecError
 
 
@@ -169,9 +169,10 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
             raise SpecError(f"{run_dir} has no complete checkpoint to resume from (run it with --checkpoint-every N)")
     # Tokenising needs only the tokenizer: a max_length too short for the chat template fails here, before the
     # judge scores anything and before the model loads.
-    dataset = tokenize_dataset(load_tokenizer(spec.model), records, spec.max_length)
+    tokenizer = load_tokenizer(spec.model)
+    dataset = tokenize_dataset(tokenizer, records, spec.max_length)
     lora = LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout) if spec.lora_r else None
-    model, tokenizer = load_model(spec.model, seed=spec.seed)
+    model, tokenizer = load_model(spec.model, seed=spec.seed, tokenizer=tokenizer)
     extra_risk, risk_info = {}, {}
     if spec.risk == "judge" or spec.record_judge:
         with procs.main_first():  # the main process scores; the others then read its cache
@@ -187,8 +188,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
         from staysafe.probe import Probe
 
         probe = Probe.load(Path(resume) / "probe.json", hidden_size=model.config.hidden_size)
-    for name, values in extra_risk.items():
-        dataset = dataset.add_column(name, values)
+    dataset = add_risk_columns(dataset, extra_risk)
 
     if resume is not None:
         writer = RunWriter(Path(resume))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -156,22 +157,15 @@ def test_a_reused_pid_does_not_keep_a_dead_run_running(tmp_path):
         stranger.wait()
 
 
-def _copy_heads(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_a_damaged_shipped_head_falls_back_to_the_cached_one_and_says_so(tmp_path, monkeypatch):
     """The default response judge: the packaged head is damaged (truncated npz); the good copy in the home is used,
     with a warning that names the damaged file's directory; no refit."""
     import staysafe.judges.embedding as emb
 
     good = np.load(emb.SHIPPED_HEADS / "embedding-response" / emb.HEAD_NPZ)["coef"]
-    shipped = _copy_heads(emb.SHIPPED_HEADS, tmp_path / "assets")
+    shipped = shutil.copytree(emb.SHIPPED_HEADS, tmp_path / "assets")
     home = tmp_path / "home"
-    _copy_heads(emb.SHIPPED_HEADS / "embedding-response", home / "judges" / "embedding-response")
+    shutil.copytree(emb.SHIPPED_HEADS / "embedding-response", home / "judges" / "embedding-response")
     npz = shipped / "embedding-response" / emb.HEAD_NPZ
     npz.write_bytes(npz.read_bytes()[:100])
     monkeypatch.setattr(emb, "SHIPPED_HEADS", shipped)
@@ -189,7 +183,7 @@ def test_a_damaged_cached_default_head_is_rebuilt(tmp_path, monkeypatch):
     import staysafe.judges.embedding as emb
 
     home = tmp_path / "home"
-    cached = _copy_heads(emb.SHIPPED_HEADS / "embedding-response", home / "judges" / "embedding-response")
+    cached = shutil.copytree(emb.SHIPPED_HEADS / "embedding-response", home / "judges" / "embedding-response")
     (cached / emb.HEAD_NPZ).write_bytes(b"")
     monkeypatch.setattr(emb, "SHIPPED_HEADS", tmp_path / "no-assets")
     monkeypatch.setenv("STAYSAFE_HOME", str(home))
