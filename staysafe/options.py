@@ -203,6 +203,11 @@ class RunSpec(SafetyOptions):
     report_to: str = option("none", "where the Trainer's logs (every step's loss, nll, kl, beta, risks; every "
                             "evaluation) also go, comma-separated: none | tensorboard | wandb | trackio | mlflow | "
                             "all; the traces are written either way")
+    fsdp: str = option("", "under torchrun / accelerate launch: FSDP sharding for full fine-tuning, as "
+                       "TrainingArguments.fsdp, e.g. 'full_shard auto_wrap' ('' = none; the reference is sharded "
+                       "the same way)", label="FSDP")
+    fsdp_config: str | None = option(None, "a JSON file of FSDP settings (TrainingArguments.fsdp_config, e.g. "
+                                     "{\"version\": 2}); only with --fsdp", label="FSDP config file")
     precision: str = option("auto", "auto (bf16 autocast where the hardware is fast at it) | fp32 | bf16",
                             choices=PRECISIONS)
     threads: int = option(0, "CPU threads for torch (0 = its default; 1 is faster when other work shares a small "
@@ -219,7 +224,27 @@ class RunSpec(SafetyOptions):
         if self.data is None and self.scenario is None:
             bad("scenario", f"one of {', '.join(SCENARIOS)} (or give --data)")
         self.check_safety_options()
+        if self.fsdp_config and not self.fsdp:
+            bad("fsdp_config", "no file without --fsdp (the FSDP settings would be ignored)")
         return self
+
+    def fsdp_settings(self) -> dict | None:
+        """The ``fsdp_config`` file's settings; a missing or malformed file is named before any work."""
+        if not self.fsdp_config:
+            return None
+        import json
+
+        try:
+            with open(self.fsdp_config, encoding="utf-8") as f:
+                value = json.load(f)
+        except OSError as err:
+            raise SpecError(f"option fsdp_config: cannot read {self.fsdp_config}: {err.strerror}") from None
+        except ValueError as err:
+            raise SpecError(f"option fsdp_config: {self.fsdp_config} is not valid JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise SpecError(f"option fsdp_config: {self.fsdp_config} must hold a JSON object of FSDP settings, "
+                            f"not {type(value).__name__}")
+        return value
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":

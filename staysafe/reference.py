@@ -50,6 +50,18 @@ def prepare_reference(ref_model, accelerator):
         if isinstance(ref_model, FSDP):
             return ref_model.eval()
         plugin = accelerator.state.fsdp_plugin
+        if plugin.fsdp_version == 2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mesh = getattr(accelerator, "torch_device_mesh", None)
+            if mesh is not None and accelerator.parallelism_config is not None:
+                mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+            plugin.set_auto_wrap_policy(ref_model)
+            return shard_reference(ref_model, fsdp2_prepare_auto_wrap_policy(plugin, ref_model), mesh=mesh,
+                                   reshard_after_forward=plugin.reshard_after_forward,
+                                   offload_policy=plugin.cpu_offload,
+                                   mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
         plugin.set_auto_wrap_policy(ref_model)
         return FSDP(ref_model, sharding_strategy=plugin.sharding_strategy, cpu_offload=plugin.cpu_offload,
                     auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
@@ -57,6 +69,21 @@ def prepare_reference(ref_model, accelerator):
                     forward_prefetch=plugin.forward_prefetch, use_orig_params=plugin.use_orig_params,
                     limit_all_gathers=plugin.limit_all_gathers, device_id=accelerator.device).eval()
     return accelerator.prepare_model(ref_model, evaluation_mode=True).eval()
+
+
+def shard_reference(ref_model, wrap_policy=None, **fully_shard_options):
+    """FSDP2 for a frozen reference: ``fully_shard`` each module the policy picks (the decoder layers), then the
+    root, as accelerate does for the trained model, so each rank holds only its shard of the reference. The
+    options (mesh, reshard_after_forward, offload_policy, mp_policy) are the training model's, from its plugin."""
+    from torch.distributed.fsdp import fully_shard
+
+    options = {k: v for k, v in fully_shard_options.items() if v is not None}
+    if wrap_policy is not None:
+        for module in reversed(list(ref_model.modules())):  # innermost first, like FSDP's own auto-wrap
+            if module is not ref_model and wrap_policy(module):
+                fully_shard(module, **options)
+    fully_shard(ref_model, **options)
+    return ref_model.requires_grad_(False).eval()
 
 
 def lm_head_positions_supported(model) -> bool:

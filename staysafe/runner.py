@@ -111,6 +111,11 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
         if getattr(spec, name) > have:
             raise SpecError(f"option {name} = {getattr(spec, name)} is invalid: the held-out pool {pool!r} holds "
                             f"{have} prompts")
+    spec.fsdp_settings()
+    if spec.fsdp and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or not torch_cuda()):
+        raise SpecError(f"option fsdp = {spec.fsdp!r} needs several GPU processes (torchrun / accelerate launch "
+                        "on GPUs): accelerate shards with FSDP only there, and elsewhere would silently train "
+                        "unsharded; drop --fsdp (several CPU processes train with DDP)")
     unknown = [j for j in spec.eval_judges if j not in JUDGES or j == "openai"]
     if unknown:
         raise SpecError(f"option eval_judges: unknown response judge(s) {', '.join(map(repr, unknown))}; choose "
@@ -310,7 +315,7 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
         logging_steps=1, report_to=[r for r in spec.report_to.split(",") if r] or "none",
         save_strategy="steps" if spec.checkpoint_every else "no", save_steps=spec.checkpoint_every or 500,
         save_total_limit=2, dataloader_num_workers=0, use_cpu=not torch_cuda(),
-        bf16=resolve_precision(spec.precision) == "bf16",
+        bf16=resolve_precision(spec.precision) == "bf16", fsdp=spec.fsdp or None, fsdp_config=spec.fsdp_settings(),
     )
     trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,
                             data_collator=SafetyCollator(tokenizer.pad_token_id), risk_sources=sources, run=writer,

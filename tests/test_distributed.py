@@ -40,3 +40,36 @@ def test_two_processes_under_torchrun_write_one_run(tmp_path, lora_r):
     assert run.evals["step"].tolist() == [0, 2, 4]
     assert run.examples["risk_probe"].notna().all()
     assert run.steps["kl"].iloc[0] < 1e-5  # step 1: the model still equals its reference on every rank
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_reference_matches_the_unsharded_one_on_cpu(tmp_path):
+    """staysafe.reference.shard_reference (the FSDP2 path of prepare_reference) under torchrun with two CPU
+    processes: same logits as the unsharded model, half of the parameters per rank, nothing trainable."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    script = os.path.join(os.path.dirname(__file__), "scripts", "fsdp2_reference.py")
+    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29519", script], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["world"] == 2 and r["fsdp_module"].startswith("FSDP")
+        assert r["wrapped"] == ["LlamaDecoderLayer"] and r["n_wrapped"] == 2  # each decoder layer its own unit
+        assert r["max_diff"] < 1e-6
+        assert 0.4 < r["local_share"] < 0.6  # sharded: each rank holds about half
+        assert not r["requires_grad"]
+
+
+def test_fsdp_without_gpu_processes_is_refused_before_work(tmp_path, capsys):
+    """accelerate shards with FSDP only on GPU-class devices: elsewhere it would silently train unsharded, so
+    --fsdp there is an error that says so, before any model load and with no run directory."""
+    from staysafe.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(8)))
+    rc = main(["train", "--model", "tiny", "--data", str(data), "--fsdp", "full_shard auto_wrap", "--lora-r", "0",
+               "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 2
+    assert "needs several GPU processes" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -87,3 +87,21 @@ def test_schema_ranges_and_choices_are_checked(name, value, message):
     with pytest.raises(SpecError) as err:
         RunSpec(**{name: value}).validate()
     assert message in str(err.value)
+
+
+def test_fsdp_config_is_read_and_checked_before_work(tmp_path):
+    good = tmp_path / "fsdp.json"
+    good.write_text('{"version": 2, "reshard_after_forward": true}')
+    assert RunSpec(fsdp="full_shard auto_wrap", fsdp_config=str(good)).validate().fsdp_settings() == {
+        "version": 2, "reshard_after_forward": True}
+    with pytest.raises(SpecError, match="fsdp_config.*without --fsdp"):
+        RunSpec(fsdp_config=str(good)).validate()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 2,')
+    with pytest.raises(SpecError, match=r"bad\.json is not valid JSON"):
+        RunSpec(fsdp="full_shard", fsdp_config=str(bad)).fsdp_settings()
+    bad.write_text('[1, 2]')
+    with pytest.raises(SpecError, match="JSON object"):
+        RunSpec(fsdp="full_shard", fsdp_config=str(bad)).fsdp_settings()
+    with pytest.raises(SpecError, match="cannot read .*missing.json"):
+        RunSpec(fsdp="full_shard", fsdp_config=str(tmp_path / "missing.json")).fsdp_settings()
