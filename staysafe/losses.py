@@ -2,11 +2,13 @@
 and extended (other heads, cached reference outputs) without touching the training step.
 
     loss = (1 - beta) * NLL + beta * KL(ref || model)      over answer tokens
+    token-wise (Qi et al. 2024): loss_t = -(2 / beta_t) log sigmoid(beta_t (log p(y_t) - log p_ref(y_t)))
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from staysafe.data import IGNORE
 
@@ -95,3 +97,26 @@ def regularised_loss(nll_tok, kl_tok, rows, beta: torch.Tensor, per_example_beta
         return nll_tok.mean(), nll_i, kl_i
     b = beta[0]
     return (1 - b) * nll_tok.mean() + b * kl_tok.mean(), nll_i, kl_i
+
+
+def answer_token_positions(labels, positions=None) -> torch.Tensor:
+    """The position of every answer token within its answer (1 = its first token), in the order of
+    :func:`answer_token_losses`."""
+    mask = _targets(labels, positions) != IGNORE
+    return mask.long().cumsum(1)[mask]
+
+
+def position_betas(token_positions: torch.Tensor, schedule: list[float]) -> torch.Tensor:
+    """beta_t of each answer token from a per-position schedule; the last value holds for every later position."""
+    table = torch.tensor(schedule, dtype=torch.float32, device=token_positions.device)
+    return table[(token_positions - 1).clamp(0, len(schedule) - 1)]
+
+
+def tokenwise_loss(nll_tok, ref_nll_tok, rows, betas, batch_size: int):
+    """Qi et al. 2024's token-wise constrained objective, mean over answer tokens: ``-(2 / beta_t) log sigmoid(
+    beta_t * (log p(y_t) - log p_ref(y_t)))``. As beta_t -> 0 its gradient is the NLL's; a large beta_t stops
+    pushing once the model's log-probability of the token passes the reference's, so the answer's first tokens
+    (large beta) stay near the safe reference. Returns the loss and its per-example means."""
+    log_ratio = ref_nll_tok - nll_tok
+    per_token = -(2.0 / betas) * F.logsigmoid(betas * log_ratio)
+    return per_token.mean(), per_example_mean(per_token.detach(), rows, batch_size), per_token

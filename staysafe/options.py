@@ -18,7 +18,10 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from staysafe.errors import StaySafeError
 
-METHODS = ("sft", "constant-kl", "adaptive")
+METHODS = ("sft", "constant-kl", "adaptive", "token-wise", "adaptive-token-wise", "lisa", "safelora")
+RISK_METHODS = ("adaptive", "adaptive-token-wise")  # beta follows the estimated risk
+TOKEN_WISE = ("token-wise", "adaptive-token-wise")  # Qi et al.'s per-position constraint
+NO_REFERENCE = ("sft", "lisa", "safelora")  # no reference forward during training
 RISK_SOURCES = ("label", "probe", "judge")
 BATCH_RISKS = ("max", "mean")
 FALLBACKS = ("probe", "last", "max")
@@ -114,7 +117,11 @@ class SafetyOptions:
     """The safety regulariser's options (``loss = (1 - beta) NLL + beta KL``; see :mod:`staysafe.trainer`)."""
 
     method: str = option("adaptive", "sft: plain fine-tuning (beta = 0) | constant-kl: a fixed beta | adaptive: beta "
-                         "from the risk", choices=METHODS)
+                         "from the risk | token-wise: Qi et al. 2024's per-position constraint (token_betas) | "
+                         "adaptive-token-wise: that constraint scaled by the risk's beta / beta_max | lisa: "
+                         "alternating alignment and user steps with a proximal pull (Huang et al. 2024) | safelora: "
+                         "sft, then each LoRA update projected onto the alignment subspace (Hsu et al. 2024)",
+                         choices=METHODS)
     beta: float = option(0.5, "constant-kl: the fixed KL weight", low=0.0, high=1.0, label="β (constant-kl)")
     beta_min: float = option(0.05, "adaptive: KL weight at risk 0", low=0.0, high=1.0, label="β min (adaptive)")
     beta_max: float = option(0.9, "adaptive: KL weight at risk 1", low=0.0, high=1.0, label="β max (adaptive)")
@@ -126,6 +133,15 @@ class SafetyOptions:
     per_example_beta: bool = option(False, "one beta per example instead of one per batch")
     risk_fallback: str = option("probe", "when the risk source has no score for an example: probe (then last, then "
                                 "1) | last (then 1) | max (1)", choices=FALLBACKS)
+    token_betas: str = option("0.5,2,2,2,2,0.1", "token-wise methods: beta per answer position (1st, 2nd, ...), "
+                              "comma-separated; the last value holds for every later position (Qi et al.'s "
+                              "fine-tuning defaults)", label="β per answer position (token-wise)")
+    lisa_align_steps: int = option(2, "lisa: alignment steps (on the shipped refusal data) per cycle", low=1)
+    lisa_user_steps: int = option(8, "lisa: steps on the user's data per cycle", low=1)
+    lisa_rho: float = option(1.0, "lisa: weight of the proximal term rho/2 ||w - w_switch||^2 toward the weights "
+                             "at the last switch", low=0.0)
+    safelora_threshold: float = option(0.5, "safelora: project a layer's LoRA update when its cosine similarity "
+                                       "with its own projection is below this", low=0.0, high=1.0)
     kl_top_k: int = option(0, "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)", low=0)
     reference_cache: bool = option(False, "keep the reference's top-k outputs (needs kl_top_k) and its probe reading "
                                    "per example from the first epoch and reuse them after it, instead of a "
@@ -141,8 +157,23 @@ class SafetyOptions:
         if self.reference_cache and not self.kl_top_k:
             raise SpecError("reference_cache keeps the reference's top-k log-probabilities: it needs kl_top_k > 0 "
                             "(64 is within 1% of the exact KL here, see benchmarks/README.md)")
+        self.position_betas()
+        if self.reference_cache and self.method in TOKEN_WISE:
+            raise SpecError(f"reference_cache keeps the reference's top-k outputs; method {self.method} needs the "
+                            "reference's log-probability of every answer token: drop reference_cache")
         if self.risk_ema and self.per_example_beta:
             raise SpecError("risk_ema smooths the batch risk over steps; it cannot be combined with per_example_beta")
+
+    def position_betas(self) -> list[float]:
+        """``token_betas`` as numbers (all > 0); an error names the option and the bad entry."""
+        try:
+            values = [float(v) for v in self.token_betas.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise SpecError(f"option token_betas = {self.token_betas!r} is invalid: expected positive numbers, "
+                            "comma-separated (e.g. 0.5,2,2,2,2,0.1)")
+        return values
 
     def safety_options(self) -> dict:
         """Only the regulariser's fields (what ``SafetyConfig`` takes from a run)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from staysafe.options import CALIBRATIONS
+from staysafe.options import CALIBRATIONS, NO_REFERENCE, RISK_METHODS
 
 
 @dataclass
@@ -104,7 +104,7 @@ class RiskPolicy:
     def decide(self, signals: dict[str, torch.Tensor], batch_size: int, device):
         """beta per example, the risk per example, which examples fell back, and the batch risk (NaN unless
         adaptive)."""
-        if self.o.method == "adaptive":
+        if self.o.method in RISK_METHODS:
             risk, fallback = self.fill_missing({k: v.to(device) for k, v in signals.items()})
         else:  # the risk is recorded but sets nothing
             risk = torch.full((batch_size,), float("nan"), device=device)
@@ -132,10 +132,19 @@ class RiskPolicy:
     def beta(self, risk: torch.Tensor):
         """beta per example (a tensor of size B), plus the batch risk after aggregation and EMA."""
         o = self.o
-        if o.method == "sft":
+        if o.method in NO_REFERENCE:
             return torch.zeros_like(risk), float("nan")
         if o.method == "constant-kl":
             return torch.full_like(risk, o.beta), float("nan")
+        if o.method == "token-wise":  # the level that scales token_betas
+            return torch.ones_like(risk), float("nan")
+        if o.method == "adaptive-token-wise":
+            beta, s = self._adaptive(risk)
+            return beta / o.beta_max if o.beta_max > 0 else beta, s
+        return self._adaptive(risk)
+
+    def _adaptive(self, risk: torch.Tensor):
+        o = self.o
         if o.per_example_beta:
             return o.beta_min + (o.beta_max - o.beta_min) * risk, float(risk.mean())
         s = float(aggregate(risk, o.batch_risk))

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from staysafe.data import add_risk_columns, build_scenario, load_records, records_table, tokenize_dataset
-from staysafe.options import RunSpec, SpecError
+from staysafe.options import NO_REFERENCE, RunSpec, SpecError
 
 
 def versions() -> dict:
@@ -184,7 +184,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
             extra_risk["risk_judge"], risk_info = judge_risk(spec, records, log if procs.main else _quiet)
     probe = None
     # The probe reads the reference forward, so every method that has one records it for free.
-    needs_probe = spec.method != "sft"
+    needs_probe = spec.method not in NO_REFERENCE
     if needs_probe and spec.probe:
         from staysafe.probe import Probe
 

@@ -9,6 +9,8 @@ A run lives in ``<runs_root>/<run_id>/``:
 - ``examples.parquet/``: one row per training example per step it was seen;
 - ``evals.parquet/``, ``generations.parquet/`` and ``samples.parquet/``: safety evaluations over training (the
   figures, the greedy answers, the sampled answers when ``eval_samples > 0``);
+- ``positions.parquet/``: token-wise methods only: per step and answer position, the mean beta_t, loss term and
+  log-probability ratio to the reference;
 - ``data.parquet``: the training records (text) the run used.
 
 Each ``*.parquet/`` table is a directory of Parquet parts (pyarrow and pandas read it as one table). Every part is
@@ -41,6 +43,7 @@ TABLES = {  # table name -> columns that identify a row (duplicates keep the new
     "evals": ("step",),
     "generations": ("step", "prompt_id"),
     "samples": ("step", "prompt_id", "sample"),
+    "positions": ("step", "position"),
 }
 STATES = ("created", "running", "finished", "failed", "cancelled", "interrupted")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -241,6 +244,7 @@ class Run:
     evals: pd.DataFrame = field(repr=False)
     generations: pd.DataFrame = field(repr=False)
     samples: pd.DataFrame = field(repr=False)
+    positions: pd.DataFrame = field(repr=False)
     data: pd.DataFrame = field(repr=False)
     damaged: list[str] = field(default_factory=list)  # trace parts skipped because they could not be read
 

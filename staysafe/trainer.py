@@ -24,8 +24,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from staysafe.faults import fault_pause
-from staysafe.losses import answer_positions, answer_rows, answer_token_losses, reference_topk, regularised_loss
-from staysafe.options import SafetyOptions, SpecError
+from staysafe.losses import (answer_positions, answer_rows, answer_token_losses, answer_token_positions,
+                             position_betas, reference_topk, regularised_loss, tokenwise_loss)
+from staysafe.options import NO_REFERENCE, RISK_METHODS, TOKEN_WISE, SafetyOptions, SpecError
 from staysafe.reference import (ReferenceCache, frozen_copy, lm_head_positions_supported, peft_model_of,
                                 prepare_reference)
 from staysafe.risk import ColumnRisk, RiskPolicy, aggregate, read_signals
@@ -70,16 +71,27 @@ class SafetyTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.risk_sources = {"label": ColumnRisk("label"), **(risk_sources or {})}
-        if args.method == "adaptive" and args.risk not in self.risk_sources:
+        if args.method in RISK_METHODS and args.risk not in self.risk_sources:
             raise ValueError(f"risk = {args.risk!r} is not a known risk source; have {sorted(self.risk_sources)}")
         unwrapped = self.accelerator.unwrap_model(model)
-        if args.method != "sft" and ref_model is None and peft_model_of(unwrapped) is None:
+        if args.method not in NO_REFERENCE and ref_model is None and peft_model_of(unwrapped) is None:
             ref_model = frozen_copy(unwrapped)
         self.ref_model = prepare_reference(ref_model, self.accelerator) if ref_model is not None else None
         self.risk_policy = RiskPolicy(args)
         self.run = run
         self._head_positions_ok = lm_head_positions_supported(self.accelerator.unwrap_model(model))
-        self.ref_cache = ReferenceCache() if args.reference_cache and args.method != "sft" else None
+        self.ref_cache = ReferenceCache() if args.reference_cache and args.method not in NO_REFERENCE else None
+        self.lisa = None
+        if args.method == "lisa":
+            from staysafe.lisa import LisaSchedule
+
+            if self.processing_class is None:
+                raise SpecError("method lisa tokenises its alignment data: pass processing_class=<the tokenizer>")
+
+            self.lisa = LisaSchedule(self.processing_class, args.lisa_align_steps, args.lisa_user_steps, args.lisa_rho,
+                                     args.per_device_train_batch_size, seed=args.seed,
+                                     risk_columns=tuple(c for c in self.train_dataset.column_names
+                                                        if c.startswith("risk_")))
         self.reference_calls = 0
         self._pending: list[dict] = []  # this optimizer step's micro-batch records
         self._unlogged: list[dict] = []  # step metrics since the last Trainer log
@@ -90,6 +102,9 @@ class SafetyTrainer(Trainer):
     # -- the training step -------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        phase = self.lisa.phase(self.state.global_step) if self.lisa else "user"
+        if phase == "align":  # lisa's alignment state: a batch of the alignment data instead of the user's
+            inputs = self.lisa.alignment_batch(inputs["labels"].device)
         labels = inputs["labels"]
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         keep = None if self.args.lm_head_all_positions or not self._head_positions_ok else answer_positions(labels)
@@ -100,7 +115,18 @@ class SafetyTrainer(Trainer):
         out = model(**model_inputs)
         nll_tok, kl_tok, rows = answer_token_losses(out.logits, labels, ref_logits, self.args.kl_top_k,
                                                     positions=keep, ref_topk=ref_topk)
-        loss, nll_i, kl_i = regularised_loss(nll_tok, kl_tok, rows, beta, self.args.per_example_beta)
+        by_position = None
+        if self.args.method in TOKEN_WISE:  # beta per answer position, scaled per example by the risk's level
+            pos = answer_token_positions(labels, keep)
+            betas = position_betas(pos, self.args.position_betas()) * beta.to(nll_tok.device)[rows]
+            ref_nll = answer_token_losses(ref_logits, labels, positions=keep)[0]
+            loss, _, per_token = tokenwise_loss(nll_tok, ref_nll, rows, betas, labels.shape[0])
+            _, nll_i, kl_i = regularised_loss(nll_tok, kl_tok, rows, beta, True)
+            by_position = (pos, betas.detach(), per_token.detach(), (ref_nll - nll_tok).detach())
+        else:
+            loss, nll_i, kl_i = regularised_loss(nll_tok, kl_tok, rows, beta, self.args.per_example_beta)
+        if self.lisa:
+            loss = loss + self.lisa.proximal(model, phase)
         self._pending.append({
             "example_index": inputs["example_index"].detach().cpu(), "nll": nll_i.detach().float().cpu(),
             "kl": kl_i.detach().float().cpu(), "beta": beta.detach().float().cpu(), "risk": risk.detach().cpu(),
@@ -108,7 +134,8 @@ class SafetyTrainer(Trainer):
             "batch_risk": batch_risk, "loss": float(loss.detach()),
             "nll_tokens": float(nll_tok.detach().mean()) if nll_tok.numel() else float("nan"),
             "kl_tokens": float(kl_tok.detach().mean()) if kl_tok is not None and kl_tok.numel() else 0.0,
-            "tokens": int(inputs["attention_mask"].sum()), "answer_tokens": int(rows.numel()),
+            "tokens": int(inputs["attention_mask"].sum()), "answer_tokens": int(rows.numel()), "phase": phase,
+            "by_position": by_position,
         })
         return (loss, out) if return_outputs else loss
 
@@ -134,7 +161,7 @@ class SafetyTrainer(Trainer):
     def reference_step(self, model, model_inputs, inputs, keep):
         """The reference's part of a step: ``(its logits, or its cached top-k, and the risk signals)``. ``sft``
         has no reference at all; with ``reference_cache`` a batch seen before costs no reference forward."""
-        if self.args.method == "sft":
+        if self.args.method in NO_REFERENCE:
             return None, None, read_signals(self.risk_sources, inputs, None)
         if self.ref_cache is not None:
             cached = self.ref_cache.lookup(inputs["example_index"], inputs["labels"].device)
@@ -224,7 +251,10 @@ class _StepRecorder(TrainerCallback):
         # The step row first: a kill between the two appends leaves a step without its example rows, never example
         # rows of a step the trace does not have.
         tr.run.append("steps", [row])
-        tr.run.append("examples", _example_rows(state.global_step, gathered))
+        if row["phase"] == "user":  # lisa's alignment steps train on the alignment data, not on the run's examples
+            tr.run.append("examples", _example_rows(state.global_step, gathered))
+        if pending[0]["by_position"] is not None:
+            tr.run.append("positions", _position_rows(state.global_step, pending))
         tr.run.set_status("running", step=state.global_step)
         fault_pause(f"step@{state.global_step}")
 
@@ -252,11 +282,23 @@ def _step_row(pending, gathered, args, state, lr, grad_norm, wall_time) -> dict:
         "grad_norm": grad_norm, "tokens": sum(p["tokens"] for p in pending) * args.world_size,
         "answer_tokens": sum(p["answer_tokens"] for p in pending) * args.world_size,
         "n_examples": len(gathered["example_index"]), "n_fallback": int(gathered["fallback"].sum()),
-        "wall_time": wall_time, "time": time.time(),
+        "wall_time": wall_time, "time": time.time(), "phase": pending[0]["phase"],
     }
     for name, values in gathered["signals"].items():
         row[f"risk_{name}"] = float(aggregate(values, args.batch_risk))
     return row
+
+
+def _position_rows(step: int, pending: list[dict]) -> list[dict]:
+    """Token-wise methods: per answer position, the mean beta_t, loss term and log p(y_t) - log p_ref(y_t) of this
+    step's answer tokens at that position (this process's micro-batches)."""
+    pos, betas, loss, ratio = (torch.cat([p["by_position"][k] for p in pending]).float().cpu() for k in range(4))
+    rows = []
+    for t in sorted(set(pos.tolist())):
+        sel = pos == t
+        rows.append({"step": step, "position": int(t), "beta": float(betas[sel].mean()),
+                     "loss": float(loss[sel].mean()), "log_ratio": float(ratio[sel].mean()), "n": int(sel.sum())})
+    return rows
 
 
 def _mean(values) -> float:

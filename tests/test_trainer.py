@@ -26,7 +26,7 @@ def train(tokenizer, tmp_path, records, steps=4, lora=False, run=True, risk_sour
                         logging_strategy="no", seed=seed, **cfg)
     trainer = SafetyTrainer(model=model, args=args, train_dataset=tokenize_dataset(tokenizer, records, 64),
                             data_collator=SafetyCollator(tokenizer.pad_token_id), run=writer,
-                            risk_sources=risk_sources)
+                            risk_sources=risk_sources, processing_class=tokenizer)
     trainer.train()
     return trainer, (load_run(writer.path) if writer else None)
 

@@ -1,0 +1,122 @@
+"""The published defenses beside adaptive regularisation, on the tiny model: each test fails if the defense's
+defining mechanism is removed (the per-position weights, the alternation and proximal pull, the projection)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_records
+from staysafe.data import IGNORE
+from staysafe.losses import answer_token_positions, position_betas, tokenwise_loss
+from test_trainer import train
+
+
+def test_answer_token_positions_count_from_each_answers_first_token():
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, 7, IGNORE], [IGNORE, IGNORE, IGNORE, IGNORE, 8, 9]])
+    assert answer_token_positions(labels).tolist() == [1, 2, 3, 1, 2]  # next-token targets: 5,6,7 and 8,9
+    keep = torch.tensor([1, 2, 3, 4])  # only the positions whose next token is an answer token
+    assert answer_token_positions(labels, keep).tolist() == [1, 2, 3, 1, 2]
+    assert position_betas(torch.tensor([1, 2, 5, 6, 40]), [0.5, 2, 2, 2, 2, 0.1]).tolist() == pytest.approx(
+        [0.5, 2, 2, 0.1, 0.1])
+
+
+def test_tokenwise_loss_tends_to_the_nll_gradient_as_beta_vanishes_and_saturates_past_the_reference():
+    logits = torch.randn(6, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (6,))
+    ref_nll = torch.rand(6) + 1.0
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    g_nll, = torch.autograd.grad(nll.mean(), logits, retain_graph=True)
+    small, _, _ = tokenwise_loss(nll, ref_nll, rows, torch.full((6,), 1e-4), 2)
+    g_small, = torch.autograd.grad(small, logits, retain_graph=True)
+    assert torch.allclose(g_small, g_nll, atol=1e-4)  # beta -> 0: plain fine-tuning
+    # a large beta stops pushing once the model's log-probability passes the reference's
+    past = nll.detach() + 3.0  # the model 3 nats more likely than the reference on every token
+    big, _, per_token = tokenwise_loss(nll, past, rows, torch.full((6,), 10.0), 2)
+    g_big, = torch.autograd.grad(big, logits, retain_graph=True)
+    assert g_big.abs().max() < 1e-10 and per_token.shape == (6,)
+    behind = nll.detach() - 3.0  # 3 nats less likely: the pull is twice the NLL's
+    pull, _, _ = tokenwise_loss(nll, behind, rows, torch.full((6,), 10.0), 2)
+    g_pull, = torch.autograd.grad(pull, logits)
+    assert torch.allclose(g_pull, 2 * g_nll, atol=1e-5)
+
+
+def test_token_wise_records_its_position_schedule(tokenizer, tmp_path):
+    _, run = train(tokenizer, tmp_path, make_records(8), steps=2, method="token-wise", token_betas="20,20,20,0.01",
+                   lora=True)
+    assert set(run.positions.columns) >= {"step", "position", "beta", "loss", "log_ratio", "n"}
+    last = run.positions[run.positions["step"] == 2].set_index("position")
+    assert last.loc[1:3, "beta"].tolist() == pytest.approx([20, 20, 20])
+    assert last.loc[4:, "beta"].tolist() == pytest.approx([0.01] * (len(last) - 3))
+    assert last.loc[1, "n"] == 4 and (run.steps["beta"] == 1.0).all()  # every answer has a 1st token; level 1
+
+
+def first_token_gradient(tokenizer, tmp_path, token_betas: str) -> float:
+    """The gradient norm of the token-wise loss of only the first answer tokens, on a LoRA model that plain
+    fine-tuning has already made more likely than its reference (the disabled adapter) on those tokens."""
+    records = make_records(8)
+    sft, _ = train(tokenizer, tmp_path / token_betas, records, steps=6, method="sft", lora=True, learning_rate=1e-2,
+                   run=False)
+    from staysafe.data import SafetyCollator, tokenize_dataset
+    from staysafe.trainer import SafetyConfig, SafetyTrainer
+
+    args = SafetyConfig(output_dir=str(tmp_path / "tw"), method="token-wise", token_betas=token_betas, use_cpu=True,
+                        max_steps=1, per_device_train_batch_size=8, report_to="none")
+    ds = tokenize_dataset(tokenizer, records, 64)
+    tw = SafetyTrainer(model=sft.model, args=args, train_dataset=ds, data_collator=SafetyCollator(tokenizer.pad_token_id))
+    batch = SafetyCollator(tokenizer.pad_token_id)([dict(r) for r in ds])
+    first = (batch["labels"] != IGNORE).long().cumsum(1) == 1
+    batch["labels"] = batch["labels"].masked_fill(~first, IGNORE)  # only each answer's first token remains
+    tw.model.zero_grad()
+    tw.compute_loss(tw.model, batch).backward()
+    ratio = tw._pending[-1]["by_position"][3]
+    assert (ratio > 0.3).all()  # the fine-tuned model is ahead of the reference on every first token
+    return sum(float(p.grad.norm() ** 2) for p in tw.model.parameters() if p.grad is not None) ** 0.5
+
+
+def test_token_wise_stops_pushing_the_first_tokens_past_the_reference(tokenizer, tmp_path):
+    """A large beta on the first position: once the model is more likely than the reference there, those tokens
+    no longer pull the weights (with a small beta they pull like plain fine-tuning)."""
+    shaped, flat = first_token_gradient(tokenizer, tmp_path, "50,0.01"), first_token_gradient(tokenizer, tmp_path, "0.01")
+    assert flat > 1e-3 and shaped < 1e-3 * flat, (shaped, flat)
+
+
+def test_adaptive_token_wise_scales_the_position_schedule_by_the_risks_level(tokenizer, tmp_path):
+    kw = dict(steps=2, method="adaptive-token-wise", risk="label", beta_min=0.1, beta_max=0.8, lora=True,
+              token_betas="0.5,2,0.1")
+    _, harmful = train(tokenizer, tmp_path / "h", make_records(8, harmful_every=1), **kw)
+    _, benign = train(tokenizer, tmp_path / "b", [{**r, "label": "benign"} for r in make_records(8)], **kw)
+    assert (harmful.steps["beta"] == 1.0).all()  # risk 1: beta_max / beta_max
+    assert benign.steps["beta"].tolist() == pytest.approx([0.125, 0.125])  # risk 0: beta_min / beta_max
+    h = harmful.positions.set_index(["step", "position"])["beta"]
+    b = benign.positions.set_index(["step", "position"])["beta"]
+    assert h.loc[(1, 1)] == pytest.approx(0.5) and h.loc[(1, 2)] == pytest.approx(2) and h.loc[(1, 9)] == pytest.approx(0.1)
+    assert b.loc[(1, 2)] == pytest.approx(2 * 0.125)
+
+
+def test_lisa_alternates_alignment_and_user_steps(tokenizer, tmp_path):
+    trainer, run = train(tokenizer, tmp_path, make_records(16), steps=7, method="lisa", lisa_align_steps=2,
+                         lisa_user_steps=3, lisa_rho=1.0, lora=True)
+    assert run.steps["phase"].tolist() == ["align", "align", "user", "user", "user", "align", "align"]
+    assert sorted(run.examples["step"].unique()) == [3, 4, 5]  # the run's own examples only in its user steps
+    assert trainer.reference_calls == 0 and (run.steps["kl"] == 0).all()
+    # the alignment batches come from the shipped refusal data
+    batch = trainer.lisa.alignment_batch("cpu")
+    text = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    from staysafe.aligned import TRAIN_SETS
+    from staysafe.data import load_records, prompt_text
+
+    assert any(prompt_text(r) in text for name in TRAIN_SETS for r in load_records(name))
+
+
+def test_lisa_proximal_term_holds_the_weights_near_the_last_switch(tokenizer, tmp_path):
+    def moved(rho):
+        trainer, _ = train(tokenizer, tmp_path / str(rho), make_records(16), steps=6, method="lisa", lisa_align_steps=1,
+                           lisa_user_steps=10, lisa_rho=rho, lora=True, learning_rate=1e-2, run=False)
+        # steps 2-6 are user steps: the anchor was taken at the switch, at the start of step 2
+        return sum(float(((p.detach() - trainer.lisa.anchor[n]) ** 2).sum())
+                   for n, p in trainer.model.named_parameters() if p.requires_grad) ** 0.5
+
+    free, held = moved(0.0), moved(200.0)
+    assert held < 0.5 * free, (held, free)
