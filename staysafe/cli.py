@@ -1,4 +1,5 @@
-"""The ``staysafe`` command: train, runs, models, align, fit-probe, compare-risk, experiment, validate-judges."""
+"""The ``staysafe`` command: train, runs, models, align, fit-probe, compare-risk, experiment, safelora, queue,
+validate-judges."""
 
 from __future__ import annotations
 
@@ -236,6 +237,14 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_safelora(args) -> int:
+    from staysafe.safelora import safelora_run
+
+    target = safelora_run(args.run_dir, threshold=args.threshold, unaligned=args.unaligned)
+    print(f"projected run written to {target}")
+    return 0
+
+
 def cmd_validate_judges(args) -> int:
     from staysafe.traces import write_json
     from staysafe.validation import build_judge, check_judge_names, load_validation_set, validate_judges
@@ -357,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--runs-dir", default=os.environ.get("STAYSAFE_RUNS", "runs"))
     q.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
     q.set_defaults(fn=cmd_queue)
+
+    sl = sub.add_parser("safelora", help="Safe LoRA on a finished LoRA run: project its adapter onto the alignment "
+                        "subspace, evaluate again, write <run>-safelora")
+    sl.add_argument("run_dir")
+    fields = {f.name: f for f in dataclasses.fields(RunSpec)}
+    sl.add_argument("--threshold", type=float, default=None,
+                    help=help_text(fields["safelora_threshold"]) + " (default: the run's own setting)")
+    sl.add_argument("--unaligned", default=None, help=help_text(fields["safelora_unaligned"]))
+    sl.set_defaults(fn=cmd_safelora)
 
     add_validate_judges(sub)
     return p

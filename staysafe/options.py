@@ -142,6 +142,9 @@ class SafetyOptions:
                              "at the last switch", low=0.0)
     safelora_threshold: float = option(0.5, "safelora: project a layer's LoRA update when its cosine similarity "
                                        "with its own projection is below this", low=0.0, high=1.0)
+    safelora_unaligned: str | None = option(None, "safelora: the unaligned model the run's model was aligned from "
+                                            "(the alignment subspace is their difference; default for "
+                                            "smollm2-135m-aligned: smollm2-135m-instruct)")
     kl_top_k: int = option(0, "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)", low=0)
     reference_cache: bool = option(False, "keep the reference's top-k outputs (needs kl_top_k) and its probe reading "
                                    "per example from the first epoch and reuse them after it, instead of a "

@@ -112,6 +112,12 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
             raise SpecError(f"option {name} = {getattr(spec, name)} is invalid: the held-out pool {pool!r} holds "
                             f"{have} prompts")
     spec.fsdp_settings()
+    if spec.method == "safelora":
+        from staysafe.safelora import unaligned_model
+
+        if not spec.lora_r:
+            raise SpecError("method safelora projects a LoRA update: it needs lora_r > 0")
+        unaligned_model(spec.model, spec.safelora_unaligned)
     if spec.fsdp and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or not torch_cuda()):
         raise SpecError(f"option fsdp = {spec.fsdp!r} needs several GPU processes (torchrun / accelerate launch "
                         "on GPUs): accelerate shards with FSDP only there, and elsewhere would silently train "
@@ -233,7 +239,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
             model = add_lora(model, lora)
         trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress and procs.main)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finish_run(spec, trainer, tokenizer, probe, run_dir)
+        finish_run(spec, trainer, tokenizer, probe, writer)
         if procs.main:  # recorded first: merging the parts (a full disk, another signal) can only lose tidiness
             writer.set_status("finished", ended=time.time(), step=trainer.state.global_step)
         _close(writer, log)
@@ -295,7 +301,7 @@ def _main_thread() -> bool:
 def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progress: bool = True):
     from staysafe.models import resolve_precision
     from staysafe.data import SafetyCollator
-    from staysafe.evaluation import EvalCallback, EvalSettings, SafetyEvaluator
+    from staysafe.evaluation import EvalCallback
     from staysafe.risk import Calibration, ColumnRisk
     from staysafe.trainer import SafetyConfig, SafetyTrainer
 
@@ -324,14 +330,18 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
 
     trainer.remove_callback(PrinterCallback)  # the metrics go to report_to and the traces, not as dicts to stdout
     if spec.eval_every or spec.eval_harmful or spec.eval_benign:
-        from staysafe.judges import make_judge
-
-        judges = [make_judge(name) for name in spec.eval_judges]
-        evaluator = SafetyEvaluator(tokenizer, EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens,
-                                                            seed=spec.seed, samples=spec.eval_samples,
-                                                            temperature=spec.eval_temperature), judges)
-        trainer.add_callback(EvalCallback(evaluator, writer, spec.eval_every, trainer))
+        trainer.add_callback(EvalCallback(make_evaluator(spec, tokenizer), writer, spec.eval_every, trainer))
     return trainer
+
+
+def make_evaluator(spec: RunSpec, tokenizer):
+    """The run's safety evaluation (held-out prompts, judges, sampling) from its options."""
+    from staysafe.evaluation import EvalSettings, SafetyEvaluator
+    from staysafe.judges import make_judge
+
+    settings = EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens, seed=spec.seed,
+                            samples=spec.eval_samples, temperature=spec.eval_temperature)
+    return SafetyEvaluator(tokenizer, settings, [make_judge(name) for name in spec.eval_judges])
 
 
 def torch_cuda() -> bool:
@@ -371,11 +381,17 @@ def reference_activations(model, tokenizer, probe, spec: RunSpec, directory: Pat
     shutil.copytree(cache, directory, dirs_exist_ok=True)
 
 
-def finish_run(spec: RunSpec, trainer, tokenizer, probe, run_dir: Path) -> None:
-    """After training: the adapter (or model) and held-out prompt activations after fine-tuning."""
+def finish_run(spec: RunSpec, trainer, tokenizer, probe, writer) -> None:
+    """After training: safelora's projection (evaluated again), the adapter (or model) and held-out prompt
+    activations after fine-tuning."""
+    run_dir = writer.path
     if not trainer.is_world_process_zero():
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if spec.method == "safelora":
+        from staysafe.safelora import project_and_record
+
+        project_and_record(model, spec, tokenizer, writer, trainer.state.global_step)
     if spec.save_model:
         model.save_pretrained(run_dir / "final_model", safe_serialization=True)
     save_activations(model, tokenizer, probe, run_dir / "activations" / "after")

@@ -120,3 +120,109 @@ def test_lisa_proximal_term_holds_the_weights_near_the_last_switch(tokenizer, tm
 
     free, held = moved(0.0), moved(200.0)
     assert held < 0.5 * free, (held, free)
+
+
+def rank_one_aligned(tokenizer, seed=0):
+    """A tiny 'unaligned' model and an 'aligned' copy whose q_proj weights differ by a rank-one u v^T."""
+    import copy
+
+    from staysafe.models import build_tiny
+
+    unaligned = build_tiny(tokenizer, seed=seed)
+    aligned = copy.deepcopy(unaligned)
+    g = torch.Generator().manual_seed(3)
+    us = {}
+    with torch.no_grad():
+        for name, m in aligned.named_modules():
+            if name.endswith("q_proj"):
+                u, v = torch.randn(m.weight.shape[0], 1, generator=g), torch.randn(1, m.weight.shape[1], generator=g)
+                m.weight += 0.1 * u @ v
+                us[name] = u / u.norm()
+    return aligned, unaligned, us
+
+
+def test_safelora_projects_the_updates_that_leave_the_alignment_subspace(tokenizer):
+    from staysafe.models import LoraSettings, add_lora
+    from staysafe.safelora import alignment_projections, lora_modules, project_lora
+
+    import copy
+
+    aligned, unaligned, us = rank_one_aligned(tokenizer)
+    model = add_lora(copy.deepcopy(aligned), LoraSettings(r=2, target_modules=("q_proj",)))
+    layers = lora_modules(model)
+    names = sorted(layers)
+    inside, outside = names[0], names[1]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            B = layer.lora_B["default"].weight
+            if name == inside:  # every column along u: the update lies in the alignment subspace
+                B.copy_(us[name] @ torch.randn(1, B.shape[1], generator=g))
+            else:  # orthogonal to u
+                r = torch.randn(B.shape, generator=g)
+                B.copy_(r - us[name] @ (us[name].T @ r))
+            layer.lora_A["default"].weight.copy_(torch.randn(layer.lora_A["default"].weight.shape, generator=g))
+    before = {n: layers[n].lora_B["default"].weight.detach().clone() for n in names}
+    projections = alignment_projections(aligned, unaligned, names)
+    rows = {r["layer"]: r for r in project_lora(model, projections, threshold=0.5)}
+    assert rows[inside]["cosine"] == pytest.approx(1.0, abs=1e-4) and not rows[inside]["projected"]
+    assert rows[outside]["cosine"] < 0.5 and rows[outside]["projected"]  # C dW ~ 0: its direction is noise
+    assert rows[outside]["norm_after"] < 1e-4 * rows[outside]["norm_before"]
+    assert torch.equal(layers[inside].lora_B["default"].weight, before[inside])  # left alone
+    expected = projections[outside] @ before[outside]  # B <- C B: the update becomes C dW
+    assert torch.allclose(layers[outside].lora_B["default"].weight, expected, atol=1e-6)
+    assert layers[outside].lora_B["default"].weight.norm() < 1e-4  # C annihilates what is orthogonal to u
+
+
+def tiny_unaligned(tokenizer, path):
+    """A tiny model of another seed, saved as a local directory: the 'unaligned' side of tiny's alignment delta."""
+    from staysafe.models import build_tiny
+
+    build_tiny(tokenizer, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_safelora_method_and_the_post_hoc_command_project_and_evaluate_again(tokenizer, tmp_path):
+    import json
+
+    from conftest import TINY_RUN, run_cli
+    from staysafe.traces import load_run
+
+    unaligned = tiny_unaligned(tokenizer, tmp_path / "unaligned")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(16)))
+    common = [*TINY_RUN, "--data", str(data), "--steps", "3", "--eval-every", "0", "--lora-r", "4", "--save-model",
+              "--runs-dir", str(tmp_path / "runs")]
+    res = run_cli("train", *common, "--method", "safelora", "--safelora-unaligned", unaligned,
+                  "--safelora-threshold", "1.0", "--run-id", "sl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = load_run(tmp_path / "runs" / "sl")
+    report = json.loads((run.path / "safelora.json").read_text())
+    assert report["projected_layers"] == len(report["layers"]) > 0  # threshold 1: every layer projected
+    assert run.evals.iloc[-1]["stage"] == "safelora" and report["before"]["step"] == report["after"]["step"] == 3
+    assert (run.steps["kl"] == 0).all()  # trained like sft
+
+    res = run_cli("train", *common, "--method", "sft", "--run-id", "plain")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("safelora", str(tmp_path / "runs" / "plain"), "--unaligned", unaligned, "--threshold", "0.0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    projected = load_run(tmp_path / "runs" / "plain-safelora")
+    assert projected.status["state"] == "finished" and projected.config["method"] == "safelora"
+    assert projected.config["safelora_of"] == "plain" and (projected.path / "final_model").is_dir()
+    assert json.loads((projected.path / "safelora.json").read_text())["projected_layers"] == 0  # threshold 0: none
+    assert len(projected.steps) == 3 and projected.evals.iloc[-1]["stage"] == "safelora"
+    assert "stage" not in load_run(tmp_path / "runs" / "plain").evals  # the source run is left as it was
+    again = run_cli("safelora", str(tmp_path / "runs" / "plain"), "--unaligned", unaligned)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_safelora_without_lora_or_unaligned_model_is_refused_before_work(tmp_path):
+    from staysafe.options import RunSpec, SpecError
+    from staysafe.runner import check_before_work
+
+    with pytest.raises(SpecError, match="lora_r > 0"):
+        check_before_work(RunSpec(method="safelora", lora_r=0, model="tiny").validate())
+    with pytest.raises(SpecError, match="safelora-unaligned"):
+        check_before_work(RunSpec(method="safelora", model="some/hub-model").validate())
