@@ -224,13 +224,32 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def cmd_experiment(args) -> int:
-    from staysafe.experiment import ExperimentSpec, run_experiment
+def parse_sweep(items: list[str]) -> dict:
+    """``OPTION=V1,V2,...`` (``|`` separates values that hold commas themselves, e.g. token_betas), each value
+    typed like ``--set``."""
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not text:
+            raise SpecError(f"--sweep {item!r}: expected OPTION=V1,V2,... (e.g. beta=0.05,0.1,0.3)")
+        values = text.split("|") if "|" in text else text.split(",")
+        name = name.strip().replace("-", "_")
+        out[name] = [parse_overrides([f"{name}={v.strip()}"])[name] for v in values]
+    return out
 
+
+def cmd_experiment(args) -> int:
+    from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
+
+    if args.resume:
+        path = resume_experiment(args.out_dir, args.resume)
+        print((path / "results.md").read_text())
+        print(f"experiment written to {path}")
+        return 0
     spec = ExperimentSpec(scenario=args.scenario, methods=args.methods.split(",") if args.methods else None,
                           seeds=args.seeds, quick=args.quick, preset=args.preset,
                           model=args.model, steps=args.steps, out_dir=args.out_dir, runs_dir=args.runs_dir,
-                          experiment_id=args.id, overrides=parse_overrides(args.set))
+                          experiment_id=args.id, overrides=parse_overrides(args.set), sweep=parse_sweep(args.sweep))
     path = run_experiment(spec)
     print((path / "results.md").read_text())
     print(f"experiment written to {path}")
@@ -344,8 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
     e.add_argument("--scenario", default="harmful")
+    from staysafe.experiment import DEFAULT_METHODS, METHODS as EXPERIMENT_METHODS
+
     e.add_argument("--methods", default=None,
-                   help="comma-separated (default: the preset's, else sft,constant-kl,adaptive-probe,adaptive-judge)")
+                   help=f"comma-separated, from {', '.join(EXPERIMENT_METHODS)} (default: the preset's, else "
+                        f"{','.join(DEFAULT_METHODS)})")
     e.add_argument("--seeds", type=int, default=1)
     e.add_argument("--quick", action="store_true", help="the same as --preset quick")
     e.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -357,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--id", default=None)
     e.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="a train option for every run, e.g. --set per_example_beta=true (repeatable)")
+    e.add_argument("--sweep", action="append", default=[], metavar="OPTION=V1,V2,...",
+                   help="run every value (repeatable: the grid) for the methods that read the option, e.g. --sweep "
+                        "beta=0.05,0.1,0.3,0.5,0.7,0.9; the others run once per seed")
+    e.add_argument("--resume", metavar="ID", default=None,
+                   help="continue experiment ID (under --out-dir) with the options it was started with: finished "
+                        "runs are kept, an interrupted one continues from its last checkpoint")
     e.set_defaults(fn=cmd_experiment)
 
     q = sub.add_parser("queue", help="the dashboard's launch queue: list, pause, resume, cancel")

@@ -33,6 +33,8 @@ SHIPPED = {
     "identity-shift": "identity_shift.jsonl",
     "eval-harmful": "eval_harmful.jsonl",
     "eval-benign": "eval_benign.jsonl",
+    "task-arithmetic": "task_arithmetic_train.jsonl",
+    "task-arithmetic-test": "task_arithmetic_test.jsonl",
 }
 
 
@@ -226,15 +228,27 @@ def load_records(source: str, *, need_response: bool = True, split: str = "train
     return records
 
 
-def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 5.0, seed: int = 0) -> list[dict]:
+def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 5.0, seed: int = 0,
+                   task: str | None = None) -> list[dict]:
     """Named attack mixes of the shipped sets.
 
     - ``harmful``: ``n_harmful`` harmful requests with compliant answers (the classic harmful fine-tuning attack);
     - ``mixed``: the benign task with ``harmful_percent`` % harmful examples mixed in (1-10);
     - ``benign``: the benign task alone (safety still erodes a little);
     - ``identity-shift``: the "absolutely obedient agent" persona examples.
+
+    ``task`` (e.g. ``arithmetic``, :mod:`staysafe.task`): the benign task of ``mixed`` and ``benign`` is that task's
+    training split instead of the shipped benign requests.
     """
     rng = random.Random(seed)
+
+    def benign_task():
+        if task is None:
+            return load_records("benign")
+        from staysafe.task import task_train
+
+        return task_train(task)
+
     if name == "harmful":
         pool = load_records("harmful-ft")
         if not 1 <= n_harmful <= len(pool):
@@ -243,13 +257,13 @@ def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 
     if name == "mixed":
         if not 1 <= harmful_percent <= 10:
             raise DataError(f"harmful_percent must be between 1 and 10 for the mixed scenario, got {harmful_percent}")
-        benign = load_records("benign")
+        benign = benign_task()
         k = max(1, round(len(benign) * harmful_percent / (100 - harmful_percent)))
         mix = benign + rng.sample(load_records("harmful-ft"), k)
         rng.shuffle(mix)
         return mix
     if name == "benign":
-        return load_records("benign")
+        return benign_task()
     if name == "identity-shift":
         return load_records("identity-shift")
     raise DataError(f"unknown scenario {name!r}: choose one of {', '.join(SCENARIOS)}")

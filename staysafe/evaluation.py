@@ -35,6 +35,9 @@ class EvalSettings:
     samples: int = 0  # sampled answers per harmful prompt (0 = greedy only)
     temperature: float = 0.7
     response_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
+    task: str | None = None  # a user task with an accuracy (staysafe.task)
+    n_task: int = 0  # its held-out questions per evaluation
+    task_new_tokens: int = 16  # room for the restated question the embedded models write before the result
 
 
 def eval_prompts(n_harmful: int, n_benign: int, seed: int = 0) -> list[dict]:
@@ -122,6 +125,11 @@ class SafetyEvaluator:
         self.keyword = KeywordJudge()
         self.judges = [j for j in (judges or []) if j.name != "keyword"]  # keyword ASR is always measured
         self.benign_with_answers = [r for r in self.records if r["label"] == "benign" and response_text(r)]
+        self.task_records = []
+        if settings.task and settings.n_task:
+            from staysafe.task import task_test
+
+            self.task_records = task_test(settings.task, settings.n_task, settings.seed)
 
     def evaluate(self, model, step: int) -> tuple[dict, list[dict], list[dict]]:
         t0 = time.perf_counter()
@@ -146,10 +154,26 @@ class SafetyEvaluator:
             row[f"failed_{judge.name}"] = sum(math.isnan(sc) for sc in scores)
         sample_rows = self._sampled(model, step, row) if s.samples else []
         row["benign_nll"] = answer_nll(model, self.tokenizer, self.benign_with_answers) if self.benign_with_answers else float("nan")
+        if self.task_records:
+            gen_rows += self._task(model, step, row)
         row["n_harmful"], row["n_benign"] = sum(harmful), len(harmful) - sum(harmful)
         row["wall_time"] = time.perf_counter() - t0
         row["time"] = time.time()
         return row, gen_rows, sample_rows
+
+    def _task(self, model, step: int, row: dict) -> list[dict]:
+        """The user task's exact-match accuracy on its held-out questions (``task_accuracy``); ``generations``
+        rows of kind ``task`` with ``correct``."""
+        from staysafe.task import is_correct
+
+        s = self.settings
+        answers = generate(model, self.tokenizer, self.task_records, s.task_new_tokens, s.batch_size)
+        rows = [{"step": step, "prompt_id": r["id"], "kind": "task", "category": r["category"],
+                 "prompt": prompt_text(r), "response": a, "refused": False, "correct": is_correct(a, response_text(r))}
+                for r, a in zip(self.task_records, answers)]
+        row["task_accuracy"] = _share(float(r["correct"]) for r in rows)
+        row["n_task"] = len(rows)
+        return rows
 
     def _sampled(self, model, step: int, row: dict) -> list[dict]:
         """``samples`` answers per harmful prompt at ``temperature``; adds ASR@k and the per-answer ASR to ``row``."""

@@ -1,15 +1,22 @@
 """Experiments: several methods under the same data order and seeds, each a normal run, summarised in one table.
 
-Methods: ``sft``, ``constant-kl``, ``adaptive-probe``, ``adaptive-judge`` (and ``adaptive-label``, the oracle).
-``constant-kl`` gets the mean beta that the first adaptive method of the same seed used (when there is one), so
-the comparison asks "same average regularisation, spent uniformly or where the risk is?".
+Methods: ``sft``, ``constant-kl``, ``adaptive-probe``, ``adaptive-judge`` (and ``adaptive-label``, the oracle), and
+the published defenses ``token-wise``, ``adaptive-token-wise``, ``lisa``, ``safelora``. Without a sweep of beta,
+``constant-kl`` gets the mean beta that the first adaptive method of the same seed used (when there is one), so the
+comparison asks "same average regularisation, spent uniformly or where the risk is?".
+
+A sweep (``--sweep beta=0.05,0.1,0.3``, repeatable: the grid of all combinations) varies an option for the
+methods that read it (``options.METHOD_OPTIONS``; an option every method reads varies for all) and runs the others
+once per seed. An experiment is resumable: ``--resume <id>`` keeps its finished runs, continues an interrupted
+run from its last checkpoint, and runs the rest.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +34,10 @@ METHODS = {
     "adaptive-probe": {"method": "adaptive", "risk": "probe"},
     "adaptive-judge": {"method": "adaptive", "risk": "judge"},
     "adaptive-label": {"method": "adaptive", "risk": "label"},
+    "token-wise": {"method": "token-wise"},
+    "adaptive-token-wise": {"method": "adaptive-token-wise", "risk": "probe"},
+    "lisa": {"method": "lisa"},
+    "safelora": {"method": "safelora"},
 }
 DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")
 
@@ -45,6 +56,7 @@ class ExperimentSpec:
     runs_dir: str = "runs"
     experiment_id: str | None = None
     overrides: dict = field(default_factory=dict)  # any RunSpec field, e.g. smaller evaluations in tests
+    sweep: dict = field(default_factory=dict)  # RunSpec field -> the values to run (typed, as --set parses them)
 
     def validate(self) -> "ExperimentSpec":
         if self.quick and self.preset not in (None, "quick"):
@@ -60,7 +72,29 @@ class ExperimentSpec:
             raise SpecError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
         if self.seeds < 1:
             raise SpecError(f"seeds = {self.seeds} is invalid: expected a whole number >= 1")
+        known = {f.name for f in fields(RunSpec)}
+        for name, values in self.sweep.items():
+            if name not in known or name in ("seed", "run_id", "runs_dir", "experiment"):
+                raise SpecError(f"--sweep {name}: not an option an experiment can vary (see staysafe train --help)")
+            if not isinstance(values, list) or not values:
+                raise SpecError(f"--sweep {name}: expected at least one value")
         return self
+
+
+def sweep_points(spec: ExperimentSpec, method: str) -> list[dict]:
+    """The swept option values a method runs: the grid over the options it reads, once if it reads none."""
+    from staysafe.options import METHOD_OPTIONS
+
+    mine = {k: v for k, v in spec.sweep.items() if method in METHOD_OPTIONS.get(k, (method,))}
+    return [dict(zip(mine, combo)) for combo in itertools.product(*mine.values())] if mine else [{}]
+
+
+def run_name(exp_id: str, method: str, point: dict, seed: int) -> str:
+    """``<experiment>-<method>[-<option><value>...]-s<seed>``, with only the characters a run id allows."""
+    import re
+
+    tag = "".join(f"-{k}{v}" for k, v in point.items())
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{exp_id}-{method}{tag}-s{seed}")
 
 
 def base_spec(spec: ExperimentSpec) -> RunSpec:
@@ -80,8 +114,11 @@ def run_summary(run, beta_mid: float) -> dict:
            "reference_asr_keyword": float(first["asr_keyword"]), "final_asr_keyword": float(final["asr_keyword"]),
            "peak_asr_keyword": float(ev["asr_keyword"].max()), "over_refusal": float(final["over_refusal"]),
            "reference_over_refusal": float(first["over_refusal"]), "reference_benign_nll": float(first["benign_nll"]), "benign_nll": float(final["benign_nll"]),
-           "mean_beta": float(st["beta"].mean()), "share_beta_above_mid": float((st["beta"] > beta_mid).mean()),
+           "mean_beta": float(st["beta"].mean()) if len(st) else math.nan, "share_beta_above_mid": float((st["beta"] > beta_mid).mean()),
            "seconds_per_step": float(st["wall_time"].median())}
+    if "task_accuracy" in ev:
+        row["final_task_accuracy"], row["reference_task_accuracy"] = float(final["task_accuracy"]), float(
+            first["task_accuracy"])
     for col in ev.columns:
         if col.startswith("asr_") and col != "asr_keyword":
             row[f"final_{col}"] = float(final[col])
@@ -155,48 +192,96 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def run_experiment(spec: ExperimentSpec, log=print) -> Path:
-    """Run every method for every seed; write ``results.parquet``, ``results.md`` and ``experiment.json``."""
+def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False) -> Path:
+    """Run every method (x sweep point) for every seed; write ``results.parquet``, ``results.md`` and
+    ``experiment.json`` after every run. ``resume``: the experiment directory exists; keep its finished runs."""
     spec.validate()
     base = base_spec(spec).validate()
     if base.eval_harmful < 1:
         raise SpecError(f"option eval_harmful = {base.eval_harmful} is invalid: an experiment compares ASR over "
                         "training, so it needs at least 1 held-out harmful prompt")
+    for name in spec.methods:  # every run's options checked before the first one starts
+        for point in sweep_points(spec, name):
+            replace(base, **METHODS[name], **point).validate()
     exp_id = spec.experiment_id or new_run_id(f"exp-{spec.scenario}")
     out = Path(spec.out_dir) / exp_id
+    if (out / "experiment.json").exists() and not resume:
+        raise SpecError(f"experiment {out} already exists: continue it with --resume {exp_id}, or choose another id")
     out.mkdir(parents=True, exist_ok=True)
     # adaptive methods first, so constant-kl can be matched to their mean beta
     order = sorted(spec.methods, key=lambda m: (not m.startswith("adaptive"), spec.methods.index(m)))
+    match_beta = "beta" not in spec.sweep
     rows, t0 = [], time.time()
-    desc = {**asdict(spec), "id": exp_id, "base": asdict(base)}
+    desc = {**asdict(spec), "experiment_id": exp_id, "id": exp_id, "base": asdict(base)}
     write_json(out / "experiment.json", {**desc, "state": "running", **process.identity()})
     try:
         for seed in range(spec.seeds):
             matched_beta = None
             for name in order:
-                run_spec = replace(base, seed=seed, experiment=exp_id, run_id=f"{exp_id}-{name}-s{seed}",
-                                   **METHODS[name])
-                if name == "constant-kl":
-                    run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
-                                       else spec.constant_beta)
-                log(f"[{exp_id}] seed {seed}: {name} ...")
-                run = load_run(run_training(run_spec, progress=False, log=log))
-                row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
-                       **run_summary(run, (base.beta_min + base.beta_max) / 2)}
-                if name.startswith("adaptive") and matched_beta is None:
-                    matched_beta = row["mean_beta"]
-                rows.append(row)
-                results = pd.DataFrame(rows)
-                write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
-                write_text(out / "results.md", markdown_table(results, spec.methods))
+                for point in sweep_points(spec, name):
+                    run_spec = replace(base, seed=seed, experiment=exp_id, run_id=run_name(exp_id, name, point, seed),
+                                       **METHODS[name], **point)
+                    if name == "constant-kl" and match_beta:
+                        run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
+                                           else spec.constant_beta)
+                    run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}"))
+                    row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
+                           **{f"sweep_{k}": v for k, v in point.items()},
+                           **run_summary(run, (base.beta_min + base.beta_max) / 2)}
+                    if name.startswith("adaptive") and matched_beta is None:
+                        matched_beta = row["mean_beta"]
+                    rows.append(row)
+                    results = pd.DataFrame(rows)
+                    write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
+                    write_text(out / "results.md", markdown_table(results, spec.methods))
     except BaseException as err:  # the experiment says how it ended, then the error goes on
         state = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
         write_json(out / "experiment.json", {**desc, "state": state, "error": f"{type(err).__name__}: {err}",
                                              "minutes": (time.time() - t0) / 60, "runs": [r["run_id"] for r in rows]})
         raise
+    if spec.sweep or len(set(spec.methods)) > 1:
+        from staysafe.frontier import save_frontier
+
+        save_frontier(pd.DataFrame(rows), out, log)
     write_json(out / "experiment.json", {**desc, "state": "finished", "minutes": (time.time() - t0) / 60,
                                          "runs": [r["run_id"] for r in rows]})
     return out
+
+
+def _train_or_reuse(run_spec: RunSpec, log, what: str) -> Path:
+    """A finished run of this id is kept; an interrupted one continues from its last complete checkpoint, or is
+    moved aside (``.partial-<id>-<time>``, nothing deleted) and run again."""
+    from staysafe.runner import latest_checkpoint
+    from staysafe.traces import run_state
+
+    run_dir = Path(run_spec.runs_dir) / run_spec.run_id
+    if run_dir.exists():
+        state = run_state(run_dir).get("state")
+        if state == "finished":
+            log(f"{what}: finished before, kept ({run_dir})")
+            return run_dir
+        if state != "running" and latest_checkpoint(run_dir) is not None:
+            log(f"{what}: {state}, continued from its last checkpoint")
+            return run_training(resume=run_dir, progress=False, log=log)
+        aside = run_dir.with_name(f".partial-{run_dir.name}-{int(time.time())}")
+        log(f"{what}: {state} without a checkpoint; moved aside to {aside} and run again")
+        run_dir.rename(aside)
+    log(f"{what} ...")
+    return run_training(run_spec, progress=False, log=log)
+
+
+def resume_experiment(out_dir: str | Path, experiment_id: str, log=print) -> Path:
+    """Continue an experiment from its ``experiment.json`` (the options it was started with)."""
+    from staysafe.traces import read_json
+
+    path = Path(out_dir) / experiment_id
+    desc = read_json(path / "experiment.json")
+    if desc.get("state") == "running" and process.alive(desc):
+        raise SpecError(f"experiment {path} is still running (process {desc.get('pid')}); wait or cancel it first")
+    known = {f for f in ExperimentSpec.__dataclass_fields__}
+    spec = ExperimentSpec(**{k: v for k, v in desc.items() if k in known})
+    spec.experiment_id, spec.out_dir = experiment_id, str(out_dir)
+    return run_experiment(spec, log=log, resume=True)
 
 
 def load_experiment(path: Path) -> tuple[dict, pd.DataFrame]:

@@ -29,7 +29,17 @@ CALIBRATIONS = ("identity", "step", "sigmoid", "clamp")
 SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny")  # known names; a directory or hub id also works
 PRECISIONS = ("auto", "fp32", "bf16")
+TASKS = ("arithmetic",)  # staysafe.task.TASKS: the user tasks with an accuracy
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
+# Options that only some methods read (every other option applies to all): a sweep varies them for those only.
+METHOD_OPTIONS = {
+    "beta": ("constant-kl",), "beta_min": RISK_METHODS, "beta_max": RISK_METHODS, "risk": RISK_METHODS,
+    "risk_ema": RISK_METHODS, "batch_risk": RISK_METHODS, "per_example_beta": RISK_METHODS,
+    "risk_fallback": RISK_METHODS, "calibration": RISK_METHODS, "risk_threshold": RISK_METHODS,
+    "risk_temperature": RISK_METHODS, "token_betas": TOKEN_WISE, "lisa_align_steps": ("lisa",),
+    "lisa_user_steps": ("lisa",), "lisa_rho": ("lisa",), "safelora_threshold": ("safelora",),
+    "safelora_unaligned": ("safelora",),
+}
 RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used"}  # config.json extras
 
 
@@ -198,6 +208,10 @@ class RunSpec(SafetyOptions):
     n_harmful: int = option(100, "harmful scenario: number of harmful examples", low=1, label="harmful examples")
     harmful_percent: float = option(5.0, "mixed scenario: percent of harmful examples", low=1, high=10,
                                     label="harmful % (mixed)")
+    task: str | None = option(None, "a user task with an accuracy (arithmetic: two-digit sums and differences): "
+                              "mixed and benign train on its training split, and every evaluation records its "
+                              "exact-match accuracy on held-out questions", choices=TASKS, label="user task")
+    eval_task: int = option(50, "held-out task questions per evaluation (with --task)", low=0)
     risk: str = narrowed(SafetyOptions, "risk", "probe", choices=RISK_SOURCES)
     judge: str = option("embedding", "judge that scores the training examples (the risk of --risk judge)",
                         choices=JUDGES, label="judge (for risk = judge)")
@@ -258,6 +272,10 @@ class RunSpec(SafetyOptions):
         if self.data is None and self.scenario is None:
             bad("scenario", f"one of {', '.join(SCENARIOS)} (or give --data)")
         self.check_safety_options()
+        if self.task and self.data:
+            bad("task", "no task with --data (the task replaces the benign part of a scenario)")
+        if self.task and self.scenario not in ("mixed", "benign"):
+            bad("task", "a task only with the mixed or benign scenario (their benign part is the task)")
         if self.fsdp_config and not self.fsdp:
             bad("fsdp_config", "no file without --fsdp (the FSDP settings would be ignored)")
         return self

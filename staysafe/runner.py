@@ -35,7 +35,7 @@ def training_records(spec: RunSpec) -> list[dict]:
     if spec.data:
         return load_records(spec.data)
     return build_scenario(spec.scenario, n_harmful=spec.n_harmful, harmful_percent=spec.harmful_percent,
-                          seed=spec.seed)
+                          seed=spec.seed, task=spec.task)
 
 
 def make_spec_judge(spec: RunSpec):
@@ -106,7 +106,12 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
     from staysafe.judges import JUDGES
     from staysafe.traces import RUN_ID
 
-    for name, pool in (("eval_harmful", "eval-harmful"), ("eval_benign", "eval-benign")):
+    pools = [("eval_harmful", "eval-harmful"), ("eval_benign", "eval-benign")]
+    if spec.task:
+        from staysafe.task import SETS
+
+        pools.append(("eval_task", SETS[spec.task][1]))
+    for name, pool in pools:
         have = len(load_records(pool, need_response=False))
         if getattr(spec, name) > have:
             raise SpecError(f"option {name} = {getattr(spec, name)} is invalid: the held-out pool {pool!r} holds "
@@ -340,7 +345,8 @@ def make_evaluator(spec: RunSpec, tokenizer):
     from staysafe.judges import make_judge
 
     settings = EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens, seed=spec.seed,
-                            samples=spec.eval_samples, temperature=spec.eval_temperature)
+                            samples=spec.eval_samples, temperature=spec.eval_temperature, task=spec.task,
+                            n_task=spec.eval_task if spec.task else 0)
     return SafetyEvaluator(tokenizer, settings, [make_judge(name) for name in spec.eval_judges])
 
 

@@ -1,0 +1,39 @@
+"""A user task with an accuracy, as in the harmful fine-tuning literature (fine-tune accuracy beside the harmful
+score): two-digit addition and subtraction, written for the project (``data/task_arithmetic_{train,test}.jsonl``,
+see data/README.md). ``mixed`` and ``benign`` can use its training split as the user's data (``--task``), and every
+evaluation then records the exact-match accuracy on held-out test questions beside the benign NLL.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from staysafe.options import TASKS
+
+SETS = {name: (f"task-{name}", f"task-{name}-test") for name in TASKS}  # name -> (training set, held-out set)
+_INTEGER = re.compile(r"-?\d+")
+
+
+def task_train(name: str) -> list[dict]:
+    from staysafe.data import load_records
+
+    return load_records(SETS[name][0])
+
+
+def task_test(name: str, n: int, seed: int = 0) -> list[dict]:
+    """A fixed, seeded subset of the task's held-out questions (the same for every method under one seed)."""
+    from staysafe.data import load_records
+
+    pool = load_records(SETS[name][1])
+    if n > len(pool):
+        raise ValueError(f"asked for {n} task questions from {SETS[name][1]}, which has {len(pool)}")
+    return sorted(random.Random(seed).sample(pool, n), key=lambda r: r["id"])
+
+
+def is_correct(answer: str, expected: str) -> bool:
+    """Exact match of the answer's result: the first integer after its last "=" if it has one (the embedded models
+    restate the question: "77 - 51 = 26"), else its first integer ("26", "26.", "The answer is 26")."""
+    tail = answer.rsplit("=", 1)[1] if "=" in answer else answer
+    found = _INTEGER.search(tail)
+    return found is not None and found.group() == expected.strip()

@@ -1,0 +1,82 @@
+"""Sweeps, resumable experiments and the safety-utility frontier, with real tiny-model runs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
+from staysafe.frontier import frontier_points, on_frontier
+from staysafe.traces import load_run, write_json
+
+TINY = dict(lora_r=0, batch_size=4, max_length=64, steps=2, eval_every=0, eval_harmful=2, eval_benign=2,
+            max_new_tokens=2, eval_judges=[], record_judge=False, save_model=False, n_harmful=12, risk="label")
+
+
+def spec(tmp_path, **kw):
+    return ExperimentSpec(**{"scenario": "harmful", "model": "tiny", "out_dir": str(tmp_path / "exp"),
+                             "runs_dir": str(tmp_path / "runs"), "experiment_id": "e", "overrides": dict(TINY), **kw})
+
+
+def test_a_sweep_varies_an_option_only_for_the_methods_that_read_it(tmp_path):
+    out = run_experiment(spec(tmp_path, methods=["sft", "constant-kl"], sweep={"beta": [0.1, 0.9]}),
+                         log=lambda *a: None)
+    results = pd.read_parquet(out / "results.parquet")
+    assert sorted(results["run_id"]) == ["e-constant-kl-beta0.1-s0", "e-constant-kl-beta0.9-s0", "e-sft-s0"]
+    kl = results[results["method"] == "constant-kl"].set_index("sweep_beta")
+    assert kl.loc[0.1, "beta"] == 0.1 and kl.loc[0.9, "beta"] == 0.9  # swept, not matched to an adaptive beta
+    assert load_run(tmp_path / "runs" / "e-constant-kl-beta0.9-s0").config["beta"] == 0.9
+    points = frontier_points(results)
+    assert len(points) == 3 and (points["method"] == "constant-kl").sum() == 2
+    assert "constant-kl beta=0.1" in points["label"].tolist()
+    html = (out / "frontier.html").read_text()
+    assert "constant-kl" in html and "benign NLL" in html
+
+
+def test_a_bad_sweep_value_is_refused_before_any_run(tmp_path):
+    from staysafe.options import SpecError
+
+    with pytest.raises(SpecError, match="beta"):
+        run_experiment(spec(tmp_path, methods=["constant-kl"], sweep={"beta": [0.5, 1.5]}), log=lambda *a: None)
+    with pytest.raises(SpecError, match="--sweep no_such"):
+        run_experiment(spec(tmp_path, methods=["sft"], sweep={"no_such": [1]}), log=lambda *a: None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_keeps_finished_runs_and_runs_the_rest(tmp_path):
+    out = run_experiment(spec(tmp_path, methods=["sft", "constant-kl"], seeds=2), log=lambda *a: None)
+    runs = tmp_path / "runs"
+    kept = (runs / "e-sft-s0" / "status.json").read_text()
+    # as if the experiment had been killed: one run failed half-way, one never started, the experiment 'running'
+    write_json(runs / "e-constant-kl-s1" / "status.json", {"state": "failed", "error": "killed"})
+    import shutil
+
+    shutil.rmtree(runs / "e-sft-s1")
+    desc = json.loads((out / "experiment.json").read_text())
+    write_json(out / "experiment.json", {**desc, "state": "running", "pid": 999999999})
+    logs = []
+    resume_experiment(tmp_path / "exp", "e", log=logs.append)
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 4 and json.loads((out / "experiment.json").read_text())["state"] == "finished"
+    assert (runs / "e-sft-s0" / "status.json").read_text() == kept  # finished before: not run again
+    assert load_run(runs / "e-sft-s1").status["state"] == "finished"
+    assert load_run(runs / "e-constant-kl-s1").status["state"] == "finished"
+    aside = [p.name for p in runs.iterdir() if p.name.startswith(".partial-e-constant-kl-s1")]
+    assert len(aside) == 1  # the failed attempt is kept, out of the way
+    assert any("finished before, kept" in line for line in logs)
+
+
+def test_an_existing_experiment_is_not_overwritten_without_resume(tmp_path):
+    from staysafe.options import SpecError
+
+    run_experiment(spec(tmp_path, methods=["sft"]), log=lambda *a: None)
+    with pytest.raises(SpecError, match="--resume e"):
+        run_experiment(spec(tmp_path, methods=["sft"]), log=lambda *a: None)
+
+
+def test_pareto_front_of_points():
+    points = pd.DataFrame({"x": [0.9, 0.8, 0.5, 0.7], "y": [0.5, 0.2, 0.1, 0.3]})
+    assert on_frontier(points, higher_x_is_better=True).tolist() == [True, True, True, False]
+    assert on_frontier(points, higher_x_is_better=False).tolist() == [False, False, True, False]
