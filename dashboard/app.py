@@ -30,6 +30,7 @@ PAGES = [
     st.Page("views/judge_vs_probe.py", title="Judge vs probe", icon=":material/balance:"),
     st.Page("views/asr.py", title="ASR over training", icon=":material/target:"),
     st.Page("views/regularization.py", title="Regularization explorer", icon=":material/manage_search:"),
+    st.Page("views/frontier.py", title="Safety-utility trade-off", icon=":material/insights:"),
     st.Page("views/demo.py", title="Guided demo", icon=":material/school:"),
 ]
 

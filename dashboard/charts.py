@@ -13,7 +13,8 @@ SCATTER_GL_MIN = 1500  # lines with more points than this are drawn with WebGL
 
 
 METHOD_COLORS = {"sft": "#c8553d", "constant-kl": "#d4a72c", "adaptive-probe": "#2a7f7a",
-                 "adaptive-judge": "#3f6fb5", "adaptive-label": "#7a5ea8"}
+                 "adaptive-judge": "#3f6fb5", "adaptive-label": "#7a5ea8", "token-wise": "#5b8c3a",
+                 "adaptive-token-wise": "#1f9bb0", "lisa": "#b0487a", "safelora": "#6b6b6b"}
 
 
 PALETTE = ["#2a7f7a", "#c8553d", "#3f6fb5", "#d4a72c", "#7a5ea8", "#5b8c3a", "#b0487a", "#6b6b6b", "#1f9bb0",

@@ -40,9 +40,10 @@ def option_input(name: str, where=st, *, extra_choices: tuple = (), **widget):
         return list(where.multiselect(options=options, default=default, accept_new_options=m["open_choices"],
                                       **common))
     if m.get("choices"):
-        options = (*m["choices"], *extra_choices)
+        options = (*m["choices"], *extra_choices, *((None,) if default is None and not extra_choices else ()))
         return where.selectbox(options=options, index=options.index(default) if default in options else 0,
-                               accept_new_options=m["open_choices"], **common)
+                               accept_new_options=m["open_choices"],
+                               format_func=lambda v: "(none)" if v is None else v, **common)
     if kind is bool:
         return bool(where.checkbox(value=default, **common))
     if kind in (int, float):

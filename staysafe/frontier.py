@@ -52,7 +52,7 @@ def on_frontier(points: pd.DataFrame, higher_x_is_better: bool) -> pd.Series:
     return pd.Series(flags, index=points.index)
 
 
-def frontier_figure(results: pd.DataFrame, title: str = "Safety-utility trade-off"):
+def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility trade-off"):
     import plotly.graph_objects as go
 
     x, xlabel, y = axes(results)

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 
 APP = REPO / "dashboard" / "app.py"
-PAGES = ["home", "launch", "traces", "activations", "judge_vs_probe", "asr", "regularization", "demo"]
+PAGES = ["home", "launch", "traces", "activations", "judge_vs_probe", "asr", "regularization", "frontier", "demo"]
 SCREENSHOTS = REPO / "tests" / "artifacts" / "screenshots"
 TINY = dict(model="tiny", lora_r=0, batch_size=4, max_length=64, steps=4, eval_every=2, eval_harmful=4,
             eval_benign=4, max_new_tokens=4, eval_judges=[], record_judge=False, risk="label", save_model=False)
@@ -88,6 +88,10 @@ def _build(base: Path) -> dict:
     run_experiment(ExperimentSpec(scenario="harmful", methods=["sft", "adaptive-probe"], seeds=2, model="tiny",
                                   out_dir=str(exps), runs_dir=str(runs), experiment_id="exp-tiny",
                                   overrides={k: v for k, v in TINY.items() if k != "model"}), log=lambda *a: None)
+    run_experiment(ExperimentSpec(scenario="harmful", methods=["sft", "constant-kl"], model="tiny", out_dir=str(exps),
+                                  runs_dir=str(runs), experiment_id="exp-sweep", sweep={"beta": [0.1, 0.9]},
+                                  overrides={**{k: v for k, v in TINY.items() if k != "model"}, "steps": 2,
+                                             "eval_every": 0}), log=lambda *a: None)
     compare_risk(model="tiny", judges=("embedding",), out_dir=comp / "eval")
     shutil.copytree(runs / "adaptive-probe" / "activations" / "after", probes / "activations")
     for name in ("probe.json", "probe.npz"):
@@ -567,6 +571,36 @@ def test_asr_page_runs_experiment_and_answers_at_a_step(env):
     at.segmented_control(key="asr_band").set_value("± std")
     at.run()
     assert_clean(at)
+
+
+def test_frontier_page_draws_the_sweep_as_a_curve_and_opens_runs(env):
+    def setup(at):
+        at.selectbox(key="frontier_exp").set_value(env["experiments"] / "exp-sweep")
+
+    at = open_page("frontier", setup)
+    assert_clean(at)
+    fig = figure(at)
+    traces = {t["name"]: t for t in fig["data"]}
+    assert set(traces) == {"sft", "constant-kl"}
+    assert traces["constant-kl"]["mode"] == "lines+markers" and len(traces["constant-kl"]["x"]) == 2  # the sweep
+    assert traces["sft"]["mode"] == "markers"
+    assert "benign NLL" in fig["layout"]["xaxis"]["title"]["text"]
+    table = at.dataframe[0].value
+    assert len(table) == 3 and "on frontier" in table and table["on frontier"].any()
+    assert "constant-kl beta=0.9" in table["method"].tolist()
+    # an experiment with two seeds: error bars over seeds
+    at.selectbox(key="frontier_exp").set_value(env["experiments"] / "exp-tiny")
+    at.run()
+    assert_clean(at)
+    assert figure(at)["data"][0]["error_y"]["visible"]
+    assert (at.dataframe[0].value["seeds"] == 2).all()
+    at.multiselect(key="frontier_runs").set_value(["exp-tiny-sft-s0"])
+    at.run()
+    at.button(key="frontier_open").click()
+    at.run()
+    assert_clean(at)
+    assert at.session_state["traces_runs"] == ["exp-tiny-sft-s0"]
+    assert any("Training traces" in t.value for t in at.title)
 
 
 def test_regularization_page_filters_aggregates_and_details(env):

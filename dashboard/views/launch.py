@@ -30,9 +30,10 @@ COLUMNS = {
     "Regularizer": ("method", "beta", ("beta_min", "beta_max"), "risk_ema", "risk", "judge"),
     "Training": ("steps", "lr", "lora_r", "eval_every", "batch_size", "seed"),
 }
-MORE = (("eval_harmful", "eval_benign"), ("max_new_tokens", "max_length"), ("eval_judges", "record_judge",
-                                                                           "save_model"))
-WIDGET = {"beta": {"step": 0.05}, "beta_min": {"step": 0.05}, "beta_max": {"step": 0.05}, "risk_ema": {"step": 0.1},
+MORE = (("eval_harmful", "eval_benign", "task"), ("max_new_tokens", "max_length", "eval_task"),
+        ("eval_judges", "record_judge", "save_model"),
+        ("token_betas", ("lisa_align_steps", "lisa_user_steps"), "lisa_rho", "safelora_threshold"))
+WIDGET = {"beta": {"step": 0.05}, "lisa_rho": {"step": 0.1}, "safelora_threshold": {"step": 0.05}, "beta_min": {"step": 0.05}, "beta_max": {"step": 0.05}, "risk_ema": {"step": 0.1},
           "harmful_percent": {"step": 1.0}, "lr": {"step": 1e-5, "format": "%.6f"}}
 
 cfg = settings.page_setup()
