@@ -38,6 +38,7 @@ METHOD_OPTIONS = {
     "risk_fallback": RISK_METHODS, "calibration": RISK_METHODS, "risk_threshold": RISK_METHODS,
     "risk_temperature": RISK_METHODS, "token_betas": TOKEN_WISE, "lisa_align_steps": ("lisa",),
     "lisa_user_steps": ("lisa",), "lisa_rho": ("lisa",), "safelora_threshold": ("safelora",),
+    "safelora_layers": ("safelora",),
     "safelora_unaligned": ("safelora",),
 }
 RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used"}  # config.json extras
@@ -146,12 +147,15 @@ class SafetyOptions:
     token_betas: str = option("0.5,2,2,2,2,0.1", "token-wise methods: beta per answer position (1st, 2nd, ...), "
                               "comma-separated; the last value holds for every later position (Qi et al.'s "
                               "fine-tuning defaults)", label="β per answer position (token-wise)")
-    lisa_align_steps: int = option(2, "lisa: alignment steps (on the shipped refusal data) per cycle", low=1)
-    lisa_user_steps: int = option(8, "lisa: steps on the user's data per cycle", low=1)
+    lisa_align_steps: int = option(1, "lisa: alignment steps (on the shipped refusal data) per cycle, first "
+                                   "(Lisa's scripts: 100 of every 1000)", low=1)
+    lisa_user_steps: int = option(9, "lisa: steps on the user's data per cycle (Lisa's scripts: 900)", low=1)
     lisa_rho: float = option(1.0, "lisa: weight of the proximal term rho/2 ||w - w_switch||^2 toward the weights "
                              "at the last switch", low=0.0)
     safelora_threshold: float = option(0.5, "safelora: project a layer's LoRA update when its cosine similarity "
-                                       "with its own projection is below this", low=0.0, high=1.0)
+                                       "with its own projection is at most this", low=0.0, high=1.0)
+    safelora_layers: int = option(0, "safelora: instead of the threshold, project the N updates of lowest cosine "
+                                  "(Safe LoRA's default mode, N = 10 there; 0 = use the threshold)", low=0)
     safelora_unaligned: str | None = option(None, "safelora: the unaligned model the run's model was aligned from "
                                             "(the alignment subspace is their difference; default for "
                                             "smollm2-135m-aligned: smollm2-135m-instruct)")

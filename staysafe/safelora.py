@@ -3,8 +3,10 @@ subspace" where the update strays from it.
 
 Per weight matrix the alignment direction is ``V = W_aligned - W_unaligned`` (here: the shipped aligned reference
 minus the embedded instruct model it was aligned from) and its projection ``C = V V^T / ||V||_F``. A LoRA update
-``dW = s * B A`` whose cosine similarity with ``C dW`` is below the threshold is replaced by ``C dW``; since
-``C dW = s * (C B) A`` that is ``B <- C B``, so the adapter keeps its shape and rank.
+``dW = s * B A`` whose cosine similarity with ``C dW`` is at most the threshold (or, with ``layers = N``, each of
+the N updates of lowest cosine: the official code's default mode) is replaced by ``C dW``; since
+``C dW = s * (C B) A`` that is ``B <- C B``, so the adapter keeps its shape and rank. As in the paper and
+IBM/SafeLoRA, ``C`` is the approximate projection (not ``V (V^T V)^-1 V^T``) and a "layer" is one adapted module.
 """
 
 from __future__ import annotations
@@ -59,35 +61,39 @@ def alignment_projections(aligned, unaligned, names) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def project_lora(peft_model, projections: dict[str, torch.Tensor], threshold: float,
+def project_lora(peft_model, projections: dict[str, torch.Tensor], threshold: float, layers: int = 0,
                  adapter: str = "default") -> list[dict]:
-    """Project, in place, every LoRA update whose cosine with its projection is below ``threshold``. Returns one
-    row per layer: its name, the cosine, whether it was projected and the update's norm before and after."""
-    rows = []
+    """Project, in place, every LoRA update whose cosine with its projection is at most ``threshold`` (with
+    ``layers`` > 0: the ``layers`` updates of lowest cosine). Returns one row per adapted module: its name, the
+    cosine, whether it was projected and the update's norm before and after."""
+    found = []
     for name, layer in lora_modules(peft_model).items():
         if adapter not in layer.lora_A:
             continue
-        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        scale = layer.scaling[adapter]
+        B = layer.lora_B[adapter].weight
         C = projections[name].to(B.device)
-        delta = scale * (B.float() @ A.float())
+        delta = layer.scaling[adapter] * (B.float() @ layer.lora_A[adapter].weight.float())
         projected = C @ delta
         n_delta, n_proj = torch.linalg.matrix_norm(delta), torch.linalg.matrix_norm(projected)
         # no update yet: nothing to project; an update the projection annihilates: as far from the subspace as can be
         cosine = 1.0 if n_delta == 0 else 0.0 if n_proj == 0 else float((delta * projected).sum() / (n_delta * n_proj))
-        project = cosine < threshold
+        found.append((name, B, C, cosine, float(n_delta), float(n_proj)))
+    if not found:
+        raise SafeLoraError("safelora: the model has no LoRA adapter to project (it needs a LoRA run, lora_r > 0)")
+    if layers:
+        threshold = sorted(f[3] for f in found)[min(layers, len(found)) - 1]  # ties project a few more, as upstream
+    rows = []
+    for name, B, C, cosine, n_delta, n_proj in found:
+        project = cosine <= threshold
         if project:
             B.copy_((C @ B.float()).to(B.dtype))
-        rows.append({"layer": name, "cosine": cosine, "projected": project,
-                     "norm_before": float(torch.linalg.matrix_norm(delta)),
-                     "norm_after": float(torch.linalg.matrix_norm(projected if project else delta))})
-    if not rows:
-        raise SafeLoraError("safelora: the model has no LoRA adapter to project (it needs a LoRA run, lora_r > 0)")
+        rows.append({"layer": name, "cosine": cosine, "projected": project, "norm_before": n_delta,
+                     "norm_after": n_proj if project else n_delta})
     return rows
 
 
 def apply_safelora(peft_model, model_name: str, threshold: float, unaligned: str | None = None,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, layers: int = 0) -> list[dict]:
     """Project ``peft_model``'s adapter onto the alignment subspace of ``model_name`` (see the module docstring)."""
     from staysafe.models import load_model
 
@@ -98,7 +104,7 @@ def apply_safelora(peft_model, model_name: str, threshold: float, unaligned: str
     base, _ = load_model(unaligned_model(model_name, unaligned), seed=seed)
     projections = alignment_projections(aligned, base, names)
     del aligned, base
-    return project_lora(peft_model, projections, threshold)
+    return project_lora(peft_model, projections, threshold, layers)
 
 
 def project_and_record(peft_model, spec, tokenizer, writer, step: int) -> dict:
@@ -110,7 +116,8 @@ def project_and_record(peft_model, spec, tokenizer, writer, step: int) -> dict:
     evals = read_table(writer.path / "evals.parquet", TABLES["evals"])
     at_step = evals[evals["step"] == step] if len(evals) else evals
     before = _plain(at_step.iloc[-1].to_dict()) if len(at_step) else None
-    layers = apply_safelora(peft_model, spec.model, spec.safelora_threshold, spec.safelora_unaligned, spec.seed)
+    layers = apply_safelora(peft_model, spec.model, spec.safelora_threshold, spec.safelora_unaligned, spec.seed,
+                            spec.safelora_layers)
     after = None
     if spec.eval_harmful or spec.eval_benign:
         after, gens, samples = make_evaluator(spec, tokenizer).evaluate(peft_model, step)
@@ -119,7 +126,7 @@ def project_and_record(peft_model, spec, tokenizer, writer, step: int) -> dict:
         if samples:
             writer.append("samples", samples)
         writer.append("evals", [after])
-    report = {"threshold": spec.safelora_threshold, "unaligned": unaligned_model(spec.model, spec.safelora_unaligned),
+    report = {"threshold": spec.safelora_threshold, "layers_mode": spec.safelora_layers, "unaligned": unaligned_model(spec.model, spec.safelora_unaligned),
               "step": step, "projected_layers": sum(r["projected"] for r in layers), "layers": layers,
               "before": before, "after": _plain(after) if after else None}
     write_json(writer.path / "safelora.json", report)

@@ -141,17 +141,18 @@ def rank_one_aligned(tokenizer, seed=0):
     return aligned, unaligned, us
 
 
-def test_safelora_projects_the_updates_that_leave_the_alignment_subspace(tokenizer):
-    from staysafe.models import LoraSettings, add_lora
-    from staysafe.safelora import alignment_projections, lora_modules, project_lora
-
+def inside_and_outside(tokenizer):
+    """A two-layer LoRA on the rank-one 'aligned' tiny model: one update inside the alignment subspace (its B along
+    u), one orthogonal to it; with the projections C of both layers."""
     import copy
+
+    from staysafe.models import LoraSettings, add_lora
+    from staysafe.safelora import alignment_projections, lora_modules
 
     aligned, unaligned, us = rank_one_aligned(tokenizer)
     model = add_lora(copy.deepcopy(aligned), LoraSettings(r=2, target_modules=("q_proj",)))
     layers = lora_modules(model)
-    names = sorted(layers)
-    inside, outside = names[0], names[1]
+    inside, outside = sorted(layers)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, layer in layers.items():
@@ -162,8 +163,14 @@ def test_safelora_projects_the_updates_that_leave_the_alignment_subspace(tokeniz
                 r = torch.randn(B.shape, generator=g)
                 B.copy_(r - us[name] @ (us[name].T @ r))
             layer.lora_A["default"].weight.copy_(torch.randn(layer.lora_A["default"].weight.shape, generator=g))
-    before = {n: layers[n].lora_B["default"].weight.detach().clone() for n in names}
-    projections = alignment_projections(aligned, unaligned, names)
+    return model, layers, alignment_projections(aligned, unaligned, sorted(layers)), inside, outside
+
+
+def test_safelora_projects_the_updates_that_leave_the_alignment_subspace(tokenizer):
+    from staysafe.safelora import project_lora
+
+    model, layers, projections, inside, outside = inside_and_outside(tokenizer)
+    before = {n: layers[n].lora_B["default"].weight.detach().clone() for n in layers}
     rows = {r["layer"]: r for r in project_lora(model, projections, threshold=0.5)}
     assert rows[inside]["cosine"] == pytest.approx(1.0, abs=1e-4) and not rows[inside]["projected"]
     assert rows[outside]["cosine"] < 0.5 and rows[outside]["projected"]  # C dW ~ 0: its direction is noise
@@ -172,6 +179,16 @@ def test_safelora_projects_the_updates_that_leave_the_alignment_subspace(tokeniz
     expected = projections[outside] @ before[outside]  # B <- C B: the update becomes C dW
     assert torch.allclose(layers[outside].lora_B["default"].weight, expected, atol=1e-6)
     assert layers[outside].lora_B["default"].weight.norm() < 1e-4  # C annihilates what is orthogonal to u
+
+
+def test_safelora_number_mode_projects_the_lowest_cosines(tokenizer):
+    from staysafe.safelora import project_lora
+
+    model, layers, projections, inside, outside = inside_and_outside(tokenizer)
+    rows = {r["layer"]: r for r in project_lora(model, projections, threshold=0.0, layers=1)}
+    assert rows[outside]["projected"] and not rows[inside]["projected"]  # the threshold is ignored
+    rows = {r["layer"]: r for r in project_lora(model, projections, threshold=0.0, layers=2)}
+    assert rows[outside]["projected"] and rows[inside]["projected"]
 
 
 def tiny_unaligned(tokenizer, path):
@@ -226,3 +243,31 @@ def test_safelora_without_lora_or_unaligned_model_is_refused_before_work(tmp_pat
         check_before_work(RunSpec(method="safelora", lora_r=0, model="tiny").validate())
     with pytest.raises(SpecError, match="safelora-unaligned"):
         check_before_work(RunSpec(method="safelora", model="some/hub-model").validate())
+
+
+@pytest.mark.slow
+def test_every_defense_runs_in_one_experiment(tokenizer, tmp_path):
+    """The defenses side by side through staysafe experiment, on the same data and seed, each recorded as itself."""
+    import pandas as pd
+
+    from staysafe.experiment import ExperimentSpec, run_experiment
+    from staysafe.traces import load_run
+
+    overrides = dict(lora_r=4, batch_size=4, max_length=64, steps=3, eval_every=0, eval_harmful=2, eval_benign=2,
+                     max_new_tokens=2, eval_judges=[], record_judge=False, save_model=False,
+                     safelora_unaligned=tiny_unaligned(tokenizer, tmp_path / "unaligned"), lisa_align_steps=1,
+                     lisa_user_steps=1)
+    methods = ["token-wise", "adaptive-token-wise", "lisa", "safelora"]
+    out = run_experiment(ExperimentSpec(scenario="mixed", methods=methods, model="tiny", out_dir=str(tmp_path / "e"),
+                                        runs_dir=str(tmp_path / "runs"), experiment_id="d", overrides=overrides),
+                         log=lambda *a: None)
+    results = pd.read_parquet(out / "results.parquet").set_index("method")
+    assert set(results.index) == set(methods)
+    runs = {m: load_run(tmp_path / "runs" / results.loc[m, "run_id"]) for m in methods}
+    assert all(r.status["state"] == "finished" and r.config["method"] == m for m, r in runs.items())
+    assert len(runs["token-wise"].positions) and len(runs["adaptive-token-wise"].positions)
+    assert runs["lisa"].steps["phase"].tolist() == ["align", "user", "align"]
+    assert (runs["safelora"].path / "safelora.json").is_file()
+    order = {m: r.data["example_id"].tolist() for m, r in runs.items()}
+    assert len({tuple(v) for v in order.values()}) == 1  # the same training data for every method
+    assert (out / "frontier.html").is_file()
