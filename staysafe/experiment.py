@@ -163,19 +163,37 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
     prompts in brackets). ASR and over-refusal in percent. With several seeds a second table lists every seed."""
     judge_cols = sorted(c for c in results.columns if c.startswith("final_asr_") and c != "final_asr_keyword"
                         and not c.endswith(("_lo", "_hi")))
+    task = "final_task_accuracy" in results and results["final_task_accuracy"].notna().any()
     head = ["method", "seeds", "final ASR kw %"] + [f"final ASR {c[len('final_asr_'):]} %" for c in judge_cols] + [
-        "peak ASR kw %", "over-refusal %", "benign NLL", "mean β", "steps β>mid %", "s/step"]
+        "peak ASR kw %", "over-refusal %", "benign NLL"] + (["task accuracy %"] if task else []) + [
+        "mean β", "steps β>mid %", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref_cells = ["aligned reference (step 0)", "", _cell(results, "reference_asr_keyword", True)] + [
         _cell(results, c.replace("final_", "reference_"), True) for c in judge_cols] + [
-        "", "", _fmt(results["reference_benign_nll"], False), "", "", ""]
+        "", "", _fmt(results["reference_benign_nll"], False)] + (
+        [_cell(results, "reference_task_accuracy", True)] if task else []) + ["", "", ""]
     lines.append("| " + " | ".join(ref_cells) + " |")
-    methods = [m for m in (order or list(dict.fromkeys(results["method"]))) if (results["method"] == m).any()]
+    from staysafe.validation import measured_agreement
+
+    agreement = measured_agreement()  # each judge's kappa against the labelled answers, under its ASR column
+
+    def kappa(judge: str) -> str:
+        a = agreement.get(judge)
+        return f"κ {a['kappa']:.2f} [{a['kappa_interval'][0]:.2f}, {a['kappa_interval'][1]:.2f}]" if a else "κ not measured"
+
+    lines.append("| " + " | ".join(["judge agreement (labelled test split)", "", kappa("keyword")] + [
+        kappa(c[len("final_asr_"):]) for c in judge_cols] + [""] * (7 if task else 6)) + " |")
+    # one row per method and swept value (e.g. "constant-kl beta=0.3")
+    results = results.assign(_group=results.apply(lambda r: r["method"] + "".join(
+        f" {c[len('sweep_'):]}={r[c]:g}" if isinstance(r[c], float) else f" {c[len('sweep_'):]}={r[c]}"
+        for c in results.columns if c.startswith("sweep_") and pd.notna(r[c])), axis=1))
+    ordered = [m for m in (order or list(dict.fromkeys(results["method"]))) if (results["method"] == m).any()]
+    methods = [g for m in ordered for g in dict.fromkeys(results.loc[results["method"] == m, "_group"])]
     for method in methods:
-        g = results[results["method"] == method]
+        g = results[results["_group"] == method]
         cells = [method, str(len(g)), _cell(g, "final_asr_keyword", True)] + [_cell(g, c, True) for c in judge_cols] + [
-            _fmt(g["peak_asr_keyword"], True), _cell(g, "over_refusal", True), _fmt(g["benign_nll"], False),
-            _fmt(g["mean_beta"], False), _fmt(g["share_beta_above_mid"], True), _fmt(g["seconds_per_step"], False)]
+            _fmt(g["peak_asr_keyword"], True), _cell(g, "over_refusal", True), _fmt(g["benign_nll"], False)] + (
+            [_cell(g, "final_task_accuracy", True)] if task else []) + [_fmt(g["mean_beta"], False), _fmt(g["share_beta_above_mid"], True), _fmt(g["seconds_per_step"], False)]
         lines.append("| " + " | ".join(cells) + " |")
     if "seed" in results and results["seed"].nunique() > 1:
         cols = ["final_asr_keyword", *judge_cols, "over_refusal"]
@@ -184,7 +202,7 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
         lines += ["", "Per seed (95% bootstrap interval over prompts in brackets):", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method in methods:
-            for idx in results[results["method"] == method].sort_values("seed").index:
+            for idx in results[results["_group"] == method].sort_values("seed").index:
                 one = results.loc[[idx]]
                 cells = [method, str(int(one["seed"].iloc[0]))] + [_cell(one, c, True) for c in cols] + [
                     _fmt(one["benign_nll"], False)]

@@ -39,9 +39,10 @@ def rerun_button(scenario: str = "harmful") -> None:
     preset (sft beside adaptive-probe, minutes) or the recorded experiment's quick preset."""
     live, full = st.columns(2)
     chosen = None
-    if live.button("Re-run it live (`--preset live`, ~7 min)", key="demo_rerun_live", icon=":material/play_arrow:",
-                   help="sft beside adaptive-probe, 12 steps, evaluated at the start and the end: about 7 minutes "
-                        "on 2 CPU cores"):
+    if live.button("Re-run it live (`--preset live`, ~4 min)", key="demo_rerun_live", icon=":material/play_arrow:",
+                   help="sft beside adaptive-probe, 12 steps, evaluated at the start and the end. Measured: 217 s "
+                        "for both on a 2-core AVX2-only CPU; ASR by the response judge 0% -> 90% with sft, 0% -> 5% "
+                        "with adaptive regularisation (seed 0, 20 held-out harmful prompts)"):
         chosen = {"preset": "live"}
     if full.button("Re-run all four methods (`--quick`, ~1 h)", key="demo_rerun", icon=":material/replay:",
                    help="the recorded experiment's preset: 40 steps per method, about an hour on 2 CPU cores "

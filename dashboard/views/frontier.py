@@ -47,8 +47,8 @@ for trace in fig.data:
     trace.marker.color = charts.METHOD_COLORS.get(trace.name)
     trace.line.color = charts.METHOD_COLORS.get(trace.name)
 charts.style(fig, height=520)
-judge = y[len("final_asr_"):].replace("_", "-")
-agreement = measured_agreement(judge)
+judge = y[len("final_asr_"):]
+agreement = measured_agreement().get(judge)
 note = (f"ASR by the {judge} judge (κ = {agreement['kappa']:.2f} against labelled answers)" if agreement
         else f"ASR by the {judge} judge")
 seeds = int(results["seed"].nunique()) if "seed" in results else 1

@@ -93,7 +93,7 @@ with tab_run:
 with tab_exp:
     st.markdown("Runs several methods under the same data order and seeds (`staysafe experiment`); each method is "
                 "a normal run, summarised in one results table. Presets: `live` (sft beside adaptive-probe, about "
-                "7 minutes on 2 CPU cores: for showing the effect in class) and `quick` (the README's experiments, "
+                "4 minutes on 2 CPU cores: for showing the effect in class) and `quick` (the README's experiments, "
                 "15-20 minutes per method on a 2-core CPU without bf16).")
     with st.form("experiment_form"):
         x1, x2, x3 = st.columns(3)
