@@ -41,7 +41,8 @@ METHOD_OPTIONS = {
     "safelora_layers": ("safelora",),
     "safelora_unaligned": ("safelora",),
 }
-RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used"}  # config.json extras
+RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used",
+            "safelora_of"}  # config.json extras
 
 
 class SpecError(StaySafeError, ValueError):
