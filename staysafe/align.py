@@ -23,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from staysafe.atomic import publish_dir
-from staysafe.aligned import (ADAPTER_FILE, ALIGNED, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
+from staysafe.aligned import (ADAPTER_FILE, ALIGNED, ALIGNED_VACCINE, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
                               cache_problem, file_sha256, training_data_sha)
 from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
 
@@ -43,6 +43,8 @@ class AlignSettings:
     seed: int = 0
     eval_max_new_tokens: int = 24
     precision: str = "auto"
+    defense: str = "none"  # vaccine: the perturbation-aware alignment (staysafe.vaccine) -> smollm2-135m-aligned-vaccine
+    vaccine_rho: float = 2.0  # Vaccine's default perturbation size
 
 
 ADAPTER_DIR = "adapter"
@@ -86,18 +88,21 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
     from staysafe.trainer import SafetyConfig, SafetyTrainer
 
     settings = settings or AlignSettings()
-    target = cached_model_dir(ALIGNED)
+    if settings.defense not in ("none", "vaccine"):
+        raise ValueError(f"align: defense must be none or vaccine, got {settings.defense!r}")
+    name = ALIGNED if settings.defense == "none" else ALIGNED_VACCINE
+    target = cached_model_dir(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{ALIGNED}.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         problem = cache_problem(target)
         if problem is None and not force:
             return target
-        for leftover in target.parent.glob(f".{ALIGNED}-*"):  # temporary directories of an interrupted build
+        for leftover in target.parent.glob(f".{name}-*"):  # temporary directories of an interrupted build
             shutil.rmtree(leftover, ignore_errors=True)
         t0 = time.time()
         why = "" if problem in (None, NOT_BUILT) else f"The cached one is stale ({problem}). "
-        print(f"{why}Building the aligned reference model {ALIGNED}: {settings.steps} LoRA steps on refusal data + "
+        print(f"{why}Building the aligned reference model {name}: {settings.steps} LoRA steps on refusal data + "
               "matched benign data, then merged and cached (the time estimate follows the first steps).", flush=True)
         records = [r for name in TRAIN_SETS for r in load_records(name)]
         random.Random(settings.seed).shuffle(records)
@@ -111,9 +116,14 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                                 seed=settings.seed, logging_strategy="no", disable_tqdm=not progress,
                                 bf16=resolve_precision(settings.precision) == "bf16",
                                 use_cpu=not torch.cuda.is_available())
-            SafetyTrainer(model=model, args=args, train_dataset=dataset, callbacks=[_Estimate(settings.steps)],
-                          data_collator=SafetyCollator(tokenizer.pad_token_id)).train()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ALIGNED}-", dir=target.parent))
+            kind, extra = SafetyTrainer, {}
+            if settings.defense == "vaccine":
+                from staysafe.vaccine import VaccineTrainer
+
+                kind, extra = VaccineTrainer, {"rho": settings.vaccine_rho}
+            kind(model=model, args=args, train_dataset=dataset, callbacks=[_Estimate(settings.steps)],
+                 data_collator=SafetyCollator(tokenizer.pad_token_id), **extra).train()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         save_adapter_fp16(model, tmp / ADAPTER_DIR)  # rounds the adapter in place: what is measured is what ships
         merged = model.merge_and_unload()
         metrics = refusal_rates(merged, tokenizer, settings.eval_max_new_tokens)

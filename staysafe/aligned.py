@@ -24,6 +24,7 @@ from staysafe.embedded import ModelError, convert_embedded, publish_dir
 from staysafe.paths import cached_model_dir
 
 ALIGNED = "smollm2-135m-aligned"
+ALIGNED_VACCINE = "smollm2-135m-aligned-vaccine"  # built locally by `staysafe align --defense vaccine`, not shipped
 # Bump when the alignment recipe (staysafe.align.AlignSettings or the build procedure) changes: a model built by an
 # older recipe or from other alignment data is not served (an old cache once refused 31% of benign prompts).
 RECIPE_VERSION = 3
@@ -87,6 +88,18 @@ def cache_problem(target: Path | None = None) -> str | None:
     """Why the locally built aligned model cannot be used (not built, unreadable, older recipe, other data), or None."""
     report, problem = _read_report((target or cached_model_dir(ALIGNED)) / REPORT)
     return problem or _recipe_problem(report)
+
+
+def built_vaccine() -> Path:
+    """The local build of the Vaccine-aligned reference; a ModelError that says how to build it otherwise."""
+    from staysafe.models import ModelError
+
+    target = cached_model_dir(ALIGNED_VACCINE)
+    problem = cache_problem(target)
+    if problem is not None:
+        raise ModelError(f"{ALIGNED_VACCINE} is {problem}: build it with `staysafe align --defense vaccine` (about "
+                         "twice the alignment stage's time: two passes per step)")
+    return target
 
 
 def shipped_problem(src: Path | None = None) -> str | None:

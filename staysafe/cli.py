@@ -155,7 +155,9 @@ def cmd_align(args) -> int:
     from staysafe.align import AlignSettings, build_aligned
 
     settings = AlignSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                             precision=args.precision)
+                             precision=args.precision, defense=args.defense, vaccine_rho=args.vaccine_rho)
+    if args.export and args.defense != "none":
+        raise SpecError("--export ships the default reference; a --defense build stays local")
     path = build_aligned(settings, force=args.force)
     if args.export:
         from staysafe.align import export_shipped
@@ -338,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=d.seed)
     a.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     a.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    a.add_argument("--defense", default=d.defense, choices=("none", "vaccine"),
+                   help="vaccine: the perturbation-aware alignment of Huang et al. 2024, built as "
+                        "smollm2-135m-aligned-vaccine (the experiment method 'vaccine' fine-tunes it with sft)")
+    a.add_argument("--vaccine-rho", type=float, default=d.vaccine_rho, help="vaccine: the perturbation size")
     a.add_argument("--export", action="store_true",
                    help="maintainers: copy the (built) local adapter and its report into the package as the shipped reference")
     a.set_defaults(fn=cmd_align)

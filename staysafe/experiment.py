@@ -1,7 +1,8 @@
 """Experiments: several methods under the same data order and seeds, each a normal run, summarised in one table.
 
 Methods: ``sft``, ``constant-kl``, ``adaptive-probe``, ``adaptive-judge`` (and ``adaptive-label``, the oracle), and
-the published defenses ``token-wise``, ``adaptive-token-wise``, ``lisa``, ``safelora``. Without a sweep of beta,
+the published defenses ``token-wise``, ``adaptive-token-wise``, ``lisa``, ``safelora`` and ``vaccine`` (sft on the
+Vaccine-aligned reference, which ``staysafe align --defense vaccine`` builds). Without a sweep of beta,
 ``constant-kl`` gets the mean beta that the first adaptive method of the same seed used (when there is one), so the
 comparison asks "same average regularisation, spent uniformly or where the risk is?".
 
@@ -38,6 +39,7 @@ METHODS = {
     "adaptive-token-wise": {"method": "adaptive-token-wise", "risk": "probe"},
     "lisa": {"method": "lisa"},
     "safelora": {"method": "safelora"},
+    "vaccine": {"method": "sft", "model": "smollm2-135m-aligned-vaccine"},  # built by staysafe align --defense vaccine
 }
 DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")
 

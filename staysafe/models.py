@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from staysafe.aligned import ALIGNED, aligned_status, served_aligned
+from staysafe.aligned import ALIGNED, ALIGNED_VACCINE, aligned_status, built_vaccine, served_aligned
 from staysafe.embedded import EMBEDDED, ModelError, convert_embedded, embedded_gguf_path, embedded_tokenizer_dir
 from staysafe.options import PRECISIONS  # noqa: F401  (defined once, there; re-exported)
 from staysafe.paths import cached_model_dir
@@ -80,6 +80,8 @@ def resolve(spec: str) -> str:
         return str(convert_embedded())
     if spec == ALIGNED:
         return str(served_aligned().path)
+    if spec == ALIGNED_VACCINE:
+        return str(built_vaccine())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -98,7 +100,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     # The embedded models (and the tiny one) share SmolLM2's tokenizer: reading it needs no model conversion or merge.
-    source = embedded_tokenizer_dir() if spec in (TINY, EMBEDDED, ALIGNED) else resolve(spec)
+    source = embedded_tokenizer_dir() if spec in (TINY, EMBEDDED, ALIGNED, ALIGNED_VACCINE) else resolve(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:

@@ -271,3 +271,48 @@ def test_every_defense_runs_in_one_experiment(tokenizer, tmp_path):
     order = {m: r.data["example_id"].tolist() for m, r in runs.items()}
     assert len({tuple(v) for v in order.values()}) == 1  # the same training data for every method
     assert (out / "frontier.html").is_file()
+
+
+def vaccine_train(tokenizer, tmp_path, rho, steps=2):
+    from staysafe.data import SafetyCollator, tokenize_dataset
+    from staysafe.models import LoraSettings, add_lora, build_tiny
+    from staysafe.traces import RunWriter, load_run
+    from staysafe.trainer import SafetyConfig
+    from staysafe.vaccine import VaccineTrainer
+
+    torch.manual_seed(0)
+    model = add_lora(build_tiny(tokenizer, seed=0), LoraSettings(r=4))
+    writer = RunWriter.create(tmp_path / f"runs{rho}", {"method": "sft"})
+    args = SafetyConfig(output_dir=str(tmp_path / "out"), method="sft", max_steps=steps, per_device_train_batch_size=4,
+                        learning_rate=1e-3, use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0)
+    trainer = VaccineTrainer(model=model, args=args, train_dataset=tokenize_dataset(tokenizer, make_records(8), 64),
+                             data_collator=SafetyCollator(tokenizer.pad_token_id), run=writer, rho=rho)
+    trainer.train()
+    return trainer, load_run(writer.path)
+
+
+def test_vaccine_trains_under_a_perturbation_of_size_rho_along_the_loss_gradient(tokenizer, tmp_path):
+    plain, plain_run = vaccine_train(tokenizer, tmp_path, rho=0.0)
+    vacc, vacc_run = vaccine_train(tokenizer, tmp_path, rho=5.0)
+    assert plain.last_perturbation_norm == 0.0
+    assert vacc.last_perturbation_norm == pytest.approx(5.0, rel=1e-3)  # one global norm over all layers
+    assert len(vacc_run.steps) == 2  # the first pass leaves no trace row
+    # step 1 starts from the same weights on the same batch: shifting the attention outputs along the gradient
+    # raises the loss the optimizer sees
+    assert vacc_run.steps["loss"].iloc[0] > plain_run.steps["loss"].iloc[0] + 1e-3
+    moved = sum(float((a - b).detach().abs().sum()) for (n, a), (_, b) in zip(plain.model.named_parameters(),
+                                                                    vacc.model.named_parameters()) if "lora_" in n)
+    assert moved > 0  # and so another update
+
+
+def test_the_vaccine_reference_is_built_on_demand_and_named_until_then(tmp_path, monkeypatch):
+    from staysafe.align import AlignSettings, build_aligned
+    from staysafe.experiment import METHODS
+    from staysafe.models import ModelError, resolve
+
+    monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))
+    with pytest.raises(ModelError, match="staysafe align --defense vaccine"):
+        resolve("smollm2-135m-aligned-vaccine")
+    assert METHODS["vaccine"] == {"method": "sft", "model": "smollm2-135m-aligned-vaccine"}
+    with pytest.raises(ValueError, match="defense must be none or vaccine"):
+        build_aligned(AlignSettings(defense="booster"))
