@@ -145,9 +145,9 @@ def cmd_models(args) -> int:
     from staysafe.paths import staysafe_home
 
     print(f"cache: {staysafe_home()}")
-    print(f"{'ready':6} {'model':24} detail")
+    print(f"{'ready':6} {'model':30} detail")
     for row in model_status():
-        print(f"{'yes' if row['ready'] else 'no':6} {row['name']:24} {row['detail']}")
+        print(f"{'yes' if row['ready'] else 'no':6} {row['name']:30} {row['detail']}")
     return 0
 
 

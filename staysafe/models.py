@@ -191,4 +191,10 @@ def model_status() -> list[dict]:
                  (f"GGUF at {gguf}; converted on first use (~20 s)" if wheel_ok else gguf)})
     rows.append(aligned_status())
     rows.append({"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"})
+    from staysafe.aligned import cache_problem
+
+    problem = cache_problem(cached_model_dir(ALIGNED_VACCINE))
+    rows.append({"name": ALIGNED_VACCINE, "ready": problem is None,
+                 "detail": "built locally (Vaccine alignment)" if problem is None else
+                 f"{problem}: `staysafe align --defense vaccine` builds it"})
     return rows

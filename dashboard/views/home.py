@@ -89,5 +89,6 @@ st.markdown(
     "- **Guided demo**: the effect told step by step from a recorded experiment (no waiting).\n"
     "- **Launch a run**: queue small runs; watch them on **Training traces** and **ASR over training**.\n"
     "- **Activation space** and **Judge vs probe**: what the risk signals see.\n"
-    "- **Regularization explorer**: which training examples triggered the KL pull."
+    "- **Regularization explorer**: which training examples triggered the KL pull.\n"
+    "- **Safety-utility trade-off**: the defenses of an experiment side by side, constant-kl's beta sweep as a curve."
 )
