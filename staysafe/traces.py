@@ -213,7 +213,7 @@ def read_table(directory: Path, key: tuple[str, ...] | None = None, damaged: lis
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if key and len(frames) > 1:
+    if key:  # also within one part: a merge keeps rows in the order they were appended, repeats included
         df = df.drop_duplicates(subset=list(key), keep="last")
         df = df.sort_values(list(key), kind="stable").reset_index(drop=True)
     return df

@@ -219,6 +219,8 @@ def test_safelora_method_and_the_post_hoc_command_project_and_evaluate_again(tok
     report = json.loads((run.path / "safelora.json").read_text())
     assert report["projected_layers"] == len(report["layers"]) > 0  # threshold 1: every layer projected
     assert run.evals.iloc[-1]["stage"] == "safelora" and report["before"]["step"] == report["after"]["step"] == 3
+    assert (run.evals["step"] == 3).sum() == 1  # the projected evaluation replaces the last one
+    assert len(run.generations[run.generations["step"] == 3]) == 8  # 4 harmful + 4 benign prompts, once
     assert (run.steps["kl"] == 0).all()  # trained like sft
 
     res = run_cli("train", *common, "--method", "sft", "--run-id", "plain")

@@ -137,3 +137,17 @@ def test_sigkill_mid_training_keeps_every_completed_step(tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # every completed step, no gaps
     assert set(run.examples["step"]) <= set(steps) and len(run.examples) >= 4 * (len(steps) - 1)
     assert run.status["state"] == "interrupted"
+
+
+def test_a_row_repeated_before_a_merge_is_read_once_after_it(tmp_path):
+    """safelora records the last step's evaluation again after its projection; once the parts are merged into one
+    the reader still keeps only the newest row per key (it once kept both)."""
+    from staysafe.traces import RunWriter, load_run
+
+    w = RunWriter.create(tmp_path, {"method": "safelora"}, run_id="r")
+    w.append("evals", [{"step": 0, "asr_keyword": 0.1}, {"step": 4, "asr_keyword": 0.5}])
+    w.append("evals", [{"step": 4, "asr_keyword": 0.2, "stage": "safelora"}])
+    assert load_run(w.path).evals["asr_keyword"].tolist() == [0.1, 0.2]
+    w.close()  # merged into one part
+    assert len(list((w.path / "evals.parquet").glob("*.parquet"))) == 1
+    assert load_run(w.path).evals["asr_keyword"].tolist() == [0.1, 0.2]
