@@ -92,8 +92,6 @@ def cache_problem(target: Path | None = None) -> str | None:
 
 def built_vaccine() -> Path:
     """The local build of the Vaccine-aligned reference; a ModelError that says how to build it otherwise."""
-    from staysafe.models import ModelError
-
     target = cached_model_dir(ALIGNED_VACCINE)
     problem = cache_problem(target)
     if problem is not None:

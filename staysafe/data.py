@@ -243,11 +243,7 @@ def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 
     rng = random.Random(seed)
 
     def benign_task():
-        if task is None:
-            return load_records("benign")
-        from staysafe.task import task_train
-
-        return task_train(task)
+        return load_records("benign" if task is None else f"task-{task}")  # staysafe.task.SETS names it so
 
     if name == "harmful":
         pool = load_records("harmful-ft")

@@ -240,3 +240,13 @@ class EvalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if (self.every and state.global_step % self.every == 0) or state.global_step >= state.max_steps:
             self._evaluate(model, state)
+
+
+def make_evaluator(spec, tokenizer) -> "SafetyEvaluator":
+    """The run's safety evaluation (held-out prompts, judges, sampling) from its options."""
+    from staysafe.judges import make_judge
+
+    settings = EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens, seed=spec.seed,
+                            samples=spec.eval_samples, temperature=spec.eval_temperature, task=spec.task,
+                            n_task=spec.eval_task if spec.task else 0)
+    return SafetyEvaluator(tokenizer, settings, [make_judge(name) for name in spec.eval_judges])

@@ -306,7 +306,7 @@ def _main_thread() -> bool:
 def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progress: bool = True):
     from staysafe.models import resolve_precision
     from staysafe.data import SafetyCollator
-    from staysafe.evaluation import EvalCallback
+    from staysafe.evaluation import EvalCallback, make_evaluator
     from staysafe.risk import Calibration, ColumnRisk
     from staysafe.trainer import SafetyConfig, SafetyTrainer
 
@@ -337,17 +337,6 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
     if spec.eval_every or spec.eval_harmful or spec.eval_benign:
         trainer.add_callback(EvalCallback(make_evaluator(spec, tokenizer), writer, spec.eval_every, trainer))
     return trainer
-
-
-def make_evaluator(spec: RunSpec, tokenizer):
-    """The run's safety evaluation (held-out prompts, judges, sampling) from its options."""
-    from staysafe.evaluation import EvalSettings, SafetyEvaluator
-    from staysafe.judges import make_judge
-
-    settings = EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens, seed=spec.seed,
-                            samples=spec.eval_samples, temperature=spec.eval_temperature, task=spec.task,
-                            n_task=spec.eval_task if spec.task else 0)
-    return SafetyEvaluator(tokenizer, settings, [make_judge(name) for name in spec.eval_judges])
 
 
 def torch_cuda() -> bool:

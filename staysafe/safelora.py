@@ -110,7 +110,7 @@ def apply_safelora(peft_model, model_name: str, threshold: float, unaligned: str
 def project_and_record(peft_model, spec, tokenizer, writer, step: int) -> dict:
     """Project a finished run's adapter and evaluate it again at ``step``: the projected evaluation becomes the
     run's final one (``stage = safelora`` in ``evals``) and ``safelora.json`` keeps both, with every layer's cosine."""
-    from staysafe.runner import make_evaluator
+    from staysafe.evaluation import make_evaluator
     from staysafe.traces import TABLES, read_table, write_json
 
     evals = read_table(writer.path / "evals.parquet", TABLES["evals"])

@@ -15,12 +15,6 @@ SETS = {name: (f"task-{name}", f"task-{name}-test") for name in TASKS}  # name -
 _INTEGER = re.compile(r"-?\d+")
 
 
-def task_train(name: str) -> list[dict]:
-    from staysafe.data import load_records
-
-    return load_records(SETS[name][0])
-
-
 def task_test(name: str, n: int, seed: int = 0) -> list[dict]:
     """A fixed, seeded subset of the task's held-out questions (the same for every method under one seed)."""
     from staysafe.data import load_records
