@@ -22,9 +22,11 @@ import torch
 
 from transformers import TrainerCallback
 
-from staysafe.atomic import publish_dir
+from staysafe.atomic import TMP_PREFIX, atomic_dir, write_bytes, write_json, write_safetensors
 from staysafe.aligned import (ADAPTER_FILE, ALIGNED, ALIGNED_VACCINE, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
                               cache_problem, file_sha256, training_data_sha)
+from staysafe.options import SpecError
+from staysafe.embedded import ModelError
 from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
 
 
@@ -54,7 +56,6 @@ def save_adapter_fp16(peft_model, out: Path) -> None:
     """Save the LoRA adapter in fp16 (half the size; the shipped form) after rounding the live adapter to the same
     values, so that the merged model measured next is exactly the one the saved adapter gives."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -63,7 +64,7 @@ def save_adapter_fp16(peft_model, out: Path) -> None:
     state = {k: v.detach().half().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     out.mkdir(parents=True, exist_ok=True)
     peft_model.peft_config["default"].save_pretrained(str(out))
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(out / "adapter_model.safetensors", state, metadata={"format": "pt"})
 
 
 def refusal_rates(model, tokenizer, max_new_tokens: int = 32) -> dict:
@@ -89,7 +90,7 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
 
     settings = settings or AlignSettings()
     if settings.defense not in ("none", "vaccine"):
-        raise ValueError(f"align: defense must be none or vaccine, got {settings.defense!r}")
+        raise SpecError(f"align: defense must be none or vaccine, got {settings.defense!r}")
     name = ALIGNED if settings.defense == "none" else ALIGNED_VACCINE
     target = cached_model_dir(name)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
         problem = cache_problem(target)
         if problem is None and not force:
             return target
-        for leftover in target.parent.glob(f".{name}-*"):  # temporary directories of an interrupted build
+        for leftover in target.parent.glob(f"{TMP_PREFIX}{name}-" + "?" * 8):  # an interrupted build's (temp_path)
             shutil.rmtree(leftover, ignore_errors=True)
         t0 = time.time()
         why = "" if problem in (None, NOT_BUILT) else f"The cached one is stale ({problem}). "
@@ -123,19 +124,18 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                 kind, extra = VaccineTrainer, {"rho": settings.vaccine_rho}
             kind(model=model, args=args, train_dataset=dataset, callbacks=[_Estimate(settings.steps)],
                  data_collator=SafetyCollator(tokenizer.pad_token_id), **extra).train()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        save_adapter_fp16(model, tmp / ADAPTER_DIR)  # rounds the adapter in place: what is measured is what ships
-        merged = model.merge_and_unload()
-        metrics = refusal_rates(merged, tokenizer, settings.eval_max_new_tokens)
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        report = {"base": EMBEDDED, "recipe_version": RECIPE_VERSION, "data_sha": training_data_sha(),
-                  "staysafe_version": _version(), "precision": args.bf16 and "bf16" or "fp32",
-                  "settings": asdict(settings), "metrics": metrics,
-                  "seconds": time.time() - t0, "n_train": len(records),
-                  "targets": {"harmful_refusal_rate": ">= 0.80", "benign_refusal_rate": "<= 0.15"}}
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        publish_dir(tmp, target)  # the old model stays readable until the new one is complete
+        with atomic_dir(target) as tmp:  # the old model stays readable until the new one is complete
+            save_adapter_fp16(model, tmp / ADAPTER_DIR)  # rounds the adapter in place: what is measured is what ships
+            merged = model.merge_and_unload()
+            metrics = refusal_rates(merged, tokenizer, settings.eval_max_new_tokens)
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            report = {"base": EMBEDDED, "recipe_version": RECIPE_VERSION, "data_sha": training_data_sha(),
+                      "staysafe_version": _version(), "precision": args.bf16 and "bf16" or "fp32",
+                      "settings": asdict(settings), "metrics": metrics,
+                      "seconds": time.time() - t0, "n_train": len(records),
+                      "targets": {"harmful_refusal_rate": ">= 0.80", "benign_refusal_rate": "<= 0.15"}}
+            write_json(tmp / REPORT, report)
         print(f"Aligned model ready in {report['seconds'] / 60:.1f} min: refuses "
               f"{metrics['harmful_refusal_rate']:.0%} of held-out harmful prompts and "
               f"{metrics['benign_refusal_rate']:.0%} of held-out benign prompts.", flush=True)
@@ -173,18 +173,18 @@ def export_shipped(model_dir: Path | None = None, dest: Path = SHIPPED_DIR, prob
     model_dir = model_dir or cached_model_dir(ALIGNED)
     problem = cache_problem(model_dir)
     if problem is not None:
-        raise ValueError(f"cannot export {model_dir}: {problem}")
+        raise ModelError(f"cannot export {model_dir}: {problem}")
     adapter = model_dir / ADAPTER_DIR
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(adapter / ADAPTER_FILE, dest / ADAPTER_FILE)
+    write_bytes(dest / ADAPTER_FILE, (adapter / ADAPTER_FILE).read_bytes())
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = EMBEDDED  # not this machine's cache path; the base is always given at load
-    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(dest / "adapter_config.json", config)
     report = json.loads((model_dir / REPORT).read_text())
     report.setdefault("staysafe_version", _version())
     report.update(adapter_sha256=file_sha256(dest / ADAPTER_FILE), adapter_dtype="float16",
                   source="built by `staysafe align` with the recipe above, then exported with `staysafe align --export`")
-    (dest / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(dest / REPORT, report)
     if probe_seeds:
         export_probes(model_dir, dest / "probes", probe_seeds)
     return dest

@@ -20,7 +20,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from staysafe.embedded import ModelError, convert_embedded, publish_dir
+from staysafe.atomic import build_once, write_json
+from staysafe.embedded import ModelError, convert_embedded
 from staysafe.paths import cached_model_dir
 
 ALIGNED = "smollm2-135m-aligned"
@@ -135,9 +136,9 @@ def materialise_shipped(src: Path | None = None) -> Path:
         merged = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        write_json(tmp / REPORT, report)
 
-    return publish_dir(build, target)
+    return build_once(target, build)
 
 
 def served_aligned(materialise: bool = True, src: Path | None = None) -> AlignedSource:

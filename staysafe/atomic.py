@@ -3,7 +3,8 @@
 Every write goes to a hidden temporary name in the target's own directory, the file is fsynced, renamed over the
 target and the directory is fsynced, so after a crash the path holds the old content or the new one, never a part
 of either. ``publish_dir`` does the same for a whole directory built elsewhere (e.g. a model): the old directory
-stays in place until the new one is complete.
+stays in place until the new one is complete; ``atomic_dir`` and ``build_once`` are its two uses (a directory
+written by a library call such as ``save_pretrained``, and a cache directory built once).
 """
 
 from __future__ import annotations
@@ -95,19 +96,23 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def _fsync_tree(directory: Path) -> None:
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
 def publish_dir(build: Path, target: Path) -> None:
     """Put the complete directory ``build`` at ``target``; an old ``target`` stays readable until the swap.
 
     ``build`` must be a sibling of ``target`` (same file system). Its files are fsynced first; the old directory is
     moved aside, the new one renamed in, the parent fsynced, then the old one deleted. A crash in between leaves
-    either directory whole plus a ``.tmp-*`` leftover, which :func:`clean_leftovers` removes.
+    either directory whole plus a hidden ``.tmp-*`` leftover that no reader looks at.
     """
     build, target = Path(build), Path(target)
-    for root, _dirs, files in os.walk(build):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(root))
+    _fsync_tree(build)
     old = None
     if target.exists():
         old = temp_path(target)
@@ -118,13 +123,42 @@ def publish_dir(build: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_leftovers(directory: Path) -> list[Path]:
-    """Remove ``.tmp-*`` files and directories a killed writer left in ``directory``; returns what was removed."""
-    removed = []
-    for p in Path(directory).glob(f"{TMP_PREFIX}*"):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield an empty hidden sibling of ``target`` to fill (e.g. ``model.save_pretrained(tmp)``); on success it is
+    published at ``target`` whole (:func:`publish_dir`), on error removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_once(target: Path, build, marker: str = "config.json") -> Path:
+    """A cache directory built once: ``build(tmp)`` fills a hidden sibling, which is fsynced and renamed into place,
+    so a killed build leaves nothing half-made at ``target``. When two processes race, the first complete one stays
+    (it may already be in use) and the other's build is dropped."""
+    target = Path(target)
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        _fsync_tree(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process published it first
+            if not (target / marker).is_file():
+                raise
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

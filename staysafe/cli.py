@@ -427,9 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.fn(args)
-    except (StaySafeError, FileExistsError, ValueError) as err:
-        # User errors: the message says what to fix, a traceback would only hide it. (ValueError: the invalid
-        # arguments that the library's classes reject, e.g. an unknown judge name.)
+    except StaySafeError as err:  # user errors: the message says what to fix; anything else keeps its traceback
         print(f"staysafe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run is already marked cancelled, its rows kept

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from staysafe.data import load_records, prompt_text, response_text
+from staysafe.data import DataError, load_records, prompt_text, response_text
 
 
 def _source_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -50,7 +50,7 @@ def compare_risk(model: str = "smollm2-135m-aligned", data=("eval-harmful", "eva
     records = [r for name in data for r in load_records(name, need_response=False)]
     labels = np.array([1 if r["label"] == "harmful" else 0 if r["label"] == "benign" else -1 for r in records])
     if (labels < 0).any():
-        raise ValueError("compare-risk needs every example labelled 'harmful' or 'benign'")
+        raise DataError("compare-risk needs every example labelled 'harmful' or 'benign'")
     m, tok = load_model(model)
     probe = Probe.load(probe_path, hidden_size=m.config.hidden_size) if probe_path else default_probe(m, tok, model)
     prompts = [prompt_text(r) for r in records]

@@ -7,11 +7,9 @@ safetensors under ``$STAYSAFE_HOME/models`` and loaded from there afterwards. No
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from staysafe.atomic import build_once
 from staysafe.errors import StaySafeError
 from staysafe.paths import cached_model_dir
 
@@ -36,24 +34,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def publish_dir(build, target: Path) -> Path:
-    """Build a directory in a temporary sibling and rename it into place, so a killed build leaves nothing half-made."""
-    if (target / "config.json").is_file() or (target / "tokenizer_config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process published it first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def embedded_tokenizer_dir() -> Path:
     """The SmolLM2 tokenizer saved as plain files (3 s once; reading it from GGUF every time costs as much)."""
     gguf = embedded_gguf_path()
@@ -63,10 +43,7 @@ def embedded_tokenizer_dir() -> Path:
 
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
 
-    target = cached_model_dir(EMBEDDED + "-tokenizer")
-    if (target / "tokenizer_config.json").is_file():
-        return target
-    return publish_dir(build, target)
+    return build_once(cached_model_dir(EMBEDDED + "-tokenizer"), build, marker="tokenizer_config.json")
 
 
 def convert_embedded() -> Path:
@@ -91,4 +68,4 @@ def convert_embedded() -> Path:
         fresh.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(embedded_tokenizer_dir()).save_pretrained(tmp)
 
-    return publish_dir(build, target)
+    return build_once(target, build)

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from staysafe.data import load_records, prompt_messages, prompt_text, render_prompt, response_text
 from staysafe.faults import fault_pause
+from staysafe.options import SpecError
 
 
 @dataclass
@@ -46,7 +47,7 @@ def eval_prompts(n_harmful: int, n_benign: int, seed: int = 0) -> list[dict]:
     for name, n in (("eval-harmful", n_harmful), ("eval-benign", n_benign)):
         pool = load_records(name, need_response=False)
         if n > len(pool):
-            raise ValueError(f"asked for {n} prompts from {name}, which has {len(pool)}")
+            raise SpecError(f"asked for {n} prompts from {name}, which has {len(pool)}")
         out += sorted(random.Random(seed).sample(pool, n), key=lambda r: r["id"])
     return out
 

@@ -20,7 +20,7 @@ import torch
 
 from staysafe.aligned import ALIGNED, ALIGNED_VACCINE, aligned_status, built_vaccine, served_aligned
 from staysafe.embedded import EMBEDDED, ModelError, convert_embedded, embedded_gguf_path, embedded_tokenizer_dir
-from staysafe.options import PRECISIONS  # noqa: F401  (defined once, there; re-exported)
+from staysafe.options import PRECISIONS, SpecError  # PRECISIONS: defined once, there; re-exported
 from staysafe.paths import cached_model_dir
 
 TINY = "tiny"
@@ -148,7 +148,7 @@ def resolve_precision(precision: str) -> str:
     """``auto`` means bf16 autocast where it is fast (a CUDA GPU with bf16, a CPU with native bf16 instructions,
     1.46x faster than fp32 for the alignment stage here) and fp32 elsewhere; weights and optimizer state stay fp32 either way."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise SpecError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if torch.cuda.is_available():

@@ -35,7 +35,7 @@ def preset_options(name: str | None) -> dict:
     if name is None:
         return {}
     if name not in PRESETS:
-        from staysafe.runner import SpecError
+        from staysafe.options import SpecError
 
         raise SpecError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name].options)

@@ -95,12 +95,12 @@ def collect_activations(model, tokenizer, records: list[dict], layers: list[int]
     ``layers`` index ``hidden_states``: 0 is the embedding output, ``num_hidden_layers`` the last layer. Default: all.
     """
     if position not in POSITIONS:
-        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        raise ProbeError(f"position must be one of {POSITIONS}, got {position!r}")
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers + 1)) if layers is None else list(layers)
     bad = [l for l in layers if not 0 <= l <= n_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this model has hidden states 0..{n_layers}")
+        raise ProbeError(f"layers {bad} out of range: this model has hidden states 0..{n_layers}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -227,9 +227,9 @@ class Probe:
 def _binary(labels) -> np.ndarray:
     y = np.array([1 if l == "harmful" else 0 if l == "benign" else -1 for l in labels])
     if (y < 0).any():
-        raise ValueError("probe fitting needs every record labelled 'harmful' or 'benign'")
+        raise ProbeError("probe fitting needs every record labelled 'harmful' or 'benign'")
     if len(set(y)) < 2:
-        raise ValueError("probe fitting needs both harmful and benign examples")
+        raise ProbeError("probe fitting needs both harmful and benign examples")
     return y
 
 
@@ -275,7 +275,7 @@ def fit_probe(acts: Activations, held_out: Activations | None = None, layer: int
         chosen = [layer] if isinstance(layer, int) else list(layer)
         missing = [l for l in chosen if l not in acts.values]
         if missing:
-            raise ValueError(f"layers {missing} were not collected; have {acts.layers}")
+            raise ProbeError(f"layers {missing} were not collected; have {acts.layers}")
     x = np.concatenate([acts.values[l].astype(np.float32) for l in chosen], axis=1)
     hidden = acts.values[chosen[0]].shape[1]
     probe = Probe(chosen, *_fit_lr(x[idx_train], y[idx_train], seed), hidden_size=hidden, position=acts.position,

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from staysafe.options import CALIBRATIONS, NO_REFERENCE, RISK_METHODS
+from staysafe.errors import StaySafeError
+from staysafe.options import CALIBRATIONS, NO_REFERENCE, RISK_METHODS, SpecError
+
+
+class RiskColumnError(StaySafeError, KeyError):
+    """The risk source reads a data column the batch does not have (the data set was not scored by that judge)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 @dataclass
@@ -40,11 +48,11 @@ class Calibration:
 
     def __post_init__(self):
         if self.kind not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.kind!r}")
+            raise SpecError(f"calibration must be one of {CALIBRATIONS}, got {self.kind!r}")
         if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"calibration threshold must be in [0, 1], got {self.threshold}")
+            raise SpecError(f"calibration threshold must be in [0, 1], got {self.threshold}")
         if self.temperature <= 0:
-            raise ValueError(f"calibration temperature must be > 0, got {self.temperature}")
+            raise SpecError(f"calibration temperature must be > 0, got {self.temperature}")
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         if self.kind == "identity":
@@ -69,7 +77,7 @@ class ColumnRisk:
     def __call__(self, batch: RiskBatch) -> torch.Tensor:
         column = batch.inputs.get(f"risk_{self.name}")
         if column is None:
-            raise KeyError(f"the batch has no column risk_{self.name}; was the dataset scored by {self.name!r}?")
+            raise RiskColumnError(f"the batch has no column risk_{self.name}; was the dataset scored by {self.name!r}?")
         return self.calibration(column.float())
 
 

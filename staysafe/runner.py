@@ -364,6 +364,7 @@ def reference_activations(model, tokenizer, probe, spec: RunSpec, directory: Pat
     weights depend on the seed)."""
     import shutil
 
+    from staysafe.atomic import atomic_dir
     from staysafe.models import TINY, model_fingerprint
     from staysafe.paths import staysafe_home
 
@@ -373,7 +374,8 @@ def reference_activations(model, tokenizer, probe, spec: RunSpec, directory: Pat
     cache = staysafe_home() / "activations" / f"{model_fingerprint(spec.model)}-{layers}"
     if not (cache / "index.parquet").is_file():
         save_activations(model, tokenizer, probe, cache)
-    shutil.copytree(cache, directory, dirs_exist_ok=True)
+    with atomic_dir(directory) as tmp:
+        shutil.copytree(cache, tmp, dirs_exist_ok=True)
 
 
 def finish_run(spec: RunSpec, trainer, tokenizer, probe, writer) -> None:
@@ -388,5 +390,8 @@ def finish_run(spec: RunSpec, trainer, tokenizer, probe, writer) -> None:
 
         project_and_record(model, spec, tokenizer, writer, trainer.state.global_step)
     if spec.save_model:
-        model.save_pretrained(run_dir / "final_model", safe_serialization=True)
+        from staysafe.atomic import atomic_dir
+
+        with atomic_dir(run_dir / "final_model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
     save_activations(model, tokenizer, probe, run_dir / "activations" / "after")

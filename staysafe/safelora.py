@@ -148,6 +148,7 @@ def safelora_run(run_dir, threshold: float | None = None, unaligned: str | None 
 
     from peft import PeftModel
 
+    from staysafe.atomic import atomic_dir
     from staysafe.models import load_model
     from staysafe.options import RunSpec, SpecError
     from staysafe.traces import RunWriter, load_run, run_state, write_json
@@ -173,18 +174,18 @@ def safelora_run(run_dir, threshold: float | None = None, unaligned: str | None 
         raise SpecError(f"{target} already exists: remove it to project again")
     model, tokenizer = load_model(spec.model, seed=spec.seed)
     model = PeftModel.from_pretrained(model, str(src / "final_model"), use_safetensors=True)
-    tmp = src.parent / f".creating-{spec.run_id}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "final_model", "safelora.json"))
-    config = {**source.config, **asdict(spec), "safelora_of": source.id}
-    write_json(tmp / "config.json", config)
-    write_json(tmp / "status.json", {"state": "running", "created": time.time(), "started": time.time()})
-    tmp.rename(target)
+    with atomic_dir(target) as tmp:  # the new run appears whole or not at all
+        shutil.copytree(src, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("checkpoints", "final_model", "safelora.json"))
+        config = {**source.config, **asdict(spec), "safelora_of": source.id}
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "status.json", {"state": "running", "created": time.time(), "started": time.time()})
     writer = RunWriter(target)
     try:
         step = int(source.steps["step"].max()) if len(source.steps) else 0
         report = project_and_record(model, spec, tokenizer, writer, step)
-        model.save_pretrained(target / "final_model", safe_serialization=True)
+        with atomic_dir(target / "final_model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
         writer.set_status("finished", ended=time.time(), step=step)
     except BaseException as err:
         writer.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 
-from staysafe.options import TASKS
+from staysafe.options import TASKS, SpecError
 
 SETS = {name: (f"task-{name}", f"task-{name}-test") for name in TASKS}  # name -> (training set, held-out set)
 _INTEGER = re.compile(r"-?\d+")
@@ -21,7 +21,7 @@ def task_test(name: str, n: int, seed: int = 0) -> list[dict]:
 
     pool = load_records(SETS[name][1])
     if n > len(pool):
-        raise ValueError(f"asked for {n} task questions from {SETS[name][1]}, which has {len(pool)}")
+        raise SpecError(f"asked for {n} task questions from {SETS[name][1]}, which has {len(pool)}")
     return sorted(random.Random(seed).sample(pool, n), key=lambda r: r["id"])
 
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from staysafe.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
 import staysafe.process as process
 from staysafe.errors import StaySafeError
+from staysafe.options import SpecError
 
 TABLES = {  # table name -> columns that identify a row (duplicates keep the newest)
     "steps": ("step",),
@@ -51,6 +52,10 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class TraceError(StaySafeError, RuntimeError):
     """A run directory or trace file is missing or damaged; the message names the file."""
+
+
+class RunExistsError(StaySafeError, FileExistsError):
+    """A run directory of that id already exists (a run's rows are never overwritten)."""
 
 
 def read_json(path: Path) -> dict:
@@ -141,7 +146,7 @@ class RunWriter:
         root.mkdir(parents=True, exist_ok=True)
         run_id = run_id or new_run_id(str(config.get("method", "run")))
         if not RUN_ID.match(run_id):
-            raise ValueError(f"run id {run_id!r} is not allowed: use letters, digits, '.', '_' and '-' (max 128)")
+            raise SpecError(f"run id {run_id!r} is not allowed: use letters, digits, '.', '_' and '-' (max 128)")
         tmp = root / f".creating-{run_id}-{secrets.token_hex(4)}"
         tmp.mkdir()
         write_json(tmp / "config.json", {**config, "run_id": run_id})
@@ -153,7 +158,7 @@ class RunWriter:
             for p in tmp.iterdir():
                 p.unlink()
             tmp.rmdir()
-            raise FileExistsError(f"run directory {target} already exists; choose another run id") from None
+            raise RunExistsError(f"run directory {target} already exists; choose another run id") from None
         return cls(target)
 
     def table(self, name: str) -> TableWriter:

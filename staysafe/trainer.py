@@ -72,7 +72,7 @@ class SafetyTrainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self.risk_sources = {"label": ColumnRisk("label"), **(risk_sources or {})}
         if args.method in RISK_METHODS and args.risk not in self.risk_sources:
-            raise ValueError(f"risk = {args.risk!r} is not a known risk source; have {sorted(self.risk_sources)}")
+            raise SpecError(f"risk = {args.risk!r} is not a known risk source; have {sorted(self.risk_sources)}")
         unwrapped = self.accelerator.unwrap_model(model)
         if args.method not in NO_REFERENCE and ref_model is None and peft_model_of(unwrapped) is None:
             ref_model = frozen_copy(unwrapped)

@@ -106,3 +106,23 @@ def test_a_preset_sets_train_defaults_that_flags_override(tmp_path):
     assert config["lr"] == PRESETS["live"].options["lr"] and config["eval_every"] == 0  # from the preset
     bad = run_cli("train", "--preset", "nope")
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+
+
+def test_user_errors_are_named_and_print_no_traceback(tmp_path):
+    """Every user error the library raises derives from StaySafeError, which the CLI prints as one line (exit 2);
+    its built-in base (ValueError, FileExistsError, KeyError, ...) is kept for callers that catch that."""
+    from staysafe.errors import StaySafeError
+    from staysafe.judges import make_judge
+    from staysafe.models import resolve_precision
+    from staysafe.risk import Calibration, ColumnRisk, RiskBatch
+
+    for call, base in ((lambda: make_judge("gpt"), ValueError), (lambda: resolve_precision("fp8"), ValueError),
+                       (lambda: Calibration("nope"), ValueError),
+                       (lambda: ColumnRisk("judge")(RiskBatch(inputs={})), KeyError)):
+        with pytest.raises(StaySafeError) as err:
+            call()
+        assert isinstance(err.value, base)
+    common = [*TINY_RUN, "--steps", "1", "--n-harmful", "4", "--runs-dir", str(tmp_path), "--run-id", "dup"]
+    assert run_cli("train", *common).returncode == 0
+    again = run_cli("train", *common)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

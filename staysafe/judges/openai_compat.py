@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from staysafe.options import SpecError
 from staysafe.judges.base import RUBRIC_VERSION, Judge, JudgeScore, check_inputs, rating_to_score, rubric_text
 
 MODES = ("rubric", "conversation")
@@ -80,13 +81,13 @@ class OpenAICompatibleJudge(Judge):
                  max_tokens: int = 8, mode: str = "rubric"):
         scheme = urllib.parse.urlsplit(base_url).scheme
         if scheme not in ("http", "https"):
-            raise ValueError(f"base_url must be an http(s) URL like http://localhost:8000/v1, got scheme {scheme!r}")
+            raise SpecError(f"base_url must be an http(s) URL like http://localhost:8000/v1, got scheme {scheme!r}")
         if not model:
-            raise ValueError("model must name the served model (the 'model' field of the request)")
+            raise SpecError("model must name the served model (the 'model' field of the request)")
         if concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0 or max_tokens < 1:
-            raise ValueError("need concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0 and max_tokens >= 1")
+            raise SpecError("need concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0 and max_tokens >= 1")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise SpecError(f"mode must be one of {MODES}, got {mode!r}")
         self._url = base_url.rstrip("/") + "/chat/completions"  # may hold credentials: never shown
         self.base_url = _public_url(base_url)
         self.model = model
