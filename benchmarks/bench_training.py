@@ -243,6 +243,65 @@ def topk_kl(model_spec: str, ks=(16, 64, 256)) -> dict:
     return out
 
 
+PHASES = ("reference forward", "policy forward", "losses", "backward", "optimizer and the rest")
+
+
+def phase_profile(model_spec: str, steps: int, warmup: int, batch_size: int, max_length: int) -> dict:
+    """Where a step's time goes, ``sft`` beside ``constant-kl`` (LoRA r = 16, exact KL, interleaved steps on the
+    same batches): the reference forward, the policy forward, the NLL/KL computation, backward and the rest
+    (optimizer, grad norm, tracing), timed by wrapping those calls of the trainers under test."""
+    import staysafe.trainer as trainer_module
+    from staysafe.models import load_model
+
+    _, tok = load_model(model_spec)
+    data = batches(tok, warmup + steps, batch_size, max_length)
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    def hooks(model):  # every forward of the model; with LoRA the reference is this model with its adapter off
+        start = {}
+        model.register_forward_pre_hook(lambda m, a: start.__setitem__("t", time.perf_counter()))
+        model.register_forward_hook(lambda m, a, o: spent.__setitem__(
+            "forward", spent.get("forward", 0.0) + time.perf_counter() - start["t"]))
+
+    original = trainer_module.answer_token_losses
+    trainer_module.answer_token_losses = timed("losses", original)
+    variants = ("sft", "constant-kl")
+    rows = {v: [] for v in variants}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainers = {v: build(v, model_spec, 16, Path(tmp))[0] for v in variants}
+            for t in trainers.values():
+                t.reference_forward = timed("reference forward", t.reference_forward)
+                t.accelerator.backward = timed("backward", t.accelerator.backward)
+                hooks(t.model)
+            for k, batch in enumerate(data):
+                for v in (variants if k % 2 == 0 else variants[::-1]):
+                    spent.clear()
+                    total = timed_step(trainers[v], batch, v)
+                    if k < warmup:
+                        continue
+                    ref = spent.get("reference forward", 0.0)
+                    row = {"reference forward": ref, "policy forward": spent.get("forward", 0.0) - ref,
+                           "losses": spent.get("losses", 0.0), "backward": spent.get("backward", 0.0)}
+                    row["optimizer and the rest"] = total - sum(row.values())
+                    rows[v].append({**row, "step": total})
+    finally:
+        trainer_module.answer_token_losses = original
+    med = {v: {p: statistics.median(r[p] for r in rs) for p in (*PHASES, "step")} for v, rs in rows.items()}
+    base = med["sft"]["step"]
+    return {"median_s": med, "share_of_sft_step": {v: {p: m[p] / base for p in (*PHASES, "step")}
+                                                   for v, m in med.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -252,7 +311,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--out", default=str(HERE / "out" / "training.json"))
     p.add_argument("--distinct", type=int, default=6, help="head part: distinct batches the timed steps cycle over")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: head,lora,full,memory,probe,judges,topk")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: "
+                   "head,lora,full,memory,probe,judges,topk,profile")
     a = p.parse_args()
     skip = set(a.skip.split(","))
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -295,6 +355,9 @@ def main() -> None:
             res["ratios"]["peak memory adaptive-probe / sft"] = mem["adaptive-probe"] / mem["sft"]
         results[label] = res
         print(json.dumps({label: {"median_s": med, "ratios": res["ratios"]}}, indent=2), flush=True)
+    if "profile" not in skip:  # where the time of an sft and a constant-kl step goes
+        results["profile"] = phase_profile(a.model, a.steps, a.warmup, a.batch_size, a.max_length)
+        print(json.dumps({"profile": results["profile"]}, indent=2), flush=True)
     if "probe" not in skip:
         results["probe"] = probe_throughput(a.model)
         print(json.dumps({"probe": results["probe"]}, indent=2), flush=True)
