@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from staysafe.options import TOKEN_WISE
 from staysafe.presets import PRESETS, preset_options
 from staysafe.runner import RunSpec, SpecError, run_training
 from staysafe import process
@@ -78,6 +79,10 @@ class ExperimentSpec:
         for name, values in self.sweep.items():
             if name not in known or name in ("seed", "run_id", "runs_dir", "experiment"):
                 raise SpecError(f"--sweep {name}: not an option an experiment can vary (see staysafe train --help)")
+            fixed = [m for m in self.methods if name in METHODS[m]]
+            if fixed:
+                raise SpecError(f"--sweep {name}: the method(s) {', '.join(fixed)} set {name} themselves; list the "
+                                "variants as methods instead")
             if not isinstance(values, list) or not values:
                 raise SpecError(f"--sweep {name}: expected at least one value")
         return self
@@ -87,7 +92,8 @@ def sweep_points(spec: ExperimentSpec, method: str) -> list[dict]:
     """The swept option values a method runs: the grid over the options it reads, once if it reads none."""
     from staysafe.options import METHOD_OPTIONS
 
-    mine = {k: v for k, v in spec.sweep.items() if method in METHOD_OPTIONS.get(k, (method,))}
+    trains = METHODS[method]["method"]  # the training method behind the experiment's name (adaptive-probe: adaptive)
+    mine = {k: v for k, v in spec.sweep.items() if trains in METHOD_OPTIONS.get(k, (trains,))}
     return [dict(zip(mine, combo)) for combo in itertools.product(*mine.values())] if mine else [{}]
 
 
@@ -112,11 +118,13 @@ def run_summary(run, beta_mid: float) -> dict:
     95% bootstrap interval over prompts (``<column>_lo``, ``<column>_hi``, from ``generations.parquet``)."""
     ev, st = run.evals.sort_values("step"), run.steps
     final, first = ev.iloc[-1], ev.iloc[0]
+    kl_weight = run.config.get("method") not in TOKEN_WISE  # their step beta scales a schedule: not comparable
     row = {"run_id": run.id, "steps": int(st["step"].max()) if len(st) else 0,
            "reference_asr_keyword": float(first["asr_keyword"]), "final_asr_keyword": float(final["asr_keyword"]),
            "peak_asr_keyword": float(ev["asr_keyword"].max()), "over_refusal": float(final["over_refusal"]),
            "reference_over_refusal": float(first["over_refusal"]), "reference_benign_nll": float(first["benign_nll"]), "benign_nll": float(final["benign_nll"]),
-           "mean_beta": float(st["beta"].mean()) if len(st) else math.nan, "share_beta_above_mid": float((st["beta"] > beta_mid).mean()),
+           "mean_beta": float(st["beta"].mean()) if len(st) and kl_weight else math.nan,
+           "share_beta_above_mid": float((st["beta"] > beta_mid).mean()) if kl_weight else math.nan,
            "seconds_per_step": float(st["wall_time"].median())}
     if "task_accuracy" in ev:
         row["final_task_accuracy"], row["reference_task_accuracy"] = float(final["task_accuracy"]), float(
@@ -220,16 +228,22 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False) -> Pat
     if base.eval_harmful < 1:
         raise SpecError(f"option eval_harmful = {base.eval_harmful} is invalid: an experiment compares ASR over "
                         "training, so it needs at least 1 held-out harmful prompt")
-    for name in spec.methods:  # every run's options checked before the first one starts
+    from staysafe.aligned import ALIGNED_VACCINE, built_vaccine
+    from staysafe.runner import check_before_work
+
+    for name in spec.methods:  # every run's options and prerequisites checked before the first one starts
         for point in sweep_points(spec, name):
-            replace(base, **METHODS[name], **point).validate()
+            run_spec = replace(base, **METHODS[name], **point).validate()
+            check_before_work(run_spec, resuming=True)
+            if run_spec.model == ALIGNED_VACCINE:
+                built_vaccine()  # not built: the error says how to build it
     exp_id = spec.experiment_id or new_run_id(f"exp-{spec.scenario}")
     out = Path(spec.out_dir) / exp_id
     if (out / "experiment.json").exists() and not resume:
         raise SpecError(f"experiment {out} already exists: continue it with --resume {exp_id}, or choose another id")
     out.mkdir(parents=True, exist_ok=True)
     # adaptive methods first, so constant-kl can be matched to their mean beta
-    order = sorted(spec.methods, key=lambda m: (not m.startswith("adaptive"), spec.methods.index(m)))
+    order = sorted(spec.methods, key=lambda m: (METHODS[m]["method"] != "adaptive", spec.methods.index(m)))
     match_beta = "beta" not in spec.sweep
     rows, t0 = [], time.time()
     desc = {**asdict(spec), "experiment_id": exp_id, "id": exp_id, "base": asdict(base)}
@@ -248,7 +262,8 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False) -> Pat
                     row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
                            **{f"sweep_{k}": v for k, v in point.items()},
                            **run_summary(run, (base.beta_min + base.beta_max) / 2)}
-                    if name.startswith("adaptive") and matched_beta is None:
+                    if METHODS[name]["method"] == "adaptive" and matched_beta is None:  # a KL weight (token-wise
+                        # methods' beta is the level that scales their schedule, not a KL weight)
                         matched_beta = row["mean_beta"]
                     rows.append(row)
                     results = pd.DataFrame(rows)
@@ -280,7 +295,10 @@ def _train_or_reuse(run_spec: RunSpec, log, what: str) -> Path:
         if state == "finished":
             log(f"{what}: finished before, kept ({run_dir})")
             return run_dir
-        if state != "running" and latest_checkpoint(run_dir) is not None:
+        if state == "running":  # alive (or on another machine): never moved aside under a live process
+            raise SpecError(f"{run_dir} is still running (process {run_state(run_dir).get('pid')}): wait for it or "
+                            "cancel it before resuming the experiment")
+        if latest_checkpoint(run_dir) is not None:
             log(f"{what}: {state}, continued from its last checkpoint")
             return run_training(resume=run_dir, progress=False, log=log)
         aside = run_dir.with_name(f".partial-{run_dir.name}-{int(time.time())}")

@@ -7,6 +7,8 @@ and extended (other heads, cached reference outputs) without touching the traini
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -116,7 +118,12 @@ def tokenwise_loss(nll_tok, ref_nll_tok, rows, betas, batch_size: int):
     """Qi et al. 2024's token-wise constrained objective, mean over answer tokens: ``-(2 / beta_t) log sigmoid(
     beta_t * (log p(y_t) - log p_ref(y_t)))``. As beta_t -> 0 its gradient is the NLL's; a large beta_t stops
     pushing once the model's log-probability of the token passes the reference's, so the answer's first tokens
-    (large beta) stay near the safe reference. Returns the loss and its per-example means."""
+    (large beta) stay near the safe reference. Computed as ``-(2 / beta_t) (log sigmoid(beta_t delta) + log 2)``:
+    the same gradient, 0 where the model equals the reference, and finite down to beta_t = 0, where it is the
+    limit ``-delta`` (plain fine-tuning; adaptive-token-wise reaches it with beta_min = 0 on a risk-0 example).
+    Returns the loss and its per-example means."""
     log_ratio = ref_nll_tok - nll_tok
-    per_token = -(2.0 / betas) * F.logsigmoid(betas * log_ratio)
+    tiny = betas < 1e-6
+    safe = torch.where(tiny, torch.ones_like(betas), betas)  # no inf in the branch torch.where does not pick
+    per_token = torch.where(tiny, -log_ratio, -(2.0 / safe) * (F.logsigmoid(safe * log_ratio) + math.log(2.0)))
     return per_token.mean(), per_example_mean(per_token.detach(), rows, batch_size), per_token

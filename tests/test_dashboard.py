@@ -557,6 +557,10 @@ def test_asr_page_runs_experiment_and_answers_at_a_step(env):
     assert titles[0] == "judge ASR (embedding_response) · κ 0.70" and "keyword ASR (weak judge) · κ 0.66" in titles
     assert any("κ 0.70 [0.62, 0.77]" in c.value for c in at.caption)
     assert "the ASR" not in titles
+    # one run per line: a band of its 95% bootstrap interval over prompts, around its line
+    bands = [t for t in fig["data"] if t.get("fill") == "toself"]
+    assert bands and all(len(b["x"]) == len(b["y"]) and len(b["x"]) % 2 == 0 for b in bands)
+    assert any("95% bootstrap interval over its prompts" in c.value for c in at.caption)
     assert any("failed-run" in i.value for i in at.info)  # no evaluation recorded
     at.selectbox(key="asr_gen_run").set_value("adaptive-probe")
     at.run()

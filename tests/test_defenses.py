@@ -31,6 +31,12 @@ def test_tokenwise_loss_tends_to_the_nll_gradient_as_beta_vanishes_and_saturates
     small, _, _ = tokenwise_loss(nll, ref_nll, rows, torch.full((6,), 1e-4), 2)
     g_small, = torch.autograd.grad(small, logits, retain_graph=True)
     assert torch.allclose(g_small, g_nll, atol=1e-4)  # beta -> 0: plain fine-tuning
+    zero, _, _ = tokenwise_loss(nll, ref_nll, rows, torch.tensor([0.0, 1e-4, 0.0, 0.5, 0.0, 2.0]), 2)
+    g_zero, = torch.autograd.grad(zero, logits, retain_graph=True)  # beta = 0 is that limit, finite
+    assert torch.isfinite(zero) and torch.isfinite(g_zero).all()
+    assert torch.allclose(g_zero[[0, 2, 4]], g_nll[[0, 2, 4]], atol=1e-6)
+    same, _, _ = tokenwise_loss(nll, nll.detach(), rows, torch.full((6,), 2.0), 2)
+    assert abs(float(same)) < 1e-6  # 0 where the model equals the reference
     # a large beta stops pushing once the model's log-probability passes the reference's
     past = nll.detach() + 3.0  # the model 3 nats more likely than the reference on every token
     big, _, per_token = tokenwise_loss(nll, past, rows, torch.full((6,), 10.0), 2)

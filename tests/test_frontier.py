@@ -38,8 +38,27 @@ def test_a_sweep_varies_an_option_only_for_the_methods_that_read_it(tmp_path):
     assert "constant-kl" in html and "benign NLL" in html
 
 
-def test_a_bad_sweep_value_is_refused_before_any_run(tmp_path):
+def test_a_sweep_reaches_the_methods_by_the_training_method_they_run():
+    """adaptive-probe / -judge / -label train with method adaptive: a sweep of beta_max varies them (it once ran
+    them once, at the default); sft and constant-kl do not read it."""
+    from staysafe.experiment import sweep_points
+
+    s = ExperimentSpec(methods=["adaptive-probe", "adaptive-token-wise", "sft"], sweep={"beta_max": [0.5, 0.9]})
+    s.validate()
+    assert sweep_points(s, "adaptive-probe") == sweep_points(s, "adaptive-token-wise") == [
+        {"beta_max": 0.5}, {"beta_max": 0.9}]
+    assert sweep_points(s, "sft") == [{}]
+
+
+def test_a_bad_sweep_value_is_refused_before_any_run(tmp_path, monkeypatch):
+    from staysafe.errors import StaySafeError
     from staysafe.options import SpecError
+
+    monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))  # a home where the Vaccine reference is not built
+    with pytest.raises(SpecError, match="vaccine set model themselves"):  # would have crashed at that run
+        run_experiment(spec(tmp_path, methods=["sft", "vaccine"], sweep={"model": ["tiny"]}), log=lambda *a: None)
+    with pytest.raises(StaySafeError, match="smollm2-135m-aligned-vaccine is not built"):  # said before any run
+        run_experiment(spec(tmp_path, methods=["sft", "vaccine"]), log=lambda *a: None)
 
     with pytest.raises(SpecError, match="beta"):
         run_experiment(spec(tmp_path, methods=["constant-kl"], sweep={"beta": [0.5, 1.5]}), log=lambda *a: None)

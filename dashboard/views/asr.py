@@ -17,13 +17,23 @@ import loaders
 import settings
 import widgets
 import safe_text
+from staysafe.stats import run_intervals
 from staysafe.traces import TraceError
 from staysafe.validation import measured_agreement
 
 cfg = settings.page_setup()
 st.title(":material/target: ASR over training")
 st.caption("Attack success rate (ASR): the share of held-out harmful requests the model answers instead of "
-           "refusing, measured every few steps. Over-refusal and benign NLL show what safety costs in utility.")
+           "refusing, measured every few steps. Over-refusal and benign NLL show what safety costs in utility. "
+           "Bands: for one run the 95% bootstrap interval over its prompts; for several seeds of a method their "
+           "spread (min–max or ± std).")
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _prompt_intervals(generations: pd.DataFrame) -> pd.DataFrame:
+    """A run's figures per step with 95% bootstrap intervals over its prompts (``<figure>_lo`` / ``_hi``)."""
+    iv = run_intervals(generations, resamples=500) if {"step", "kind", "refused"} <= set(generations) else None
+    return pd.DataFrame() if iv is None or iv.empty else iv.set_index("step")
 
 
 def _rgba(hex_color: str, alpha: float) -> str:
@@ -144,13 +154,23 @@ for gi, group in enumerate(groups):
         table = pd.concat(frames, axis=1).sort_index().astype(float)
         steps = table.index.to_numpy()
         mean = table.mean(axis=1).to_numpy()
+        lo = hi = None
+        steps_b = steps  # where the band is drawn
         if len(members) > 1:
             if band == "min–max":
                 lo, hi = table.min(axis=1).to_numpy(), table.max(axis=1).to_numpy()
             else:
                 sd = table.std(axis=1, ddof=1).fillna(0).to_numpy()
                 lo, hi = mean - sd, mean + sd
-            fig.add_trace(go.Scatter(x=np.concatenate([steps, steps[::-1]]), y=np.concatenate([hi, lo[::-1]]),
+        else:  # one run: the 95% bootstrap interval over its prompts, recomputed from its answers
+            iv = _prompt_intervals(with_evals[members[0]].generations)
+            if f"{m}_lo" in iv:
+                lo = iv[f"{m}_lo"].reindex(steps).to_numpy(dtype=float)
+                hi = iv[f"{m}_hi"].reindex(steps).to_numpy(dtype=float)
+                keep = ~(np.isnan(lo) | np.isnan(hi))
+                steps_b, lo, hi = steps[keep], lo[keep], hi[keep]
+        if lo is not None and len(lo):
+            fig.add_trace(go.Scatter(x=np.concatenate([steps_b, steps_b[::-1]]), y=np.concatenate([hi, lo[::-1]]),
                                      fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0),
                                      hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
         name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
