@@ -148,8 +148,8 @@ class SafetyOptions:
     token_betas: str = option("0.5,2,2,2,2,0.1", "token-wise methods: beta per answer position (1st, 2nd, ...), "
                               "comma-separated; the last value holds for every later position (Qi et al.'s "
                               "fine-tuning defaults)", label="β per answer position (token-wise)")
-    lisa_align_steps: int = option(1, "lisa: alignment steps (on the shipped refusal data) per cycle, first "
-                                   "(Lisa's scripts: 100 of every 1000)", low=1)
+    lisa_align_steps: int = option(1, "lisa: alignment steps (on the alignment stage's refusal + benign data) per "
+                                   "cycle, first (Lisa's scripts: 100 of every 1000)", low=1)
     lisa_user_steps: int = option(9, "lisa: steps on the user's data per cycle (Lisa's scripts: 900)", low=1)
     lisa_rho: float = option(1.0, "lisa: weight of the proximal term rho/2 ||w - w_switch||^2 toward the weights "
                              "at the last switch", low=0.0)

@@ -89,7 +89,7 @@ class SafetyTrainer(Trainer):
                 raise SpecError("method lisa tokenises its alignment data: pass processing_class=<the tokenizer>")
 
             self.lisa = LisaSchedule(self.processing_class, args.lisa_align_steps, args.lisa_user_steps, args.lisa_rho,
-                                     args.per_device_train_batch_size, seed=args.seed,
+                                     args.per_device_train_batch_size, seed=args.seed + args.process_index,
                                      risk_columns=tuple(c for c in self.train_dataset.column_names
                                                         if c.startswith("risk_")))
         self.reference_calls = 0

@@ -24,7 +24,8 @@ RUNS = {
     "lora-per-example": ["--method", "adaptive", "--risk", "label", "--lora-r", "4", "--per-example-beta",
                          "--kl-top-k", "8"],
 }
-COMMON = [*TINY_RUN, "--max-length", "128", "--steps", "4", "--eval-every", "2", "--lr", "0.01", "--threads", "1", "--seed", "3"]
+COMMON = [*TINY_RUN, "--max-length", "128", "--steps", "4", "--eval-every", "2", "--lr", "0.01", "--threads", "1", "--seed", "3",
+          "--precision", "fp32"]  # pinned in fp32 (auto is bf16 autocast where the CPU has bf16)
 STEP_COLS = ("loss", "nll", "kl", "beta", "risk", "risk_label", "risk_probe", "n_fallback", "grad_norm", "lr")
 EXAMPLE_COLS = ("example_index", "nll", "kl", "beta", "risk", "risk_label")
 
@@ -46,8 +47,14 @@ def trace(runs_dir: Path, name: str) -> dict:
     }
 
 
-def close(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 * max(1.0, abs(b))
+# The probe behind risk_probe is fitted in the run by an iterative solver (L-BFGS, its own stopping tolerance), whose
+# last digits differ between CPU kinds (2e-5 between the AVX2 machine that wrote the pin and an AVX-512 one): that
+# column alone is compared to 1e-4; every loss, KL, beta and risk the trainer computes stays at 1e-6.
+TOLERANCE = {"risk_probe": 1e-4}
+
+
+def close(a: float, b: float, tol: float = 1e-6) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol * max(1.0, abs(b))
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -58,7 +65,8 @@ def test_trace_matches_the_pinned_reference(tmp_path, name):
         assert set(got[table]) == set(columns), (table, sorted(got[table]), sorted(columns))
         for column, values in columns.items():
             assert len(got[table][column]) == len(values), (table, column)
-            bad = [(i, g, e) for i, (g, e) in enumerate(zip(got[table][column], values)) if not close(g, e)]
+            tol = TOLERANCE.get(column, 1e-6)
+            bad = [(i, g, e) for i, (g, e) in enumerate(zip(got[table][column], values)) if not close(g, e, tol)]
             assert not bad, (table, column, bad[:5])
 
 
