@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from staysafe.atomic import TMP_PREFIX, atomic_dir, write_bytes, write_json, write_safetensors
 from staysafe.aligned import (ADAPTER_FILE, ALIGNED, ALIGNED_VACCINE, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
                               cache_problem, file_sha256, training_data_sha)
-from staysafe.options import SpecError
+from staysafe.options import DEFENSES, SpecError
 from staysafe.embedded import ModelError
 from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
 
@@ -89,8 +89,8 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
     from staysafe.trainer import SafetyConfig, SafetyTrainer
 
     settings = settings or AlignSettings()
-    if settings.defense not in ("none", "vaccine"):
-        raise SpecError(f"align: defense must be none or vaccine, got {settings.defense!r}")
+    if settings.defense not in DEFENSES:
+        raise SpecError(f"align: defense must be one of {', '.join(DEFENSES)}, got {settings.defense!r}")
     name = ALIGNED if settings.defense == "none" else ALIGNED_VACCINE
     target = cached_model_dir(name)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from staysafe.errors import StaySafeError
-from staysafe.options import RunSpec, SpecError, default_of, flag, help_text
+from staysafe.options import DEFENSES, POSITIONS, SCENARIOS, RunSpec, SpecError, default_of, flag, help_text
 
 
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=d.seed)
     a.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     a.add_argument("--force", action="store_true", help="rebuild even if it is cached")
-    a.add_argument("--defense", default=d.defense, choices=("none", "vaccine"),
+    a.add_argument("--defense", default=d.defense, choices=DEFENSES,
                    help="vaccine: the perturbation-aware alignment of Huang et al. 2024, built as "
                         "smollm2-135m-aligned-vaccine (the experiment method 'vaccine' fine-tunes it with sft)")
     a.add_argument("--vaccine-rho", type=float, default=d.vaccine_rho, help="vaccine: the perturbation size")
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--train", default="refusals,align-benign", help="labelled prompt sets to fit on")
     f.add_argument("--test", default="eval-harmful,eval-benign", help="held-out labelled prompt sets")
     f.add_argument("--layer", default=None, help="fix the layer (or comma-separated layers to concatenate)")
-    f.add_argument("--position", default="last_prompt_token", choices=["last_prompt_token", "mean"])
+    f.add_argument("--position", default="last_prompt_token", choices=POSITIONS)
     f.add_argument("--out", default="probe/probe.json")
     f.add_argument("--save-activations", action="store_true")
     f.set_defaults(fn=cmd_fit_probe)
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compare_risk)
 
     e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
-    e.add_argument("--scenario", default="harmful")
+    e.add_argument("--scenario", default="harmful", choices=SCENARIOS)
     from staysafe.experiment import DEFAULT_METHODS, METHODS as EXPERIMENT_METHODS
 
     e.add_argument("--methods", default=None,

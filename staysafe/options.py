@@ -29,6 +29,8 @@ CALIBRATIONS = ("identity", "step", "sigmoid", "clamp")
 SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny", "smollm2-135m-aligned-vaccine")  # known names; a directory or hub id also works
 PRECISIONS = ("auto", "fp32", "bf16")
+DEFENSES = ("none", "vaccine")  # staysafe align --defense: the alignment-stage defenses
+POSITIONS = ("last_prompt_token", "mean")  # where a probe reads the hidden state (staysafe.probe)
 TASKS = ("arithmetic",)  # staysafe.task.TASKS: the user tasks with an accuracy
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
 # Options that only some methods read (every other option applies to all): a sweep varies them for those only.

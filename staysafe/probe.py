@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from staysafe.errors import StaySafeError
 from staysafe.data import prompt_messages, prompt_text, render_prompt
-
-POSITIONS = ("last_prompt_token", "mean")
+from staysafe.options import POSITIONS  # defined once, there; re-exported
 
 
 class ProbeError(StaySafeError, ValueError):

@@ -322,5 +322,5 @@ def test_the_vaccine_reference_is_built_on_demand_and_named_until_then(tmp_path,
     with pytest.raises(ModelError, match="staysafe align --defense vaccine"):
         resolve("smollm2-135m-aligned-vaccine")
     assert METHODS["vaccine"] == {"method": "sft", "model": "smollm2-135m-aligned-vaccine"}
-    with pytest.raises(ValueError, match="defense must be none or vaccine"):
+    with pytest.raises(ValueError, match="defense must be one of none, vaccine"):
         build_aligned(AlignSettings(defense="booster"))
