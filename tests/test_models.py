@@ -199,7 +199,7 @@ def test_a_local_build_of_the_current_recipe_takes_precedence_and_a_stale_one_is
     assert report["recipe_version"] == aligned.RECIPE_VERSION and report["settings"]["steps"] == 2
     assert (path / "config.json").is_file() and aligned.cache_problem() is None
     assert models.resolve(models.ALIGNED) == str(path)  # a current local build comes first
-    assert not list(path.parent.glob(f".{models.ALIGNED}-*"))  # published whole, no temporary leftovers
+    assert not list(path.parent.glob(".tmp-*"))  # published whole (staysafe.atomic), no temporary leftovers
 
     exported = align.export_shipped(path, tmp_path / "export", probe_seeds=())
     assert aligned.shipped_problem(exported) is None
