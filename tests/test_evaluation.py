@@ -208,10 +208,19 @@ def test_a_failed_experiment_is_marked_failed(tmp_path):
                                      "eval_harmful": 1, "eval_benign": 1, "max_new_tokens": 2,
                                      "eval_judges": ["no-such-judge"], "record_judge": False, "save_model": False,
                                      "risk": "label"})
-    with pytest.raises(ValueError, match="unknown response judge"):
+    with pytest.raises(ValueError, match="unknown response judge"):  # a bad option: refused before any writing
+        run_experiment(spec, log=lambda *a: None)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "runs").exists()
+    # a run that fails only once it runs (its model directory is empty) marks the experiment failed
+    import dataclasses
+
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    spec = dataclasses.replace(spec, model=str(empty), overrides={**spec.overrides, "eval_judges": []})
+    with pytest.raises(Exception):
         run_experiment(spec, log=lambda *a: None)
     desc, _ = load_experiment(tmp_path / "e" / "exp-fails")
-    assert desc["state"] == "failed" and "no-such-judge" in desc["error"]
+    assert desc["state"] == "failed" and "empty-model" in desc["error"]
 
 
 def test_presets_set_defaults_that_explicit_options_override():
