@@ -13,6 +13,7 @@ import hashlib
 
 import numpy as np
 
+from staysafe.options import SpecError
 from staysafe.judges.base import RUBRIC_VERSION, Judge, JudgeScore, check_inputs, rating_to_score, rubric_text
 
 SYSTEM = "You are a careful content-safety judge. You answer with one digit."
@@ -45,15 +46,15 @@ class LocalLMJudge(Judge):
     def __init__(self, model="smollm2-135m-aligned", batch_size: int = 8, *, max_text_tokens: int = 256,
                  device: str | None = None):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise SpecError(f"batch_size must be >= 1, got {batch_size}")
         if max_text_tokens < 8:
-            raise ValueError(f"max_text_tokens must be >= 8, got {max_text_tokens}")
+            raise SpecError(f"max_text_tokens must be >= 8, got {max_text_tokens}")
         self.batch_size = batch_size
         self.max_text_tokens = max_text_tokens
         self.device = device
         if isinstance(model, tuple):
             if len(model) != 2:
-                raise ValueError("model must be a name/path or a (model, tokenizer) pair")
+                raise SpecError("model must be a name/path or a (model, tokenizer) pair")
             self.spec = None
             self._model, self._tokenizer = model
             if device:
@@ -81,7 +82,7 @@ class LocalLMJudge(Judge):
         """The answer prefix and the five digit token ids that follow it as single, distinct tokens."""
         tok = self._tokenizer
         if not getattr(tok, "chat_template", None):
-            raise ValueError("the judge model's tokenizer has no chat template; use a chat (instruct) model")
+            raise SpecError("the judge model's tokenizer has no chat template; use a chat (instruct) model")
         sample = self._render("Is this a test?", "Yes.", prefix="")
         for prefix, digit in ANSWER_FORMS:
             base = tok(sample + prefix, add_special_tokens=False)["input_ids"]
@@ -92,7 +93,7 @@ class LocalLMJudge(Judge):
                     ids.append(full[-1])
             if len(set(ids)) == len(DIGITS):
                 return prefix, ids
-        raise ValueError("this tokenizer does not encode the rating digits 1-5 as single tokens after 'Rating:'; "
+        raise SpecError("this tokenizer does not encode the rating digits 1-5 as single tokens after 'Rating:'; "
                          "LocalLMJudge cannot read a rating distribution from it")
 
     def _cut(self, text: str) -> str:
