@@ -175,12 +175,12 @@ class SafetyOptions:
         if self.beta_min > self.beta_max:
             raise SpecError(f"beta_min = {self.beta_min} is greater than beta_max = {self.beta_max}")
         if self.reference_cache and not self.kl_top_k:
-            raise SpecError("reference_cache keeps the reference's top-k log-probabilities: it needs kl_top_k > 0 "
-                            "(64 is within 1% of the exact KL here, see benchmarks/README.md)")
+            raise SpecError("option reference_cache = True keeps the reference's top-k log-probabilities: it needs "
+                            "kl_top_k > 0 (64 is within 1% of the exact KL here, see benchmarks/README.md)")
         self.position_betas()
         if self.reference_cache and self.method in TOKEN_WISE:
-            raise SpecError(f"reference_cache keeps the reference's top-k outputs; method {self.method} needs the "
-                            "reference's log-probability of every answer token: drop reference_cache")
+            raise SpecError(f"option reference_cache = True keeps the reference's top-k outputs; method "
+                            f"{self.method} needs the reference's log-probability of every answer token: drop it")
         if self.risk_ema and self.per_example_beta:
             raise SpecError("risk_ema smooths the batch risk over steps; it cannot be combined with per_example_beta")
 
