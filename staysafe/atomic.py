@@ -124,19 +124,25 @@ def publish_dir(build: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yield an empty hidden sibling of ``target`` to fill (e.g. ``model.save_pretrained(tmp)``); on success it is
-    published at ``target`` whole (:func:`publish_dir`), on error removed."""
-    target = Path(target)
+def _temp_sibling(target: Path):
+    """An empty hidden sibling directory of ``target``, removed on the way out unless it was renamed away."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
     tmp.mkdir()
     try:
         yield tmp
-        publish_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield an empty hidden sibling of ``target`` to fill (e.g. ``model.save_pretrained(tmp)``); on success it is
+    published at ``target`` whole (:func:`publish_dir`), on error removed."""
+    with _temp_sibling(Path(target)) as tmp:
+        yield tmp
+        publish_dir(tmp, target)
 
 
 def build_once(target: Path, build, marker: str = "config.json") -> Path:
@@ -146,10 +152,7 @@ def build_once(target: Path, build, marker: str = "config.json") -> Path:
     target = Path(target)
     if (target / marker).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
-    tmp.mkdir()
-    try:
+    with _temp_sibling(target) as tmp:
         build(tmp)
         _fsync_tree(tmp)
         try:
@@ -158,7 +161,4 @@ def build_once(target: Path, build, marker: str = "config.json") -> Path:
             if not (target / marker).is_file():
                 raise
         fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -228,15 +228,12 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False) -> Pat
     if base.eval_harmful < 1:
         raise SpecError(f"option eval_harmful = {base.eval_harmful} is invalid: an experiment compares ASR over "
                         "training, so it needs at least 1 held-out harmful prompt")
-    from staysafe.aligned import ALIGNED_VACCINE, built_vaccine
     from staysafe.runner import check_before_work
 
     for name in spec.methods:  # every run's options and prerequisites checked before the first one starts
         for point in sweep_points(spec, name):
             run_spec = replace(base, **METHODS[name], **point).validate()
             check_before_work(run_spec, resuming=True)
-            if run_spec.model == ALIGNED_VACCINE:
-                built_vaccine()  # not built: the error says how to build it
     exp_id = spec.experiment_id or new_run_id(f"exp-{spec.scenario}")
     out = Path(spec.out_dir) / exp_id
     if (out / "experiment.json").exists() and not resume:

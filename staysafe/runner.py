@@ -16,6 +16,8 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from staysafe.aligned import ALIGNED_VACCINE, built_vaccine
+from staysafe.atomic import atomic_dir
 from staysafe.data import add_risk_columns, build_scenario, load_records, records_table, tokenize_dataset
 from staysafe.options import NO_REFERENCE, RunSpec, SpecError
 
@@ -117,6 +119,8 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
             raise SpecError(f"option {name} = {getattr(spec, name)} is invalid: the held-out pool {pool!r} holds "
                             f"{have} prompts")
     spec.fsdp_settings()
+    if spec.model == ALIGNED_VACCINE:
+        built_vaccine()  # not built: a ModelError that says how to build it
     if spec.method == "safelora":
         from staysafe.safelora import unaligned_model
 
@@ -364,7 +368,6 @@ def reference_activations(model, tokenizer, probe, spec: RunSpec, directory: Pat
     weights depend on the seed)."""
     import shutil
 
-    from staysafe.atomic import atomic_dir
     from staysafe.models import TINY, model_fingerprint
     from staysafe.paths import staysafe_home
 
@@ -390,8 +393,6 @@ def finish_run(spec: RunSpec, trainer, tokenizer, probe, writer) -> None:
 
         project_and_record(model, spec, tokenizer, writer, trainer.state.global_step)
     if spec.save_model:
-        from staysafe.atomic import atomic_dir
-
         with atomic_dir(run_dir / "final_model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
     save_activations(model, tokenizer, probe, run_dir / "activations" / "after")
