@@ -13,6 +13,7 @@ from staysafe.options import TASKS, SpecError
 
 SETS = {name: (f"task-{name}", f"task-{name}-test") for name in TASKS}  # name -> (training set, held-out set)
 _INTEGER = re.compile(r"-?\d+")
+_RESULT_MARK = re.compile(r"=|\bis\b", re.IGNORECASE)  # what the result follows: "77 - 51 = 26", "... is 26"
 
 
 def task_test(name: str, n: int, seed: int = 0) -> list[dict]:
@@ -26,8 +27,13 @@ def task_test(name: str, n: int, seed: int = 0) -> list[dict]:
 
 
 def is_correct(answer: str, expected: str) -> bool:
-    """Exact match of the answer's result: the first integer after its last "=" if it has one (the embedded models
-    restate the question: "77 - 51 = 26"), else its first integer ("26", "26.", "The answer is 26")."""
-    tail = answer.rsplit("=", 1)[1] if "=" in answer else answer
-    found = _INTEGER.search(tail)
+    """Exact match of the answer's result: the first integer after the last "=" or "is" that has one (the embedded
+    models restate the question: "77 - 51 = 26", "77 - 51 is 26, which is right"), else its first integer ("26",
+    "26.", "26 is the answer"); an answer that ends at "=" has no result."""
+    if answer.rstrip().endswith("="):
+        return False
+    for mark in reversed(list(_RESULT_MARK.finditer(answer))):
+        if found := _INTEGER.search(answer, mark.end()):
+            return found.group() == expected.strip()
+    found = _INTEGER.search(answer)
     return found is not None and found.group() == expected.strip()

@@ -22,7 +22,9 @@ def test_the_shipped_task_splits_are_disjoint_and_answered_correctly():
 
 @pytest.mark.parametrize("answer,ok", [("85", True), ("85.", True), ("The answer is 85", True),
                                        ("77 + 8 = 85.", True), ("77 + 8 = 84", False), ("77 + 8 =", False),
-                                       ("8 5", False), ("", False), ("-3", False), ("850", False)])
+                                       ("8 5", False), ("", False), ("-3", False), ("850", False),
+                                       ("77 + 8 is 85", True), ("77 + 8 is 84", False), ("85 is the answer", True),
+                                       ("77 + 8 = 85, which is right", True)])
 def test_an_answer_counts_when_its_result_is_the_number(answer, ok):
     assert is_correct(answer, "85") is ok
 
