@@ -155,6 +155,8 @@ class SafetyOptions:
     lisa_user_steps: int = option(9, "lisa: steps on the user's data per cycle (Lisa's scripts: 900)", low=1)
     lisa_rho: float = option(1.0, "lisa: weight of the proximal term rho/2 ||w - w_switch||^2 toward the weights "
                              "at the last switch", low=0.0)
+    max_length: int = option(128, "max tokens per example, longer ones are truncated (the user's data and lisa's "
+                             "alignment data)", low=16, label="max sequence length")
     safelora_threshold: float = option(0.5, "safelora: project a layer's LoRA update when its cosine similarity "
                                        "with its own projection is at most this", low=0.0, high=1.0)
     safelora_layers: int = option(0, "safelora: instead of the threshold, project the N updates of lowest cosine "
@@ -235,8 +237,6 @@ class RunSpec(SafetyOptions):
     batch_size: int = option(8, "examples per device and micro-batch", low=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", low=1)
     lr: float = option(2e-4, "learning rate (constant schedule)", above=0.0, label="learning rate")
-    max_length: int = option(128, "max tokens per example (longer ones are truncated)", low=16,
-                             label="max sequence length")
     lora_r: int = option(16, "LoRA rank (0 = full fine-tuning with a frozen reference copy)", low=0,
                          label="LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = option(32, "LoRA alpha", low=1)

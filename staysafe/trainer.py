@@ -89,7 +89,8 @@ class SafetyTrainer(Trainer):
                 raise SpecError("method lisa tokenises its alignment data: pass processing_class=<the tokenizer>")
 
             self.lisa = LisaSchedule(self.processing_class, args.lisa_align_steps, args.lisa_user_steps, args.lisa_rho,
-                                     args.per_device_train_batch_size, seed=args.seed + args.process_index,
+                                     args.per_device_train_batch_size, args.max_length,
+                                     seed=args.seed + args.process_index,
                                      risk_columns=tuple(c for c in self.train_dataset.column_names
                                                         if c.startswith("risk_")))
         self.reference_calls = 0
@@ -125,8 +126,8 @@ class SafetyTrainer(Trainer):
             by_position = (pos, betas.detach(), per_token.detach(), (ref_nll - nll_tok).detach())
         else:
             loss, nll_i, kl_i = regularised_loss(nll_tok, kl_tok, rows, beta, self.args.per_example_beta)
-        if self.lisa:
-            loss = loss + self.lisa.proximal(model, phase)
+        if self.lisa:  # unwrapped: the parameter names of a checkpointed anchor carry no DDP prefix
+            loss = loss + self.lisa.proximal(self.accelerator.unwrap_model(model), phase)
         self._pending.append({
             "example_index": inputs["example_index"].detach().cpu(), "nll": nll_i.detach().float().cpu(),
             "kl": kl_i.detach().float().cpu(), "beta": beta.detach().float().cpu(), "risk": risk.detach().cpu(),
@@ -200,12 +201,16 @@ class SafetyTrainer(Trainer):
         self._last_grad_norm = float(norm) if norm is not None else float("nan")
         return norm
 
-    # -- checkpoints: the risk policy's state is part of the training state --------------------------------
+    # -- checkpoints: the risk policy's state and Lisa's anchor are part of the training state-----------------------
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         fault_pause(f"checkpoint@{self.state.global_step}")
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.lisa:  # each process its own: the anchor shards and the alignment data's order
+            os.makedirs(folder, exist_ok=True)
+            self.lisa.save(os.path.join(folder, f"lisa-{self.args.process_index}.safetensors"))
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             # Written last: a checkpoint without this file was interrupted and is skipped on resume.
             from staysafe.traces import write_json
@@ -218,6 +223,9 @@ class SafetyTrainer(Trainer):
             if os.path.isfile(state_file):
                 with open(state_file) as f:
                     self.risk_policy.load_state_dict(json.load(f))
+            lisa_file = os.path.join(resume_from_checkpoint, f"lisa-{self.args.process_index}.safetensors")
+            if self.lisa and os.path.isfile(lisa_file):
+                self.lisa.load(lisa_file)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 

@@ -49,12 +49,16 @@ def spec_flags(spec: RunSpec) -> list[str]:
 # ----------------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("lora_r,method", [(0, "adaptive"), (4, "constant-kl")])
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, lora_r, method):
+@pytest.mark.parametrize("lora_r,method,more", [
+    (0, "adaptive", {}), (4, "constant-kl", {}),
+    # the checkpoint after step 3 falls inside a user phase whose anchor was taken at step 2
+    (4, "lisa", {"lisa_align_steps": 2, "lisa_user_steps": 2, "lisa_rho": 50.0})])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, lora_r, method, more):
     """Kill after a checkpoint, resume: the trace rows equal those of a run that was never interrupted."""
     full = load_run(run_training(tiny_spec(tmp_path / "a", lora_r=lora_r, method=method, risk_ema=0.5,
-                                           checkpoint_every=3), progress=False))
-    spec = tiny_spec(tmp_path / "b", lora_r=lora_r, method=method, risk_ema=0.5, checkpoint_every=3, run_id="cut")
+                                           checkpoint_every=3, **more), progress=False))
+    spec = tiny_spec(tmp_path / "b", lora_r=lora_r, method=method, risk_ema=0.5, checkpoint_every=3, run_id="cut",
+                     **more)
     run_dir = Path(spec.runs_dir) / "cut"
     kill_at(spec, "step@5", tmp_path / "log")
     assert load_run(run_dir).status["state"] == "interrupted"
