@@ -2,7 +2,7 @@
 the loss with respect to every decoder layer's attention output, then trains on the same batch with each of those
 outputs shifted by ``rho * g_l / ||g||`` (``||g||`` over all layers jointly), so the aligned model learns to keep
 its refusals under the hidden-state drift that later fine-tuning causes. Follows git-disl/Vaccine (attention
-outputs, one global norm, the first pass's parameter gradients discarded). ``staysafe align --defense vaccine``
+outputs, one global norm, no parameter update from the first pass). ``staysafe align --defense vaccine``
 builds the alternative reference ``smollm2-135m-aligned-vaccine`` with it; fine-tuning on top is plain sft.
 """
 
@@ -30,26 +30,30 @@ class VaccineTrainer(SafetyTrainer):
         self.last_perturbation_norm = 0.0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        modules = attention_modules(self.accelerator.unwrap_model(model))
-        grads: dict[int, torch.Tensor] = {}
+        unwrapped = self.accelerator.unwrap_model(model)  # pass 1 needs no gradient synchronisation
+        modules = attention_modules(unwrapped)
+        outputs: dict[int, torch.Tensor] = {}
 
-        def keep_grad(i):
+        def keep_output(i):
             def hook(module, args, output):
                 out = output[0] if isinstance(output, tuple) else output
                 if out.requires_grad:
-                    out.register_hook(lambda g: grads.__setitem__(i, g.detach()))
+                    outputs[i] = out
             return hook
 
-        handles = [m.register_forward_hook(keep_grad(i)) for i, m in enumerate(modules)]
+        handles = [m.register_forward_hook(keep_output(i)) for i, m in enumerate(modules)]
         try:  # pass 1: where the loss is most sensitive to each attention output
             model.train()
-            loss = self.compute_loss(model, self._prepare_inputs(inputs))
-            self.accelerator.backward(loss)
+            loss = self.compute_loss(unwrapped, self._prepare_inputs(inputs))
         finally:
             for h in handles:
                 h.remove()
         self._pending.pop()  # pass 1 is not a trace row
-        model.zero_grad(set_to_none=True)
+        # gradients of the attention outputs only: the parameters' .grad (earlier micro-batches' under gradient
+        # accumulation) stay as they are
+        found = sorted(outputs)
+        found_grads = torch.autograd.grad(loss, [outputs[i] for i in found], allow_unused=True) if found else []
+        grads = {i: g.detach() for i, g in zip(found, found_grads) if g is not None}
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())) if grads else torch.tensor(0.0)
         shift = {i: (self.rho * g / (norm + 1e-7)).to(g.dtype) for i, g in grads.items()}
         self.last_perturbation_norm = float(sum((s.float() ** 2).sum() for s in shift.values()) ** 0.5)

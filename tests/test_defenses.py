@@ -282,7 +282,7 @@ def test_every_defense_runs_in_one_experiment(tokenizer, tmp_path):
     assert (out / "frontier.html").is_file()
 
 
-def vaccine_train(tokenizer, tmp_path, rho, steps=2):
+def vaccine_train(tokenizer, tmp_path, rho, steps=2, dropout=0.05):
     from staysafe.data import SafetyCollator, tokenize_dataset
     from staysafe.models import LoraSettings, add_lora, build_tiny
     from staysafe.traces import RunWriter, load_run
@@ -290,7 +290,7 @@ def vaccine_train(tokenizer, tmp_path, rho, steps=2):
     from staysafe.vaccine import VaccineTrainer
 
     torch.manual_seed(0)
-    model = add_lora(build_tiny(tokenizer, seed=0), LoraSettings(r=4))
+    model = add_lora(build_tiny(tokenizer, seed=0), LoraSettings(r=4, dropout=dropout))
     writer = RunWriter.create(tmp_path / f"runs{rho}", {"method": "sft"})
     args = SafetyConfig(output_dir=str(tmp_path / "out"), method="sft", max_steps=steps, per_device_train_batch_size=4,
                         learning_rate=1e-3, use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0)
@@ -312,6 +312,25 @@ def test_vaccine_trains_under_a_perturbation_of_size_rho_along_the_loss_gradient
     moved = sum(float((a - b).detach().abs().sum()) for (n, a), (_, b) in zip(plain.model.named_parameters(),
                                                                     vacc.model.named_parameters()) if "lora_" in n)
     assert moved > 0  # and so another update
+
+
+def test_vaccine_keeps_the_gradients_of_earlier_micro_batches(tokenizer, tmp_path):
+    """Under gradient accumulation the first (perturbation-finding) pass must not wipe what earlier micro-batches
+    accumulated: two steps in a row give the sum of each one's gradient."""
+    trainer, _ = vaccine_train(tokenizer, tmp_path, rho=5.0, steps=1, dropout=0.0)
+    model = trainer.model
+    batches = [trainer.data_collator([dict(f) for f in trainer.train_dataset.select(range(i, i + 4))]) for i in (0, 4)]
+
+    def grads(*micro_batches):
+        model.zero_grad(set_to_none=True)
+        for b in micro_batches:
+            trainer.training_step(model, b)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    first, second, both = grads(batches[0]), grads(batches[1]), grads(*batches)
+    assert first and set(both) == set(first)
+    for n in both:
+        torch.testing.assert_close(both[n], first[n] + second[n], rtol=1e-4, atol=1e-6)
 
 
 def test_the_vaccine_reference_is_built_on_demand_and_named_until_then(tmp_path, monkeypatch):
