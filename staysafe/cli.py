@@ -261,7 +261,7 @@ def cmd_experiment(args) -> int:
 def cmd_safelora(args) -> int:
     from staysafe.safelora import safelora_run
 
-    target = safelora_run(args.run_dir, threshold=args.threshold, unaligned=args.unaligned)
+    target = safelora_run(args.run_dir, threshold=args.threshold, layers=args.layers, unaligned=args.unaligned)
     print(f"projected run written to {target}")
     return 0
 
@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     fields = {f.name: f for f in dataclasses.fields(RunSpec)}
     sl.add_argument("--threshold", type=float, default=None,
                     help=help_text(fields["safelora_threshold"]) + " (default: the run's own setting)")
+    sl.add_argument("--layers", type=int, default=None,
+                    help=help_text(fields["safelora_layers"]) + " (default: the run's own setting)")
     sl.add_argument("--unaligned", default=None, help=help_text(fields["safelora_unaligned"]))
     sl.set_defaults(fn=cmd_safelora)
 

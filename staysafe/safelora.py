@@ -138,9 +138,11 @@ def _plain(row: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
-def safelora_run(run_dir, threshold: float | None = None, unaligned: str | None = None, log=print):
+def safelora_run(run_dir, threshold: float | None = None, layers: int | None = None, unaligned: str | None = None,
+                 log=print):
     """Safe LoRA on a finished LoRA run: a new run directory ``<run>-safelora`` holding a copy of the run's traces,
-    the projected adapter and its evaluation (the source run is left as it is). Returns its path."""
+    the projected adapter and its evaluation (the source run is left as it is). ``threshold``, ``layers`` and
+    ``unaligned`` override the run's own safelora options (None: keep them). Returns its path."""
     import shutil
     import time
     from dataclasses import asdict, replace
@@ -159,10 +161,8 @@ def safelora_run(run_dir, threshold: float | None = None, unaligned: str | None 
         raise SpecError(f"{src} is {source.status.get('state')}: safelora needs a finished run")
     spec = RunSpec.from_dict(source.config)
     changes = {"method": "safelora", "run_id": f"{source.id}-safelora"}
-    if threshold is not None:
-        changes["safelora_threshold"] = threshold
-    if unaligned is not None:
-        changes["safelora_unaligned"] = unaligned
+    given = {"safelora_threshold": threshold, "safelora_layers": layers, "safelora_unaligned": unaligned}
+    changes.update({k: v for k, v in given.items() if v is not None})
     spec = replace(spec, **changes).validate()
     adapter = src / "final_model" / "adapter_model.safetensors"
     if not spec.lora_r or not adapter.is_file():

@@ -242,6 +242,11 @@ def test_safelora_method_and_the_post_hoc_command_project_and_evaluate_again(tok
     assert "stage" not in load_run(tmp_path / "runs" / "plain").evals  # the source run is left as it was
     again = run_cli("safelora", str(tmp_path / "runs" / "plain"), "--unaligned", unaligned)
     assert again.returncode == 2 and "already exists" in again.stderr
+    projected.path.rename(tmp_path / "runs" / "plain-safelora-threshold0")
+    res = run_cli("safelora", str(tmp_path / "runs" / "plain"), "--unaligned", unaligned, "--layers", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "plain-safelora" / "safelora.json").read_text())
+    assert report["projected_layers"] == 2 and report["layers_mode"] == 2  # Safe LoRA's top-N mode
 
 
 def test_safelora_without_lora_or_unaligned_model_is_refused_before_work(tmp_path):
