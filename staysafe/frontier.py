@@ -14,20 +14,32 @@ import pandas as pd
 DEFAULT_JUDGE = "embedding_response"  # the default response judge's column suffix (final_asr_<judge>)
 
 
-def axes(results: pd.DataFrame) -> tuple[str, str, str]:
-    """``(x column, its label, y column)``: task accuracy if recorded, else benign NLL; ASR by the default response
-    judge if recorded, else by the keyword judge."""
+def judges(results: pd.DataFrame) -> list[str]:
+    """The response judges whose final ASR the results hold, the default one first."""
+    found = [c[len("final_asr_"):] for c in results.columns
+             if c.startswith("final_asr_") and not c.endswith(("_lo", "_hi"))]  # not the interval bounds
+    return sorted(found, key=lambda j: (j != DEFAULT_JUDGE, j))
+
+
+def axes(results: pd.DataFrame, judge: str | None = None) -> tuple[str, str, str]:
+    """``(x column, its label, y column)``: task accuracy if recorded, else benign NLL; ASR by ``judge`` (default:
+    the default response judge if recorded, else the keyword judge)."""
     if "final_task_accuracy" in results and results["final_task_accuracy"].notna().any():
         x, label = "final_task_accuracy", "task accuracy (higher is better)"
     else:
         x, label = "benign_nll", "benign NLL (lower is better)"
+    if judge is not None:
+        if f"final_asr_{judge}" not in results:
+            raise KeyError(f"no ASR by the {judge} judge in these results; have {', '.join(judges(results))}")
+        return x, label, f"final_asr_{judge}"
     y = f"final_asr_{DEFAULT_JUDGE}" if f"final_asr_{DEFAULT_JUDGE}" in results else "final_asr_keyword"
     return x, label, y
 
 
-def frontier_points(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per method and sweep point: mean and std over seeds of utility and ASR, the seeds and run ids."""
-    x, _, y = axes(results)
+def frontier_points(results: pd.DataFrame, judge: str | None = None) -> pd.DataFrame:
+    """One row per method and sweep point: mean and std over seeds of utility and ASR (by ``judge``, see
+    :func:`axes`), the seeds and run ids."""
+    x, _, y = axes(results, judge)
     sweep = [c for c in results.columns if c.startswith("sweep_")]
     keys = ["method", *sweep]
     g = results.groupby(keys, dropna=False, sort=False)
@@ -52,11 +64,11 @@ def on_frontier(points: pd.DataFrame, higher_x_is_better: bool) -> pd.Series:
     return pd.Series(flags, index=points.index)
 
 
-def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility trade-off"):
+def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility trade-off", judge: str | None = None):
     import plotly.graph_objects as go
 
-    x, xlabel, y = axes(results)
-    points = frontier_points(results)
+    x, xlabel, y = axes(results, judge)
+    points = frontier_points(results, judge)
     fig = go.Figure()
     for method, g in points.groupby("method", sort=False):
         g = g.sort_values("x")

@@ -597,6 +597,7 @@ def test_frontier_page_draws_the_sweep_as_a_curve_and_opens_runs(env):
     assert traces["sft"]["mode"] == "markers"
     assert "benign NLL" in fig["layout"]["xaxis"]["title"]["text"]
     assert any("keyword judge (κ = 0.66" in c.value for c in at.caption)  # no response judge in these runs
+    assert at.radio(key="frontier_judge").options == ["keyword"]
     table = at.dataframe[0].value
     assert len(table) == 3 and "on frontier" in table and table["on frontier"].any()
     assert "constant-kl beta=0.9" in table["method"].tolist()

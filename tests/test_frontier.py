@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
-from staysafe.frontier import frontier_points, on_frontier
+from staysafe.frontier import axes, frontier_points, judges, on_frontier
 from staysafe.traces import load_run, write_json
 
 TINY = dict(lora_r=0, batch_size=4, max_length=64, steps=2, eval_every=0, eval_harmful=2, eval_benign=2,
@@ -36,6 +36,14 @@ def test_a_sweep_varies_an_option_only_for_the_methods_that_read_it(tmp_path):
     assert "| judge agreement (labelled test split) |  | κ 0.66 [0.59, 0.73] |" in table
     html = (out / "frontier.html").read_text()
     assert "constant-kl" in html and "benign NLL" in html
+    # ASR by another recorded judge on request (the default response judge first when recorded)
+    two = results.assign(final_asr_embedding_response=1 - results["final_asr_keyword"])
+    assert judges(results) == ["keyword"] and judges(two) == ["embedding_response", "keyword"]
+    assert axes(two)[2] == "final_asr_embedding_response" and axes(two, "keyword")[2] == "final_asr_keyword"
+    by_keyword = frontier_points(two, "keyword").set_index("label")["y"]
+    assert by_keyword["sft"] == results.set_index("method").loc["sft", "final_asr_keyword"]
+    with pytest.raises(KeyError, match="no ASR by the local-lm judge"):
+        axes(two, "local-lm")
 
 
 def test_a_sweep_reaches_the_methods_by_the_training_method_they_run():

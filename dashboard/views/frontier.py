@@ -1,5 +1,5 @@
 """Safety-utility trade-off: an experiment's runs as points (utility against final ASR by the default response
-judge, error bars over seeds); constant-kl's beta sweep drawn as a curve, every other method a marker. Selecting a
+judge, or another recorded one, error bars over seeds); constant-kl's beta sweep drawn as a curve, every other method a marker. Selecting a
 point opens its runs on the Training traces page."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import charts
 import loaders
 import safe_text
 import settings
-from staysafe.frontier import axes, frontier_figure, frontier_points, on_frontier
+from staysafe.frontier import axes, frontier_figure, frontier_points, judges, on_frontier
 from staysafe.traces import TraceError
 from staysafe.validation import measured_agreement
 
@@ -39,15 +39,17 @@ if results.empty:
     st.info(f"Experiment {safe_text.code(exp_dir.name)} has no finished run yet ({desc.get('state')}).")
     st.stop()
 
-x, xlabel, y = axes(results)
-points = frontier_points(results)
+judge = st.radio("ASR by", judges(results), horizontal=True, key="frontier_judge",
+                 help="the default response judge first; the keyword judge over-counts but sees refuse-then-help "
+                      "answers the default misses (see each judge's κ)")
+x, xlabel, y = axes(results, judge)
+points = frontier_points(results, judge)
 points["on frontier"] = on_frontier(points, higher_x_is_better=x == "final_task_accuracy")
-fig = frontier_figure(results, title=None)
+fig = frontier_figure(results, title=None, judge=judge)
 for trace in fig.data:
     trace.marker.color = charts.METHOD_COLORS.get(trace.name)
     trace.line.color = charts.METHOD_COLORS.get(trace.name)
 charts.style(fig, height=520)
-judge = y[len("final_asr_"):]
 agreement = measured_agreement().get(judge)
 note = (f"ASR by the {judge} judge (κ = {agreement['kappa']:.2f} against labelled answers)" if agreement
         else f"ASR by the {judge} judge")
