@@ -201,7 +201,7 @@ class SafetyTrainer(Trainer):
         self._last_grad_norm = float(norm) if norm is not None else float("nan")
         return norm
 
-    # -- checkpoints: the risk policy's state and Lisa's anchor are part of the training state-----------------------
+    # -- checkpoints: the risk policy's state and Lisa's anchor are part of the training state ---------------
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -1,6 +1,6 @@
 """Safety-utility trade-off: an experiment's runs as points (utility against final ASR by the default response
-judge, or another recorded one, error bars over seeds); constant-kl's beta sweep drawn as a curve, every other method a marker. Selecting a
-point opens its runs on the Training traces page."""
+judge, or another recorded one, error bars over seeds); constant-kl's beta sweep drawn as a curve, every other
+method a marker. Selecting a point opens its runs on the Training traces page."""
 
 from __future__ import annotations
 
