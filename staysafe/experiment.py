@@ -178,11 +178,16 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
         "peak ASR kw %", "over-refusal %", "benign NLL"] + (["task accuracy %"] if task else []) + [
         "mean β", "steps β>mid %", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref_cells = ["aligned reference (step 0)", "", _cell(results, "reference_asr_keyword", True)] + [
-        _cell(results, c.replace("final_", "reference_"), True) for c in judge_cols] + [
-        "", "", _fmt(results["reference_benign_nll"], False)] + (
-        [_cell(results, "reference_task_accuracy", True)] if task else []) + ["", "", ""]
-    lines.append("| " + " | ".join(ref_cells) + " |")
+    # step 0 of each starting model (vaccine starts from its own reference), once per seed
+    starts = results["method"].map(lambda m: METHODS.get(m, {}).get("model", ""))
+    for start, part in results.groupby(starts, sort=True):  # "" (the experiment's model) first
+        ref = part.drop_duplicates("seed") if "seed" in part else part
+        ref_cells = [f"{start} (step 0)" if start else "aligned reference (step 0)", "",
+                     _cell(ref, "reference_asr_keyword", True)] + [
+            _cell(ref, c.replace("final_", "reference_"), True) for c in judge_cols] + [
+            "", "", _fmt(ref["reference_benign_nll"], False)] + (
+            [_cell(ref, "reference_task_accuracy", True)] if task else []) + ["", "", ""]
+        lines.append("| " + " | ".join(ref_cells) + " |")
     from staysafe.validation import measured_agreement
 
     agreement = measured_agreement()  # each judge's kappa against the labelled answers, under its ASR column

@@ -148,6 +148,14 @@ def test_experiment_writes_results_and_matches_constant_kl_beta(tmp_path):
     assert "aligned reference (step 0)" in table and "± " in table
     assert "Per seed (95% bootstrap interval over prompts in brackets)" in table
     assert table.index("| sft") < table.index("| constant-kl") < table.index("| adaptive-label")
+    # a method that starts from another model (vaccine) gets its own step-0 row, not a share of the reference's
+    from staysafe.experiment import markdown_table
+
+    other = results[results["method"] == "sft"].assign(method="vaccine", reference_benign_nll=9.0)
+    both = markdown_table(pd.concat([results, other]))
+    ref_row = next(line for line in both.splitlines() if line.startswith("| aligned reference (step 0)"))
+    assert "9.000" not in ref_row and "| smollm2-135m-aligned-vaccine (step 0) |  |" in both
+    assert "| 9.000 ± 0.000 |" in both
     runs = [load_run(tmp_path / "runs" / rid) for rid in results["run_id"]]
     assert all(r.config["experiment"] == "t" for r in runs)
     # same data order for every method under one seed
