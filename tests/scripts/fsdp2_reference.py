@@ -1,6 +1,7 @@
 """Run under torchrun with 2 CPU processes (gloo): the tiny model's reference, sharded by
 staysafe.reference.shard_reference with the plugin's transformer auto-wrap policy, gives the logits of the
-unsharded model while each rank holds about half of its parameters. Writes rank<N>.json in the working directory."""
+unsharded model while each rank holds about half of its parameters. Writes rank<N>.json in the working
+directory."""
 
 import json
 from pathlib import Path
@@ -29,9 +30,8 @@ ref = shard_reference(model, policy, reshard_after_forward=True)
 local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in ref.parameters())
 with torch.no_grad():
     sharded = ref(input_ids=ids).logits
-# one file per rank: two ranks printing to one pipe can interleave their lines
-Path(f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": dist.get_world_size(), "max_diff": float((sharded - full).abs().max()),
-                  "local_share": local / total, "wrapped": sorted(set(wrapped)), "n_wrapped": len(wrapped),
-                  "requires_grad": any(p.requires_grad for p in ref.parameters()),
-                  "fsdp_module": type(ref).__name__}))
+report = {"rank": rank, "world": dist.get_world_size(), "max_diff": float((sharded - full).abs().max()),
+          "local_share": local / total, "wrapped": sorted(set(wrapped)), "n_wrapped": len(wrapped),
+          "requires_grad": any(p.requires_grad for p in ref.parameters()), "fsdp_module": type(ref).__name__}
+Path(f"rank{rank}.json").write_text(json.dumps(report))  # one file per rank: two ranks' prints can interleave
 dist.destroy_process_group()
