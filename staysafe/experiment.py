@@ -171,8 +171,9 @@ def _cell(g: pd.DataFrame, col: str, pct: bool) -> str:
 def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str:
     """Per method (in ``order``): mean ± std over seeds (one seed: the value and its 95% bootstrap interval over
     prompts in brackets). ASR and over-refusal in percent. With several seeds a second table lists every seed."""
-    judge_cols = sorted(c for c in results.columns if c.startswith("final_asr_") and c != "final_asr_keyword"
-                        and not c.endswith(("_lo", "_hi")))
+    from staysafe.frontier import judges
+
+    judge_cols = [f"final_asr_{j}" for j in sorted(judges(results)) if j != "keyword"]
     task = "final_task_accuracy" in results and results["final_task_accuracy"].notna().any()
     head = ["method", "seeds", "final ASR kw %"] + [f"final ASR {c[len('final_asr_'):]} %" for c in judge_cols] + [
         "peak ASR kw %", "over-refusal %", "benign NLL"] + (["task accuracy %"] if task else []) + [

@@ -21,6 +21,11 @@ def judges(results: pd.DataFrame) -> list[str]:
     return sorted(found, key=lambda j: (j != DEFAULT_JUDGE, j))
 
 
+def judge_name(judge: str) -> str:
+    """A judge's column suffix as the command line spells the judge: ``embedding_response`` -> ``embedding-response``."""
+    return judge.replace("_", "-")
+
+
 def axes(results: pd.DataFrame, judge: str | None = None) -> tuple[str, str, str]:
     """``(x column, its label, y column)``: task accuracy if recorded, else benign NLL; ASR by ``judge`` (default:
     the default response judge if recorded, else the keyword judge)."""
@@ -80,8 +85,8 @@ def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility t
             marker={"size": 11}, text=g["label"], customdata=g[["runs", "seeds"]].to_numpy(),
             hovertemplate="%{text}<br>utility %{x:.3f}<br>ASR %{y:.0f}%<br>seeds %{customdata[1]}"
                           "<br>runs %{customdata[0]}<extra></extra>"))
-    judge = y[len("final_asr_"):].replace("_", "-")
-    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=f"final ASR % ({judge} judge)",
+    shown = judge_name(y[len("final_asr_"):])
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=f"final ASR % ({shown} judge)",
                       yaxis_range=[-5, 105], legend_title="method", height=520)
     return fig
 

@@ -210,7 +210,7 @@ class SafetyTrainer(Trainer):
         if self.lisa:  # each process its own: the anchor shards and the alignment data's order
             os.makedirs(folder, exist_ok=True)
             self.lisa.save(os.path.join(folder, f"lisa-{self.args.process_index}.safetensors"))
-        self.accelerator.wait_for_everyone()
+            self.accelerator.wait_for_everyone()  # every process's file exists before the state file marks it done
         if self.args.should_save:
             # Written last: a checkpoint without this file was interrupted and is skipped on resume.
             from staysafe.traces import write_json

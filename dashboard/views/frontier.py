@@ -11,7 +11,7 @@ import charts
 import loaders
 import safe_text
 import settings
-from staysafe.frontier import DEFAULT_JUDGE, axes, frontier_figure, frontier_points, judges, on_frontier
+from staysafe.frontier import DEFAULT_JUDGE, axes, frontier_figure, frontier_points, judge_name, judges, on_frontier
 from staysafe.traces import TraceError
 from staysafe.validation import measured_agreement
 
@@ -40,7 +40,7 @@ if results.empty:
     st.stop()
 
 judge = st.radio("ASR by", judges(results), horizontal=True, key="frontier_judge",
-                 format_func=lambda j: j.replace("_", "-") + (" (the default judge)" if j == DEFAULT_JUDGE else ""),
+                 format_func=lambda j: judge_name(j) + (" (the default judge)" if j == DEFAULT_JUDGE else ""),
                  help="the default response judge first; the keyword judge over-counts but sees refuse-then-help "
                       "answers the default misses (see each judge's κ)")
 x, xlabel, y = axes(results, judge)
@@ -52,9 +52,8 @@ for trace in fig.data:
     trace.line.color = charts.METHOD_COLORS.get(trace.name)
 charts.style(fig, height=520)
 agreement = measured_agreement().get(judge)
-shown = judge.replace("_", "-")
-note = (f"ASR by the {shown} judge (κ = {agreement['kappa']:.2f} against labelled answers)" if agreement
-        else f"ASR by the {shown} judge")
+note = (f"ASR by the {judge_name(judge)} judge (κ = {agreement['kappa']:.2f} against labelled answers)" if agreement
+        else f"ASR by the {judge_name(judge)} judge")
 seeds = int(results["seed"].nunique()) if "seed" in results else 1
 st.caption(f"{note}; error bars: std over {seeds} seed(s) (none with one seed). State: {desc.get('state')}.")
 picked = st.plotly_chart(fig, use_container_width=True, on_select="rerun", selection_mode="points",
