@@ -10,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from staysafe.endpoint import add_endpoint_arguments, endpoint_from_args, endpoint_for
 from staysafe.errors import StaySafeError
+from staysafe.files import TraceError, read_json
 from staysafe.options import DEFENSES, POSITIONS, SCENARIOS, RunSpec, SpecError, default_of, flag, help_text
 
 
@@ -26,17 +28,22 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
                            help=help_text(f))
         else:
             kind = type(default) if default is not None else str
+            if f.name == "runs_dir":
+                default = None  # $STAYSAFE_RUNS, else ./runs (spec_from_args)
             p.add_argument(flag(f.name), type=kind, default=default, help=help_text(f))
 
 
 def spec_from_args(args) -> RunSpec:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunSpec)}
+    values["runs_dir"] = values["runs_dir"] or runs_root_default()
     if values.get("data"):
         values["scenario"] = None
     return RunSpec(**values)
 
 
-ENDPOINT_OPTIONS = ("judge_url", "judge_key_env")  # where a key is sent, and which variable is sent
+def runs_root_default() -> str:
+    """Every subcommand's --runs-dir default: $STAYSAFE_RUNS, else ./runs."""
+    return os.environ.get("STAYSAFE_RUNS") or "runs"
 
 
 def given_options(argv: list[str]) -> set[str]:
@@ -50,52 +57,47 @@ def given_options(argv: list[str]) -> set[str]:
 
 
 def read_config(path: str) -> dict:
-    """A --config or --resume file as a dict of options; named errors for a missing or malformed file."""
-    from staysafe.traces import TraceError, read_json
-
+    """A --config file as a dict of options; named errors for a missing or malformed file (the path was typed
+    by the user, so a link is followed)."""
     try:
-        return read_json(Path(path))
+        return read_json(Path(path), follow_links=True)
     except TraceError as err:
         raise SpecError(f"--config: {err}") from None
 
 
-def check_trusted(base: dict, given: set[str], trust: bool, source: str) -> None:
-    """A file may not choose the judge endpoint or the key variable unless the user confirms it on the command
-    line (the options given again, or --trust-config): otherwise any secret in the environment could be sent to
-    any host."""
-    default = RunSpec()
-    from_file = [k for k in ENDPOINT_OPTIONS if k in base and base[k] != getattr(default, k) and k not in given]
-    if from_file and not trust:
-        raise SpecError(f"{source} sets {', '.join(from_file)} (where the judge's API key is sent, and which "
-                        "environment variable is sent); a file may not choose that: give "
-                        f"{' '.join(flag(k) for k in from_file)} on the command line, or pass --trust-config")
-
-
 def spec_from_cli(args, argv: list[str]) -> RunSpec:
     """The run's options: flags, over a --config file when given (flags typed on the command line win, even when
-    they equal the default; the file's run_id is dropped so a run's own config.json starts a new run)."""
+    they equal the default). Where the run goes (runs_dir, run_id) is never the file's: a run's own config.json
+    starts a new run under this command line's --runs-dir."""
     spec = spec_from_args(args)
     if not args.config:
         return spec
-    base = read_config(args.config)
+    base = {k: v for k, v in read_config(args.config).items() if k not in ("runs_dir", "run_id")}
     given = given_options(argv)
-    check_trusted(base, given, args.trust_config, f"--config {args.config}")
-    base.pop("run_id", None)
-    typed = {k: v for k, v in dataclasses.asdict(spec).items() if k in given}
+    typed = {k: v for k, v in dataclasses.asdict(spec).items() if k in given or k == "runs_dir"}
     if "data" in typed and typed["data"]:
         base["scenario"] = None
-    return RunSpec.from_dict({**base, **typed})
+    spec = RunSpec.from_dict({**base, **typed})
+    endpoint_for(spec.validate(), endpoint_from_args(args), base, f"--config {args.config}")
+    return spec
+
+
+RESUME_FLAGS = {"threads"}  # the only run options --resume takes from the command line (how, not what, it trains)
 
 
 def cmd_train(args) -> int:
     from staysafe.runner import run_training
 
+    endpoint = endpoint_from_args(args)
     if args.resume:
-        base = read_config(str(Path(args.resume) / "config.json"))
-        check_trusted(base, set(), args.trust_config, f"--resume {args.resume} (its config.json)")
-        run_dir = run_training(resume=args.resume)
+        ignored = sorted(given_options(args.argv) - RESUME_FLAGS)
+        if ignored:
+            raise SpecError(f"--resume continues a run with its own options; it would ignore "
+                            f"{', '.join(flag(n) for n in ignored)}: drop them (or start a new run with --config "
+                            f"{Path(args.resume) / 'config.json'} and those flags)")
+        run_dir = run_training(resume=args.resume, endpoint=endpoint)
     else:
-        run_dir = run_training(spec_from_cli(args, args.argv))
+        run_dir = run_training(spec_from_cli(args, args.argv), endpoint=endpoint)
     print(f"run finished: {run_dir}")
     return 0
 
@@ -104,7 +106,7 @@ def cmd_queue(args) -> int:
     """``staysafe queue list|pause|resume|cancel|work``: the launch queue of a runs root (see staysafe.queue)."""
     from staysafe.queue import LaunchError, Queue
 
-    q = Queue(Path(args.runs_dir))
+    q = Queue(Path(args.runs_dir or runs_root_default()), args.experiments_dir)
     if args.action == "work":
         return q.work(poll=args.poll)
     if args.action in ("pause", "resume"):
@@ -131,9 +133,10 @@ def cmd_queue(args) -> int:
 def cmd_runs(args) -> int:
     from staysafe.traces import list_runs
 
-    df = list_runs(Path(args.runs_dir))
+    root = args.runs_dir or runs_root_default()
+    df = list_runs(Path(root))
     if df.empty:
-        print(f"no runs under {args.runs_dir}")
+        print(f"no runs under {root}")
         return 0
     cols = ["run_id", "state", "method", "risk", "scenario", "steps_done", "max_steps", "final_asr_keyword", "error"]
     print(df[cols].to_string(index=False))
@@ -243,16 +246,19 @@ def parse_sweep(items: list[str]) -> dict:
 def cmd_experiment(args) -> int:
     from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
 
+    endpoint = endpoint_from_args(args)
     if args.resume:
-        path = resume_experiment(args.out_dir, args.resume)
+        path = resume_experiment(args.out_dir, args.resume, runs_dir=args.runs_dir or runs_root_default(),
+                                 endpoint=endpoint)
         print((path / "results.md").read_text())
         print(f"experiment written to {path}")
         return 0
     spec = ExperimentSpec(scenario=args.scenario, methods=args.methods.split(",") if args.methods else None,
                           seeds=args.seeds, quick=args.quick, preset=args.preset,
-                          model=args.model, steps=args.steps, out_dir=args.out_dir, runs_dir=args.runs_dir,
-                          experiment_id=args.id, overrides=parse_overrides(args.set), sweep=parse_sweep(args.sweep))
-    path = run_experiment(spec)
+                          model=args.model, steps=args.steps, out_dir=args.out_dir,
+                          runs_dir=args.runs_dir or runs_root_default(), experiment_id=args.id,
+                          overrides=parse_overrides(args.set), sweep=parse_sweep(args.sweep))
+    path = run_experiment(spec, endpoint=endpoint)
     print((path / "results.md").read_text())
     print(f"experiment written to {path}")
     return 0
@@ -272,8 +278,7 @@ def cmd_validate_judges(args) -> int:
 
     names = check_judge_names(args.judges)  # names and data are checked before any judge loads a model
     items = load_validation_set(args.data, args.split)
-    judges = [build_judge(n, judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
-                          local_lm_model=args.local_lm_model) for n in names]
+    judges = [build_judge(n, endpoint=endpoint_from_args(args), local_lm_model=args.local_lm_model) for n in names]
     report = validate_judges(judges, items, data=str(args.data), split=args.split)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,9 +300,7 @@ def add_validate_judges(sub) -> None:
     v.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
     v.add_argument("--judges", default="keyword,embedding-response",
                    help="response judges, comma-separated: keyword | embedding-response | local-lm | openai")
-    v.add_argument("--judge-url", default=None, help="openai: an OpenAI-compatible base URL")
-    v.add_argument("--judge-model", default=None, help="openai: the endpoint's model name")
-    v.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="openai: the variable holding the API key")
+    add_endpoint_arguments(v)
     v.add_argument("--local-lm-model", default="smollm2-135m-aligned", help="local-lm: the judging model")
     v.add_argument("--out", default="judge-validation.json", help="where the JSON report goes")
     v.set_defaults(fn=cmd_validate_judges)
@@ -312,10 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune with sft / constant-kl / adaptive safety regularisation")
     add_spec_arguments(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory from its last checkpoint")
-    t.add_argument("--config", metavar="FILE", help="options from a JSON file (a run's config.json); flags override")
-    t.add_argument("--trust-config", action="store_true",
-                   help="let --config / --resume set the judge endpoint and key variable (--judge-url, "
-                        "--judge-key-env); without it a file may not choose where a key is sent")
+    t.add_argument("--config", metavar="FILE", help="options from a JSON file (a run's config.json); flags override; "
+                   "the file never sets where the run goes or the judge endpoint")
+    add_endpoint_arguments(t)
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="defaults for a common use (flags override): " +
                         "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.train_parser = t  # main() gives it a preset's defaults
 
     r = sub.add_parser("runs", help="list run directories")
-    r.add_argument("--runs-dir", default="runs")
+    r.add_argument("--runs-dir", default=None, help="default: $STAYSAFE_RUNS, else ./runs")
     r.set_defaults(fn=cmd_runs)
 
     m = sub.add_parser("models", help="known models and whether each is ready")
@@ -381,13 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="smollm2-135m-aligned")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--out-dir", default="experiments")
-    e.add_argument("--runs-dir", default="runs")
+    e.add_argument("--runs-dir", default=None, help="default: $STAYSAFE_RUNS, else ./runs")
     e.add_argument("--id", default=None)
     e.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="a train option for every run, e.g. --set per_example_beta=true (repeatable)")
     e.add_argument("--sweep", action="append", default=[], metavar="OPTION=V1,V2,...",
                    help="run every value (repeatable: the grid) for the methods that read the option, e.g. --sweep "
                         "beta=0.05,0.1,0.3,0.5,0.7,0.9; the others run once per seed")
+    add_endpoint_arguments(e)
     e.add_argument("--resume", metavar="ID", default=None,
                    help="continue experiment ID (under --out-dir) with the options it was started with: finished "
                         "runs are kept, an interrupted one continues from its last checkpoint")
@@ -397,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("action", choices=("list", "pause", "resume", "cancel", "work"),
                    help="work: run the queued jobs one by one (started for you by every launch)")
     q.add_argument("job_id", nargs="?", default=None, help="the job to cancel")
-    q.add_argument("--runs-dir", default=os.environ.get("STAYSAFE_RUNS", "runs"))
+    q.add_argument("--runs-dir", default=None, help="default: $STAYSAFE_RUNS, else ./runs")
+    q.add_argument("--experiments-dir", default=None,
+                   help="where queued experiments go (default: $STAYSAFE_EXPERIMENTS, else ./experiments)")
     q.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
     q.set_defaults(fn=cmd_queue)
 

@@ -22,13 +22,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe.options import TOKEN_WISE
-from staysafe.presets import PRESETS, preset_options
-from staysafe.runner import RunSpec, SpecError, run_training
 from staysafe import process
 from staysafe.atomic import write_text
+from staysafe.endpoint import JudgeEndpoint, endpoint_for
+from staysafe.options import MODELS, SCENARIOS, TOKEN_WISE, check_fields, option
+from staysafe.presets import PRESETS, preset_options
+from staysafe.runner import RunSpec, SpecError, check_before_work, latest_checkpoint, run_training
 from staysafe.stats import run_intervals
-from staysafe.traces import load_run, new_run_id, write_json, write_parquet
+from staysafe.traces import RUN_ID, TraceError, load_run, new_run_id, read_json, run_state, write_json, write_parquet
+
+NOT_PER_RUN = {"seed", "run_id", "runs_dir", "experiment"}  # set by the experiment for each run
 
 METHODS = {
     "sft": {"method": "sft"},
@@ -47,21 +50,35 @@ DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")
 
 @dataclass
 class ExperimentSpec:
-    scenario: str = "harmful"
-    methods: list[str] | None = None  # None: the preset's methods, else all four below
-    seeds: int = 1
-    quick: bool = False  # the same as preset="quick"
-    preset: str | None = None  # see staysafe.presets
-    model: str = "smollm2-135m-aligned"
-    steps: int | None = None
-    constant_beta: float = 0.5
-    out_dir: str = "experiments"
-    runs_dir: str = "runs"
-    experiment_id: str | None = None
+    """The options of ``staysafe experiment`` (checked like a run's: type, choices and range per field)."""
+
+    scenario: str = option("harmful", "the training data of every run", choices=SCENARIOS)
+    methods: list[str] | None = option(None, "the methods to compare (default: the preset's, else "
+                                       + ",".join(DEFAULT_METHODS) + ")")
+    seeds: int = option(1, "seeds per method (0, 1, ...)", low=1, high=100)
+    quick: bool = option(False, "the same as preset quick")
+    preset: str | None = option(None, "defaults for a common use", choices=tuple(PRESETS))
+    model: str = option("smollm2-135m-aligned", "the starting (reference) model", choices=MODELS, open_choices=True)
+    steps: int | None = option(None, "optimizer steps of every run (default: the preset's)", low=1)
+    constant_beta: float = option(0.5, "constant-kl's beta when no adaptive method sets it", low=0.0, high=1.0)
+    out_dir: str = option("experiments", "where experiment directories go")
+    runs_dir: str = option("runs", "where the runs go")
+    experiment_id: str | None = option(None, "the experiment directory's name")
     overrides: dict = field(default_factory=dict)  # any RunSpec field, e.g. smaller evaluations in tests
     sweep: dict = field(default_factory=dict)  # RunSpec field -> the values to run (typed, as --set parses them)
 
     def validate(self) -> "ExperimentSpec":
+        check_fields(self)
+        for name, value in (("overrides", self.overrides), ("sweep", self.sweep)):
+            if not isinstance(value, dict):
+                raise SpecError(f"experiment option {name} = {value!r:.60} is invalid: expected an object")
+        bad = sorted(set(self.overrides) - {f.name for f in fields(RunSpec)} | set(self.overrides) & NOT_PER_RUN)
+        if bad:
+            raise SpecError(f"experiment option overrides: {', '.join(map(str, bad))} not a run option an "
+                            "experiment may set (see staysafe train --help; where runs go is the command line's)")
+        if self.experiment_id is not None and not RUN_ID.match(self.experiment_id):
+            raise SpecError(f"experiment id {self.experiment_id!r} is not allowed: use letters, digits, '.', '_' "
+                            "and '-' (max 128)")
         if self.quick and self.preset not in (None, "quick"):
             raise SpecError(f"--quick and --preset {self.preset} contradict each other: give one")
         if self.quick:
@@ -77,7 +94,7 @@ class ExperimentSpec:
             raise SpecError(f"seeds = {self.seeds} is invalid: expected a whole number >= 1")
         known = {f.name for f in fields(RunSpec)}
         for name, values in self.sweep.items():
-            if name not in known or name in ("seed", "run_id", "runs_dir", "experiment"):
+            if name not in known or name in NOT_PER_RUN:
                 raise SpecError(f"--sweep {name}: not an option an experiment can vary (see staysafe train --help)")
             fixed = [m for m in self.methods if name in METHODS[m]]
             if fixed:
@@ -116,6 +133,9 @@ def base_spec(spec: ExperimentSpec) -> RunSpec:
 def run_summary(run, beta_mid: float) -> dict:
     """The numbers of one finished run that the results table reports; each ASR and over-refusal also with its
     95% bootstrap interval over prompts (``<column>_lo``, ``<column>_hi``, from ``generations.parquet``)."""
+    if run.evals.empty or "asr_keyword" not in run.evals:
+        raise TraceError(f"run {run.path} has no evaluations (evals.parquet is empty): nothing to summarise; run "
+                         "it again with evaluations")
     ev, st = run.evals.sort_values("step"), run.steps
     final, first = ev.iloc[-1], ev.iloc[0]
     kl_weight = run.config.get("method") not in TOKEN_WISE  # their step beta scales a schedule: not comparable
@@ -226,30 +246,44 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False) -> Path:
+def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False, endpoint: JudgeEndpoint | None = None,
+                   recorded: dict | None = None) -> Path:
     """Run every method (x sweep point) for every seed; write ``results.parquet``, ``results.md`` and
-    ``experiment.json`` after every run. ``resume``: the experiment directory exists; keep its finished runs."""
+    ``experiment.json`` after every run. ``resume``: the experiment directory exists; keep its finished runs.
+    ``endpoint``: the openai judge's, from the command line only (``recorded``: what experiment.json says it
+    used; a difference is refused)."""
     spec.validate()
     base = base_spec(spec).validate()
     if base.eval_harmful < 1:
         raise SpecError(f"option eval_harmful = {base.eval_harmful} is invalid: an experiment compares ASR over "
                         "training, so it needs at least 1 held-out harmful prompt")
-    from staysafe.runner import check_before_work
-
     for name in spec.methods:  # every run's options and prerequisites checked before the first one starts
         for point in sweep_points(spec, name):
             run_spec = replace(base, **METHODS[name], **point).validate()
+            endpoint_for(run_spec, endpoint, recorded, f"experiment method {name}")
             check_before_work(run_spec, resuming=True)
     exp_id = spec.experiment_id or new_run_id(f"exp-{spec.scenario}")
     out = Path(spec.out_dir) / exp_id
     if (out / "experiment.json").exists() and not resume:
         raise SpecError(f"experiment {out} already exists: continue it with --resume {exp_id}, or choose another id")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = process.LifeLock(out / process.LOCK_NAME, wait=1.0)
+    except process.LockBusy:
+        raise SpecError(f"experiment {out} is running in another process; wait for it or cancel it") from None
+    try:
+        return _run_all(spec, base, exp_id, out, log, endpoint)
+    finally:
+        lock.release()
+
+
+def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, endpoint) -> Path:
     # adaptive methods first, so constant-kl can be matched to their mean beta
     order = sorted(spec.methods, key=lambda m: (METHODS[m]["method"] != "adaptive", spec.methods.index(m)))
     match_beta = "beta" not in spec.sweep
     rows, t0 = [], time.time()
-    desc = {**asdict(spec), "experiment_id": exp_id, "id": exp_id, "base": asdict(base)}
+    desc = {**asdict(spec), "experiment_id": exp_id, "id": exp_id, "base": asdict(base),
+            **({"judge_endpoint": endpoint.public()} if endpoint is not None else {})}
     write_json(out / "experiment.json", {**desc, "state": "running", **process.identity()})
     try:
         for seed in range(spec.seeds):
@@ -261,7 +295,8 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False) -> Pat
                     if name == "constant-kl" and match_beta:
                         run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
                                            else spec.constant_beta)
-                    run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}"))
+                    run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}",
+                                                   endpoint))
                     row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
                            **{f"sweep_{k}": v for k, v in point.items()},
                            **run_summary(run, (base.beta_min + base.beta_max) / 2)}
@@ -286,53 +321,73 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False) -> Pat
     return out
 
 
-def _train_or_reuse(run_spec: RunSpec, log, what: str) -> Path:
+def _train_or_reuse(run_spec: RunSpec, log, what: str, endpoint: JudgeEndpoint | None = None) -> Path:
     """A finished run of this id is kept; an interrupted one continues from its last complete checkpoint, or is
-    moved aside (``.partial-<id>-<time>``, nothing deleted) and run again."""
-    from staysafe.runner import latest_checkpoint
-    from staysafe.traces import run_state
-
+    moved aside (``.partial-<id>-<time>``, nothing deleted) and run again. A run directory whose config.json
+    asks for other options than the experiment's is refused, never trained or kept (it may be planted)."""
     run_dir = Path(run_spec.runs_dir) / run_spec.run_id
-    if run_dir.exists():
+    if run_dir.exists() or run_dir.is_symlink():
+        differs = config_differences(run_dir, run_spec)
+        if differs:
+            raise SpecError(f"{run_dir} exists with other options than this experiment's run ({differs}); move it "
+                            "away or give the experiment another id")
         state = run_state(run_dir).get("state")
         if state == "finished":
             log(f"{what}: finished before, kept ({run_dir})")
             return run_dir
-        if state == "running":  # alive (or on another machine): never moved aside under a live process
-            raise SpecError(f"{run_dir} is still running (process {run_state(run_dir).get('pid')}): wait for it or "
-                            "cancel it before resuming the experiment")
+        if state == "running":  # alive: never moved aside under a live process
+            raise SpecError(f"{run_dir} is still running: wait for it or cancel it before resuming the experiment")
         if latest_checkpoint(run_dir) is not None:
             log(f"{what}: {state}, continued from its last checkpoint")
-            return run_training(resume=run_dir, progress=False, log=log)
+            return run_training(resume=run_dir, progress=False, log=log, endpoint=endpoint)
         aside = run_dir.with_name(f".partial-{run_dir.name}-{int(time.time())}")
         log(f"{what}: {state} without a checkpoint; moved aside to {aside} and run again")
         run_dir.rename(aside)
     log(f"{what} ...")
-    return run_training(run_spec, progress=False, log=log)
+    return run_training(run_spec, progress=False, log=log, endpoint=endpoint)
 
 
-def resume_experiment(out_dir: str | Path, experiment_id: str, log=print) -> Path:
-    """Continue an experiment from its ``experiment.json`` (the options it was started with)."""
-    from staysafe.traces import read_json
+def config_differences(run_dir: Path, run_spec: RunSpec) -> str:
+    """The options in which a run directory's config.json differs from ``run_spec`` ('' when none)."""
+    try:
+        config = read_json(run_dir / "config.json")
+        theirs = asdict(RunSpec.from_dict({k: v for k, v in config.items() if k not in ("runs_dir", "run_id")}))
+    except (TraceError, SpecError, TypeError) as err:
+        return f"its config.json is not readable: {err}"
+    ours = asdict(run_spec)
+    diff = [k for k in ours if k not in ("runs_dir", "run_id") and theirs.get(k) != ours[k]]
+    return ", ".join(f"{k} {theirs.get(k)!r} instead of {ours[k]!r}" for k in diff[:5])
 
+
+def resume_experiment(out_dir: str | Path, experiment_id: str, log=print, runs_dir: str | None = None,
+                      endpoint: JudgeEndpoint | None = None) -> Path:
+    """Continue an experiment with the options its ``experiment.json`` recorded, checked again as any options
+    are. Where it writes (``out_dir``, ``runs_dir``) and the judge endpoint come from the caller (the command
+    line), never from the file."""
+    if not isinstance(experiment_id, str) or not RUN_ID.match(experiment_id):
+        raise SpecError(f"experiment id {experiment_id!r} is not allowed: use letters, digits, '.', '_' and '-'")
     path = Path(out_dir) / experiment_id
     desc = read_json(path / "experiment.json")
-    if desc.get("state") == "running" and process.alive(desc):
-        raise SpecError(f"experiment {path} is still running (process {desc.get('pid')}); wait or cancel it first")
-    known = {f for f in ExperimentSpec.__dataclass_fields__}
-    spec = ExperimentSpec(**{k: v for k, v in desc.items() if k in known})
+    if process.held(path / process.LOCK_NAME):
+        raise SpecError(f"experiment {path} is still running; wait or cancel it first")
+    known = {f for f in ExperimentSpec.__dataclass_fields__} - {"out_dir", "runs_dir", "experiment_id"}
+    try:
+        spec = ExperimentSpec(**{k: v for k, v in desc.items() if k in known})
+    except TypeError as err:
+        raise SpecError(f"{path / 'experiment.json'} is not an experiment's description ({err})") from None
     spec.experiment_id, spec.out_dir = experiment_id, str(out_dir)
-    return run_experiment(spec, log=log, resume=True)
+    spec.runs_dir = runs_dir or ExperimentSpec().runs_dir
+    return run_experiment(spec, log=log, resume=True, endpoint=endpoint, recorded=desc)
 
 
 def load_experiment(path: Path) -> tuple[dict, pd.DataFrame]:
     """An experiment directory's description and results table."""
-    from staysafe.traces import read_json, read_table
+    from staysafe.traces import read_table
 
     path = Path(path)
     desc = read_json(path / "experiment.json")
-    if desc.get("state") == "running" and process.alive(desc) is False:
-        desc = {**desc, "state": "interrupted", "error": desc.get("error") or f"process {desc.get('pid')} is gone"}
+    if desc.get("state") == "running" and not process.elsewhere(desc) and not process.held(path / process.LOCK_NAME):
+        desc = {**desc, "state": "interrupted", "error": desc.get("error") or "its process is gone"}
     return desc, read_table(path / "results.parquet")
 
 

@@ -13,6 +13,7 @@ imports nothing heavy (no torch), so the CLI's ``--help`` and the dashboard read
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -44,7 +45,10 @@ METHOD_OPTIONS = {
     "safelora_unaligned": ("safelora",),
 }
 RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used",
-            "safelora_of"}  # config.json extras
+            "safelora_of", "judge_endpoint",  # config.json extras, never read back as options
+            "judge_url", "judge_model", "judge_key_env"}  # older files' endpoint: compared (staysafe.endpoint), not used
+REPORTERS = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml", "neptune",
+             "dvclive", "codecarbon", "azure_ml", "dagshub", "flyte", "swanlab")  # TrainingArguments.report_to
 
 
 class SpecError(StaySafeError, ValueError):
@@ -224,10 +228,6 @@ class RunSpec(SafetyOptions):
     risk: str = narrowed(SafetyOptions, "risk", "probe", choices=RISK_SOURCES)
     judge: str = option("embedding", "judge that scores the training examples (the risk of --risk judge)",
                         choices=JUDGES, label="judge (for risk = judge)")
-    judge_url: str | None = option(None, "--judge openai: an OpenAI-compatible base URL")
-    judge_model: str | None = option(None, "--judge openai: the model name at that endpoint")
-    judge_key_env: str = option("OPENAI_API_KEY", "--judge openai: the environment variable holding the API key "
-                                "(only its name is stored)")
     record_judge: bool = option(True, "record the judge's risk too when another source sets beta")
     probe: str | None = option(None, "a saved probe (.json); default: fit one on the reference model")
     calibration: str = option("identity", "map the raw risk to [0, 1]", choices=CALIBRATIONS)
@@ -241,7 +241,8 @@ class RunSpec(SafetyOptions):
                          label="LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = option(32, "LoRA alpha", low=1)
     lora_dropout: float = option(0.05, "LoRA dropout", low=0.0, below=1.0)
-    seed: int = option(0, "seed of the data order, the model initialisation and the evaluation prompts", low=0)
+    seed: int = option(0, "seed of the data order, the model initialisation and the evaluation prompts", low=0,
+                       high=2**32 - 1)
     eval_every: int = option(10, "evaluate ASR every N steps (plus step 0 and the last step; 0 = only those)",
                              low=0, label="evaluate every N steps")
     eval_harmful: int = option(50, "held-out harmful prompts per evaluation", low=0)
@@ -250,7 +251,7 @@ class RunSpec(SafetyOptions):
                                  "64-token verdict by 24 here: benchmarks/results/eval_cpu.json)", low=1)
     eval_samples: int = option(0, "sampled answers per harmful prompt per evaluation, beside the greedy one (0 = "
                                "greedy only); gives ASR@k and the mean per-answer ASR", low=0)
-    eval_temperature: float = option(0.7, "sampling temperature of those answers", above=0.0)
+    eval_temperature: float = option(0.7, "sampling temperature of those answers", low=0.01, high=100.0)
     eval_judges: list[str] = option(["embedding-response"], "response judges for judge ASR, comma-separated (keyword "
                                     "ASR is always measured)", choices=JUDGES, open_choices=True)
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)
@@ -266,7 +267,7 @@ class RunSpec(SafetyOptions):
     precision: str = option("auto", "auto (bf16 autocast where the hardware is fast at it) | fp32 | bf16",
                             choices=PRECISIONS)
     threads: int = option(0, "CPU threads for torch (0 = its default; 1 is faster when other work shares a small "
-                          "CPU)", low=0)
+                          "CPU)", low=0, high=1024)
     runs_dir: str = option("runs", "where run directories go")
     run_id: str | None = option(None, "the run directory's name (default: time + method)")
     experiment: str | None = option(None, "the experiment this run belongs to (set by staysafe experiment)")
@@ -285,6 +286,13 @@ class RunSpec(SafetyOptions):
             bad("task", "a task only with the mixed or benign scenario (their benign part is the task)")
         if self.fsdp_config and not self.fsdp:
             bad("fsdp_config", "no file without --fsdp (the FSDP settings would be ignored)")
+        unknown = [r for r in self.report_to.split(",") if r and r not in REPORTERS]
+        if unknown:
+            bad("report_to", f"names from {', '.join(REPORTERS)}, comma-separated (unknown: {', '.join(unknown)})")
+        for name in ("run_id", "experiment"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+                bad(name, "letters, digits, '.', '_' and '-' (max 128, no other character)")
         return self
 
     def fsdp_settings(self) -> dict | None:
@@ -349,7 +357,13 @@ def spec_flags(spec: RunSpec, only_changed: bool = False, skip=("runs_dir", "run
 
 
 def help_text(f) -> str:
-    """A field's help with its choices and default, as the CLI shows it."""
+    """A field's help with its choices and default, as the CLI shows it (``%`` escaped: argparse formats help
+    with ``%``; use :func:`plain_help` for anything else)."""
+    return plain_help(f).replace("%", "%%")
+
+
+def plain_help(f) -> str:
+    """A field's help with its choices and default."""
     m, default = f.metadata, default_of(f)
     text = m["help"]
     if m.get("choices") and " | " not in text:

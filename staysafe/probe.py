@@ -9,6 +9,7 @@ prompt-only forward. Probes are saved as JSON (metadata, metrics) + npz (weights
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from staysafe.errors import StaySafeError
+from staysafe.files import TraceError, read_json
 from staysafe.data import prompt_messages, prompt_text, render_prompt
 from staysafe.options import POSITIONS  # defined once, there; re-exported
 
@@ -185,24 +187,31 @@ class Probe:
         return path.with_suffix(".json")
 
     @classmethod
-    def load(cls, path: Path, hidden_size: int | None = None) -> "Probe":
-        """Load a saved probe; refuse it when it was fitted on a model of another hidden size."""
+    def load(cls, path: Path, hidden_size: int | None = None, num_layers: int | None = None) -> "Probe":
+        """Load a saved probe, checked as untrusted input: its fields and arrays, and, when given, that the model
+        has its hidden size and its layers (``num_layers``: the model's; ``hidden_states`` index 0..num_layers)."""
         path = Path(path)
         meta_path = path if path.suffix == ".json" else path.with_suffix(".json")
+        if not meta_path.exists() and not meta_path.is_symlink():
+            raise ProbeError(f"probe file {meta_path} does not exist")
         try:
-            meta = json.loads(meta_path.read_bytes())
-        except FileNotFoundError:
-            raise ProbeError(f"probe file {meta_path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ProbeError(f"{meta_path} is not valid JSON ({err})") from None
-        except OSError as err:
-            raise ProbeError(f"probe file {meta_path} cannot be read ({err.strerror or err})") from None
-        if not isinstance(meta, dict) or meta.get("format") != "staysafe-probe/1":
-            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise ProbeError(f"{meta_path} is not a StaySafe probe (field 'format' is {found!r})")
+            meta = read_json(meta_path, follow_links=True)
+        except TraceError as err:
+            raise ProbeError(f"probe file {err}") from None
+        if meta.get("format") != "staysafe-probe/1":
+            raise ProbeError(f"{meta_path} is not a StaySafe probe (field 'format' is {meta.get('format')!r})")
         for name, kind in (("layers", list), ("hidden_size", int), ("intercept", (int, float)), ("weights", str)):
             if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
                 raise ProbeError(f"{meta_path}: field {name!r} is missing or of the wrong type")
+        layers = meta["layers"]
+        if not layers or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers):
+            raise ProbeError(f"{meta_path}: field 'layers' must be a non-empty list of layer numbers >= 0")
+        if num_layers is not None and max(layers) > num_layers:
+            raise ProbeError(f"{meta_path}: layer {max(layers)} does not exist in this model (layers 0..{num_layers})")
+        if not meta["hidden_size"] > 0 or not math.isfinite(meta["intercept"]):
+            raise ProbeError(f"{meta_path}: field 'hidden_size' or 'intercept' is out of range")
+        if meta.get("position", "last_prompt_token") not in POSITIONS:
+            raise ProbeError(f"{meta_path}: field 'position' must be one of {POSITIONS}")
         if hidden_size is not None and meta["hidden_size"] != hidden_size:
             raise ProbeError(
                 f"probe {meta_path} was fitted on a model with hidden size {meta['hidden_size']} "
@@ -218,6 +227,8 @@ class Probe:
         width = meta["hidden_size"] * len(meta["layers"])
         if any(a.ndim != 1 or a.shape[0] != width for a in (mean, scale, coef)):
             raise ProbeError(f"probe weights in {meta_path} do not match its hidden size and layers")
+        if any(a.dtype.kind != "f" or not np.isfinite(a).all() for a in (mean, scale, coef)):
+            raise ProbeError(f"probe weights in {weights} must be finite floating-point arrays")
         return cls(layers=list(meta["layers"]), mean=mean, scale=scale, coef=coef, intercept=meta["intercept"],
                    hidden_size=meta["hidden_size"], position=meta.get("position", "last_prompt_token"),
                    model=meta.get("model", ""), metrics=meta.get("metrics", {}))

@@ -19,6 +19,10 @@ from staysafe.errors import StaySafeError
 from staysafe.options import CALIBRATIONS, NO_REFERENCE, RISK_METHODS, SpecError
 
 
+class RiskError(StaySafeError, ValueError):
+    """A risk or beta outside its range (a damaged or forged checkpoint state); the message names it."""
+
+
 class RiskColumnError(StaySafeError, KeyError):
     """The risk source reads a data column the batch does not have (the data set was not scored by that judge)."""
 
@@ -106,7 +110,14 @@ class RiskPolicy:
     def state_dict(self) -> dict:
         return {"ema": self.ema, "last": self.last}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, where: str = "the checkpoint state") -> None:
+        """Restore the state saved by :meth:`state_dict`, checked: each value a batch risk in [0, 1] or null (a
+        forged ``{"ema": 50}`` once set beta to 21.7 and made the loss an NLL ascent)."""
+        for name in ("ema", "last"):
+            value = state.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0.0 <= value <= 1.0):
+                raise RiskError(f"{where}: {name} = {value!r:.40} is invalid: expected a batch risk in [0, 1] or null")
         self.ema, self.last = state.get("ema"), state.get("last")
 
     def decide(self, signals: dict[str, torch.Tensor], batch_size: int, device):
@@ -154,12 +165,18 @@ class RiskPolicy:
     def _adaptive(self, risk: torch.Tensor):
         o = self.o
         if o.per_example_beta:
-            return o.beta_min + (o.beta_max - o.beta_min) * risk, float(risk.mean())
-        s = float(aggregate(risk, o.batch_risk))
-        if o.risk_ema:
-            s = s if self.ema is None else o.risk_ema * self.ema + (1 - o.risk_ema) * s
-            self.ema = s
-        return torch.full_like(risk, o.beta_min + (o.beta_max - o.beta_min) * s), s
+            beta, s = o.beta_min + (o.beta_max - o.beta_min) * risk, float(risk.mean())
+        else:
+            s = float(aggregate(risk, o.batch_risk))
+            if o.risk_ema:
+                s = s if self.ema is None else o.risk_ema * self.ema + (1 - o.risk_ema) * s
+                self.ema = s
+            beta = torch.full_like(risk, o.beta_min + (o.beta_max - o.beta_min) * s)
+        # The invariant, checked every step: whatever the risk or a restored state says, beta stays in its bounds.
+        if not bool(((beta >= o.beta_min - 1e-6) & (beta <= o.beta_max + 1e-6)).all()):
+            raise RiskError(f"beta {float(beta.min()):.4g}..{float(beta.max()):.4g} left [beta_min, beta_max] = "
+                            f"[{o.beta_min}, {o.beta_max}] (batch risk {s:.4g}); refusing to train with it")
+        return beta, s
 
 
 def read_signals(sources: dict, inputs, hidden_states) -> dict[str, torch.Tensor]:

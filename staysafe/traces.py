@@ -21,11 +21,14 @@ completed step is readable after ``kill -9``.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import secrets
+import signal
+import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +36,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from staysafe.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
 import staysafe.process as process
+from staysafe.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
 from staysafe.errors import StaySafeError
+from staysafe.files import TraceError, read_json, real_dir  # noqa: F401  (the readers' error, re-exported)
 from staysafe.options import SpecError
 
 TABLES = {  # table name -> columns that identify a row (duplicates keep the newest)
@@ -47,31 +51,16 @@ TABLES = {  # table name -> columns that identify a row (duplicates keep the new
     "positions": ("step", "position"),
 }
 STATES = ("created", "running", "finished", "failed", "cancelled", "interrupted")
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class TraceError(StaySafeError, RuntimeError):
-    """A run directory or trace file is missing or damaged; the message names the file."""
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline through
+INTEGER_KEYS = ("step", "slot", "sample", "position")
+NUMERIC = ("asr_", "over_refusal", "benign_nll", "task_accuracy", "beta", "loss", "nll", "kl", "risk", "score_",
+           "wall_time", "n_harmful", "n_benign")  # column name prefixes that must hold numbers
+STATUS_TYPES = {"created": (int, float), "started": (int, float), "ended": (int, float), "updated": (int, float),
+                "step": int, "max_steps": int, "error": str, "pid": int, "host": str}
 
 
 class RunExistsError(StaySafeError, FileExistsError):
     """A run directory of that id already exists (a run's rows are never overwritten)."""
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; missing, unreadable, invalid or not an object (a list, a number) is a TraceError."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise TraceError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TraceError(f"{path} is not valid JSON ({err})") from None
-    except OSError as err:  # a directory of that name, no permission, an I/O error
-        raise TraceError(f"{path} cannot be read ({err.strerror or err})") from None
-    if not isinstance(obj, dict):
-        raise TraceError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -84,6 +73,8 @@ class TableWriter:
     def __init__(self, directory: Path, merge_every: int = 50):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not real_dir(self.dir):  # a planted link would send the parts elsewhere
+            raise TraceError(f"{self.dir} is not a directory of this run (a link?); its rows are not written")
         self.merge_every = merge_every
         existing = sorted(self.dir.glob("[0-9]*.parquet"))
         # Parts are named <session>-<first>-<last>; a resumed writer starts a new session so its rows sort last.
@@ -133,6 +124,8 @@ class RunWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        if self.path.exists() and not real_dir(self.path):
+            raise TraceError(f"{self.path} is not a run directory (a link?); StaySafe does not write through links")
         self._tables: dict[str, TableWriter] = {}
 
     @classmethod
@@ -179,9 +172,66 @@ class RunWriter:
         write_json(self.path / "status.json", {**old, **info, "state": state, "updated": time.time(),
                                                **process.identity()})
 
-    def close(self) -> None:
-        for t in self._tables.values():
-            t.merge()
+    def close(self, log=print) -> None:
+        """Merge the small trace parts; a failure (a full disk, an I/O error) leaves them, all readable."""
+        try:
+            for t in self._tables.values():
+                t.merge()
+        except Exception as err:
+            log(f"warning: could not merge the trace parts of {self.path} ({type(err).__name__}: {err}); "
+                "the unmerged parts stay readable")
+
+    @contextlib.contextmanager
+    def lifecycle(self, main: bool = True, log=print, **info):
+        """The run's states, in one place: ``running`` (holding the run's lock, so readers can tell it is alive
+        without trusting a pid), then ``finished``, ``cancelled`` (SIGTERM or Ctrl-C) or ``failed`` with the
+        error. The final state is written before the trace parts are merged, so nothing on the way out can lose
+        it. ``main``: False on the other processes of a distributed run (they write no status). Yields a dict
+        whose items go into the ``finished`` status (e.g. the last step)."""
+        lock = None
+        if main:
+            try:
+                lock = process.LifeLock(self.path / process.LOCK_NAME)
+            except process.LockBusy:
+                raise SpecError(f"{self.path} is still running in another process; cancel it first or wait for "
+                                "it to end") from None
+            except OSError as err:
+                raise TraceError(f"cannot lock {self.path / process.LOCK_NAME} ({err.strerror or err})") from None
+            self.set_status("running", started=time.time(), **info)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+        done: dict = {}
+        try:
+            yield done
+            if main:
+                self.set_status("finished", ended=time.time(), **done)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into one
+            if main:
+                self.set_status("cancelled", ended=time.time(), error=str(err) or "cancelled")
+            raise
+        except BaseException as err:
+            if main:
+                self.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}"[:2000],
+                                traceback=traceback.format_exc(limit=8))
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.close(log)
+            if lock is not None:
+                lock.release()
+
+
+class Cancelled(KeyboardInterrupt):
+    """SIGTERM, turned into an interruption so the run is marked cancelled like a Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cancel path short
+    raise Cancelled("cancelled (SIGTERM)")
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -197,23 +247,21 @@ def read_table(directory: Path, key: tuple[str, ...] | None = None, damaged: lis
     directory = Path(directory)
     if not directory.exists():
         return pd.DataFrame()
-    single = directory.is_file()
+    single = directory.is_file() or directory.is_symlink()
+    if not single and not real_dir(directory):
+        raise TraceError(f"{directory} is not a trace table (a directory of Parquet parts)")
     parts = [directory] if single else sorted(directory.glob("[0-9]*.parquet"))
     frames = []
     for p in parts:
         try:
-            frame = pq.read_table(p).to_pandas()
-        except Exception as err:  # ArrowInvalid, OSError, ...: a damaged or foreign file
-            message = f"trace file {p} is damaged or not Parquet ({err})"
+            frame = _read_part(p, key)
+        except TraceError as err:  # damaged, foreign, a link, a directory, or columns of the wrong type
             if single:
-                raise TraceError(message) from None
-            warnings.warn(message + "; its rows are skipped", stacklevel=2)
+                raise
+            warnings.warn(f"{err}; its rows are skipped", stacklevel=2)
             if damaged is not None:
                 damaged.append(str(p))
             continue
-        missing = [k for k in key or () if k not in frame.columns]
-        if missing:
-            raise TraceError(f"trace file {p} has no column {missing[0]!r}; it is not a part of this table")
         frames.append(frame)
     if not frames:
         return pd.DataFrame()
@@ -224,16 +272,41 @@ def read_table(directory: Path, key: tuple[str, ...] | None = None, damaged: lis
     return df
 
 
-def run_state(path: Path) -> dict:
-    """status.json, with ``running`` turned into ``interrupted`` when the process that wrote it is gone.
+def _read_part(path: Path, key: tuple[str, ...] | None) -> pd.DataFrame:
+    """One Parquet part, checked against the trace schema: a regular file (no link), the table's key columns as
+    whole numbers (``prompt_id`` text or numbers), and the metric columns as numbers. Else a TraceError naming it."""
+    if path.is_symlink() or not path.is_file():
+        raise TraceError(f"trace file {path} is not a regular file")
+    try:
+        frame = pq.read_table(path).to_pandas()
+    except Exception as err:  # ArrowInvalid, OSError, ...: a damaged or foreign file
+        raise TraceError(f"trace file {path} is damaged or not Parquet ({err})") from None
+    missing = [k for k in key or () if k not in frame.columns]
+    if missing:
+        raise TraceError(f"trace file {path} has no column {missing[0]!r}; it is not a part of this table")
+    for col in frame.columns:
+        kind = frame[col].dtype
+        if col in INTEGER_KEYS and not pd.api.types.is_integer_dtype(kind):
+            raise TraceError(f"trace file {path}: column {col!r} holds {kind}, expected whole numbers")
+        if col.startswith(NUMERIC) and not (pd.api.types.is_numeric_dtype(kind) or pd.api.types.is_bool_dtype(kind)):
+            raise TraceError(f"trace file {path}: column {col!r} holds {kind}, expected numbers")
+    return frame
 
-    "Gone" is judged by pid, process start time and boot id (see :mod:`staysafe.process`), so a reused pid after a
-    reboot or in a new container does not keep a dead run "running". A run of another machine stays as written.
-    """
-    status = read_json(Path(path) / "status.json")
-    if status.get("state") == "running" and process.alive(status) is False:
-        status = {**status, "state": "interrupted",
-                  "error": status.get("error") or f"process {status.get('pid')} is gone"}
+
+def run_state(path: Path) -> dict:
+    """status.json, its fields checked, with ``running`` turned into ``interrupted`` when no live process holds
+    the run's lock (see :class:`staysafe.process.LifeLock`; a pid in the file is never trusted for that). A run
+    recorded on another machine stays as written."""
+    path = Path(path)
+    status = read_json(path / "status.json")
+    if status.get("state") not in STATES:
+        raise TraceError(f"{path / 'status.json'}: state {status.get('state')!r} is not one of {STATES}")
+    for name, kind in STATUS_TYPES.items():
+        value = status.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise TraceError(f"{path / 'status.json'}: field {name!r} = {value!r:.60} is not of its type")
+    if status["state"] == "running" and not process.elsewhere(status) and not process.held(path / process.LOCK_NAME):
+        status = {**status, "state": "interrupted", "error": status.get("error") or "its process is gone"}
     return status
 
 
@@ -261,7 +334,7 @@ class Run:
 def load_run(path: Path, tables: tuple[str, ...] = tuple(TABLES)) -> Run:
     """Read one run directory. Raises TraceError (naming the file) when it is not a readable run."""
     path = Path(path)
-    if not path.is_dir():
+    if not real_dir(path):
         raise TraceError(f"{path} is not a run directory")
     config = read_json(path / "config.json")
     status = run_state(path)
@@ -281,7 +354,7 @@ def list_runs(root: Path) -> pd.DataFrame:
     rows = []
     if root.is_dir():
         for d in sorted(root.iterdir()):
-            if not d.is_dir() or d.name.startswith(".") or not (d / "config.json").exists():
+            if not real_dir(d) or d.name.startswith(".") or not (d / "config.json").exists():
                 continue
             row = {"run_id": d.name, "path": str(d)}
             try:

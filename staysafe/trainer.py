@@ -24,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from staysafe.faults import fault_pause
+from staysafe.files import read_json
 from staysafe.losses import (answer_positions, answer_rows, answer_token_losses, answer_token_positions,
                              position_betas, reference_topk, regularised_loss, tokenwise_loss)
 from staysafe.options import NO_REFERENCE, RISK_METHODS, TOKEN_WISE, SafetyOptions, SpecError
@@ -220,9 +221,8 @@ class SafetyTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         if isinstance(resume_from_checkpoint, str):
             state_file = os.path.join(resume_from_checkpoint, STATE_FILE)
-            if os.path.isfile(state_file):
-                with open(state_file) as f:
-                    self.risk_policy.load_state_dict(json.load(f))
+            if os.path.lexists(state_file):
+                self.risk_policy.load_state_dict(read_json(state_file), state_file)
             lisa_file = os.path.join(resume_from_checkpoint, f"lisa-{self.args.process_index}.safetensors")
             if self.lisa and os.path.isfile(lisa_file):
                 self.lisa.load(lisa_file)

@@ -293,16 +293,16 @@ def check_judge_names(text: str) -> list[str]:
     return names
 
 
-def build_judge(name: str, *, judge_url: str | None = None, judge_model: str | None = None,
-                judge_key_env: str = "OPENAI_API_KEY", local_lm_model: str = "smollm2-135m-aligned") -> Judge:
-    """A response judge by its ``--judges`` name (the request-only ``embedding`` judge cannot judge answers)."""
-    from staysafe.judges import make_judge
+def build_judge(name: str, *, endpoint=None, local_lm_model: str = "smollm2-135m-aligned") -> Judge:
+    """A response judge by its ``--judges`` name (the request-only ``embedding`` judge cannot judge answers);
+    ``openai`` only at ``endpoint`` (a :class:`staysafe.endpoint.JudgeEndpoint` from the command line)."""
+    from staysafe.judges import OpenAICompatibleJudge, make_judge
 
     check_judge_names(name)
     if name == "openai":
-        if not judge_url or not judge_model:
+        if endpoint is None:
             raise DataError("--judges openai needs --judge-url (an OpenAI-compatible base URL) and --judge-model")
-        return make_judge("openai", base_url=judge_url, model=judge_model, api_key_env=judge_key_env)
+        return OpenAICompatibleJudge.at(endpoint)
     if name == "local-lm":
         return make_judge("local-lm", model=local_lm_model)
     return make_judge(name)

@@ -692,7 +692,7 @@ def test_demo_page_live_rerun_goes_through_the_queue(env, tmp_path, monkeypatch)
         assert len(jobs) == 1 and jobs[0]["kind"] == "experiment" and jobs[0]["state"] == "queued"
         argv = command(jobs[0], q.root)
         assert argv[argv.index("--preset") + 1] == preset and argv[3] == "experiment"
-        assert q.cancel(jobs[0]["id"]) == "removed" and q.worker_pid() is None
+        assert q.cancel(jobs[0]["id"]) == "cancelled" and q.worker_pid() is None
 
 
 # ----------------------------------------------------------------------------------------------- real browser

@@ -153,10 +153,12 @@ def test_judge_down_for_some_examples_falls_back_flags_and_keeps_secrets(tmp_pat
     secret = "sk-test-DO-NOT-LEAK-4242"
     monkeypatch.setenv("STAYSAFE_TEST_JUDGE_KEY", secret)
     monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))
-    spec = tiny_spec(tmp_path, method="adaptive", risk="judge", judge="openai", judge_url=flaky_server,
-                     judge_model="guard", judge_key_env="STAYSAFE_TEST_JUDGE_KEY", risk_fallback="last",
+    from staysafe.endpoint import JudgeEndpoint
+
+    spec = tiny_spec(tmp_path, method="adaptive", risk="judge", judge="openai", risk_fallback="last",
                      per_example_beta=False, steps=6)
-    run = load_run(run_training(spec, progress=False, log=lambda *a: None))
+    endpoint = JudgeEndpoint(flaky_server, "guard", "STAYSAFE_TEST_JUDGE_KEY")
+    run = load_run(run_training(spec, progress=False, log=lambda *a: None, endpoint=endpoint))
     assert run.status["state"] == "finished"
     failed_ids = set(run.data.loc[run.data["risk_judge"].isna(), "example_id"])
     assert failed_ids == {"r1"} | {f"r{i}" for i in range(10, 20)}

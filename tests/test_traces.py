@@ -12,6 +12,8 @@ import time
 import pandas as pd
 import pytest
 
+from staysafe import process
+
 from conftest import TINY_RUN, make_records
 from staysafe.traces import (RunWriter, TableWriter, TraceError, list_runs, load_run, read_table, run_state,
                              safe_run_path)
@@ -92,8 +94,10 @@ def test_running_status_of_a_dead_process_reads_interrupted(tmp_path):
     status["pid"] = proc.pid
     (w.path / "status.json").write_text(json.dumps(status))
     assert run_state(w.path)["state"] == "interrupted"
-    w.set_status("running")  # this process: alive
-    assert run_state(w.path)["state"] == "running"
+    w.set_status("running")  # this process, alive, but holding no lock: a pid in a file proves nothing
+    assert run_state(w.path)["state"] == "interrupted"
+    with process.LifeLock(w.path / process.LOCK_NAME):  # what the run's lifecycle holds while it runs
+        assert run_state(w.path)["state"] == "running"
 
 
 @pytest.mark.parametrize("run_id", ["../x", "/etc", "a/../../b", "..", ".", "a/b", ""])

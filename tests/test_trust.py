@@ -49,27 +49,32 @@ def endpoint():
 
 
 def test_a_config_file_cannot_choose_the_judge_endpoint_or_key_variable(tmp_path, endpoint, monkeypatch, capsys):
-    """A config.json sets where the judge is and which environment variable is sent as the bearer token: without
-    --trust-config (or the flags given again) nothing is sent and no run directory is made."""
+    """A config.json sets where the judge is and which environment variable is sent as the bearer token: the
+    file's endpoint is never used. Without the endpoint on the command line the run is refused; with another
+    endpoint on the command line than the file recorded, refused too; nothing is sent, no run directory made."""
     monkeypatch.setenv("STAYSAFE_SECRET_FOR_TEST", "s3cret")
     url = f"http://127.0.0.1:{endpoint.server_address[1]}/v1"
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"judge": "openai", "judge_url": url, "judge_model": "m", "risk": "judge",
                                   "judge_key_env": "STAYSAFE_SECRET_FOR_TEST"}))
     runs = tmp_path / "runs"
-    rc = main(["train", "--config", str(config), *TINY_RUN, "--runs-dir", str(runs)])
+    rc = main(["train", "--config", str(config), *TINY_RUN, "--runs-dir", str(runs), "--risk", "judge"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--trust-config" in err and "judge_url" in err and "judge_key_env" in err
+    assert rc == 2 and "only from the command line" in err and "--judge-url" in err
+    rc = main(["train", "--config", str(config), *TINY_RUN, "--runs-dir", str(runs), "--risk", "judge",
+               "--judge-url", url, "--judge-model", "m"])  # the key variable differs from what the file says
+    err = capsys.readouterr().err
+    assert rc == 2 and "recorded another judge endpoint" in err and "key_env" in err
     assert endpoint.requests == [] and not runs.exists()
 
 
 def test_judge_url_credentials_are_redacted_in_config_json(tmp_path):
+    from staysafe.endpoint import JudgeEndpoint
+    from staysafe.options import RunSpec
     from staysafe.runner import recorded_config
 
-    from staysafe.options import RunSpec
-
-    spec = RunSpec(judge="openai", judge_url="https://user:pw@judge.example/v1?key=abc", judge_model="m")
-    stored = json.dumps(recorded_config(spec))
+    spec = RunSpec(judge="openai")
+    stored = json.dumps(recorded_config(spec, JudgeEndpoint("https://user:pw@judge.example/v1?key=abc", "m")))
     assert "pw" not in stored and "abc" not in stored and "judge.example/v1" in stored
 
 
@@ -105,7 +110,7 @@ def test_explicit_flags_override_the_config_even_at_their_default(tmp_path):
     (["--eval-harmful", "1000"], "eval_harmful = 1000"),
     (["--eval-benign", "999"], "eval_benign = 999"),
     (["--eval-judges", "no-such-judge"], "no-such-judge"),
-    (["--run-id", "../x"], "run id"),
+    (["--run-id", "../x"], "run_id = '../x' is invalid"),
 ])
 def test_bad_input_stops_before_any_model_load(tmp_path, capsys, flags, message):
     runs = tmp_path / "runs"
@@ -140,9 +145,12 @@ def test_resume_refuses_a_running_run_and_changed_data(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", make_records(8))
     run = RunWriter.create(tmp_path / "runs", {"model": "tiny", "method": "sft", "data": str(data), "scenario": None,
                                                "data_sha256": data_digest(load_records(str(data)))}, run_id="r")
-    run.set_status("running")  # this process: alive
-    assert main(["train", "--resume", str(run.path)]) == 2
-    assert "still running" in capsys.readouterr().err
+    from staysafe import process
+
+    run.set_status("running")
+    with process.LifeLock(run.path / process.LOCK_NAME):  # held by a live run
+        assert main(["train", "--resume", str(run.path)]) == 2
+        assert "still running" in capsys.readouterr().err
     run.set_status("cancelled")
     write_jsonl(data, make_records(9))
     assert main(["train", "--resume", str(run.path)]) == 2

@@ -50,7 +50,7 @@ def rerun_button(scenario: str = "harmful") -> None:
         chosen = {"quick": True}
     if chosen is not None:
         try:
-            job = Queue(cfg.runs).submit_experiment(cfg.experiments, scenario=scenario, **chosen)
+            job = Queue(cfg.runs, cfg.experiments).submit_experiment(scenario=scenario, **chosen)
         except (SpecError, LaunchError) as err:
             st.error(f"Not queued: {safe_text.md(err)}")
         else:

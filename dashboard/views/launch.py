@@ -40,8 +40,6 @@ MORE = (  # rows of columns, under "More options"
 )
 # Options deliberately not on the form, and why (a test fails when an option is neither placed nor listed here).
 NOT_ON_FORM = {
-    "judge_url": "the openai judge is launched from a terminal: a queued job never names an endpoint or a key",
-    "judge_model": "the openai judge only", "judge_key_env": "the openai judge only",
     "report_to": "logging integrations are set up where they run (a terminal); the traces hold the same values",
     "fsdp": "several GPU processes under torchrun, not the one-at-a-time CPU queue", "fsdp_config": "with fsdp",
     "lm_head_all_positions": "a benchmark switch (the old, slower path)",
@@ -52,7 +50,7 @@ WIDGET = {"beta": {"step": 0.05}, "lisa_rho": {"step": 0.1}, "safelora_threshold
           "harmful_percent": {"step": 1.0}, "lr": {"step": 1e-5, "format": "%.6f"}}
 
 cfg = settings.page_setup()
-queue = Queue(cfg.runs)
+queue = Queue(cfg.runs, cfg.experiments)
 
 st.title(":material/rocket_launch: Launch a run")
 st.caption(f"Runs go to {safe_text.code(cfg.runs)}. One run trains at a time; further launches wait in the queue "
@@ -125,7 +123,7 @@ with tab_exp:
         exp_submit = st.form_submit_button("Validate and queue the experiment")
     if exp_submit:
         try:
-            job = queue.submit_experiment(cfg.experiments, exp_id.strip() or None, scenario=exp_scenario,
+            job = queue.submit_experiment(exp_id.strip() or None, scenario=exp_scenario,
                                           methods=list(exp_methods) or None, seeds=int(exp_seeds),
                                           quick=False, preset=None if exp_preset == "none" else exp_preset,
                                           model=str(exp_model or "").strip() or None,

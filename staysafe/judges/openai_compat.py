@@ -5,8 +5,10 @@ Standard library only. Two prompt modes:
 - ``conversation``: the (request, response) exchange itself, for moderation models such as Llama Guard whose
   server-side chat template wraps it in their own policy; a "safe" reply is rating 1, "unsafe" rating 5.
 Either mode accepts either kind of reply. The API key is read from the environment at call time, sent only in the
-Authorization header and only to the URL given (redirects are refused, never followed), and kept out of repr,
-cache keys and error messages.
+Authorization header and only to the URL given (redirects are never followed: ``http.client`` does not follow
+them), and kept out of repr, cache keys and error messages. Cleartext http is refused to any host but this machine
+unless allowed; a reply is read up to ``max_bytes`` and a request (connect, send, headers and body together) ends
+at ``deadline`` seconds, however slowly the server trickles.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import json
 import os
 import re
 import socket
+import ssl
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from staysafe.options import SpecError
+from staysafe.endpoint import JudgeEndpoint, public_url
+from staysafe.files import parse_json
 from staysafe.judges.base import RUBRIC_VERSION, Judge, JudgeScore, check_inputs, rating_to_score, rubric_text
+from staysafe.options import SpecError
 
 MODES = ("rubric", "conversation")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -40,23 +44,7 @@ def parse_reply(text: str) -> float | None:
     return float(digit.group(1)) if digit else None
 
 
-def _public_url(url: str) -> str:
-    """The URL without user:password or query string (either may carry a credential)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
-
-
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: urllib would resend the Authorization header to wherever it points."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises the 3xx as an HTTPError
-
-
-_OPENER = urllib.request.build_opener(_RefuseRedirects)
+_public_url = public_url  # the name older callers used
 
 
 class _Retryable(Exception):
@@ -78,26 +66,31 @@ class OpenAICompatibleJudge(Judge):
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", *,
                  concurrency: int = 4, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 max_tokens: int = 8, mode: str = "rubric"):
-        scheme = urllib.parse.urlsplit(base_url).scheme
-        if scheme not in ("http", "https"):
-            raise SpecError(f"base_url must be an http(s) URL like http://localhost:8000/v1, got scheme {scheme!r}")
-        if not model:
-            raise SpecError("model must name the served model (the 'model' field of the request)")
-        if concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0 or max_tokens < 1:
-            raise SpecError("need concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0 and max_tokens >= 1")
+                 max_tokens: int = 8, mode: str = "rubric", allow_http: bool = False, max_bytes: int = 1 << 20,
+                 deadline: float | None = None):
+        JudgeEndpoint(base_url, model, api_key_env or "OPENAI_API_KEY", allow_http)  # scheme, cleartext, model
+        if concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0 or max_tokens < 1 or max_bytes < 1:
+            raise SpecError("need concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0, max_tokens >= 1 and "
+                            "max_bytes >= 1")
         if mode not in MODES:
             raise SpecError(f"mode must be one of {MODES}, got {mode!r}")
         self._url = base_url.rstrip("/") + "/chat/completions"  # may hold credentials: never shown
-        self.base_url = _public_url(base_url)
+        self.base_url = public_url(base_url)
         self.model = model
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.timeout = timeout
+        self.deadline = deadline if deadline is not None else 2 * timeout  # one attempt, all phases together
         self.retries = retries
         self.backoff = backoff
         self.max_tokens = max_tokens
+        self.max_bytes = max_bytes
         self.mode = mode
+
+    @classmethod
+    def at(cls, endpoint: JudgeEndpoint, **options) -> "OpenAICompatibleJudge":
+        """The judge behind an endpoint given on the command line."""
+        return cls(endpoint.url, endpoint.model, endpoint.key_env, allow_http=endpoint.allow_http, **options)
 
     def cache_key(self) -> str:
         rubric = RUBRIC_VERSION if self.mode == "rubric" else "conversation"
@@ -125,41 +118,79 @@ class OpenAICompatibleJudge(Judge):
         return text.replace(key, "***") if key else text
 
     def _post_once(self, body: bytes, key: str | None) -> str:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        """One POST. A watchdog closes the connection at ``deadline``: a server trickling bytes cannot hold it."""
+        parts = urllib.parse.urlsplit(self._url)
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "Host": parts.netloc.rsplit(
+            "@", 1)[-1]}
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
+        if parts.username or parts.password:  # credentials in the URL: basic auth, as urllib would send them
+            import base64
+
+            user = urllib.parse.unquote(parts.username or "") + ":" + urllib.parse.unquote(parts.password or "")
+            headers.setdefault("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=self.timeout,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
+        expired, sockets = threading.Event(), []
+
+        def cut():  # the response keeps reading from the socket after http.client drops conn.sock: hold our own
+            expired.set()
+            for sock in sockets or [conn.sock]:
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        watchdog = threading.Timer(self.deadline, cut)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with _OPENER.open(request, timeout=self.timeout) as reply:
-                raw = reply.read()
-        except urllib.error.HTTPError as err:
-            if 300 <= err.code < 400:
-                where = _public_url(err.headers.get("Location", "") or "") if err.headers else ""
-                raise ValueError(f"HTTP {err.code} from {self.base_url}: refused to follow the redirect to "
-                                 f"{where or 'another address'} (the API key is only ever sent to the URL given; "
-                                 "give the final URL instead)") from None
-            detail = err.read(300).decode("utf-8", "replace").strip()
-            message = f"HTTP {err.code} from {self.base_url}: {detail[:200]}"
-            if err.code == 401 and not key:
-                message += f" (no API key: ${self.api_key_env} is not set)"
-            if err.code in RETRY_STATUS:
-                wait = None
-                retry_after = err.headers.get("Retry-After") if err.headers else None
-                if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
-                    wait = min(float(retry_after), 60.0)
-                raise _Retryable(message, wait) from None
-            raise ValueError(message) from None
+            conn.connect()
+            sockets.append(conn.sock)
+            conn.request("POST", path, body=body, headers=headers)
+            reply = conn.getresponse()
+            raw = reply.read(self.max_bytes + 1)
+            status, retry_after, location = reply.status, reply.getheader("Retry-After"), reply.getheader("Location")
         except (TimeoutError, socket.timeout) as err:
             raise _Retryable(f"timed out after {self.timeout:g} s ({err})") from None
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"timed out after {self.timeout:g} s") from None
-            raise _Retryable(f"cannot reach {self.base_url}: {err.reason}") from None
-        except (ConnectionError, http.client.HTTPException) as err:
+        except (ConnectionError, OSError, http.client.HTTPException) as err:
+            if expired.is_set():
+                raise _Retryable(f"no complete reply within the {self.deadline:g} s deadline") from None
             raise _Retryable(f"connection to {self.base_url} failed: {type(err).__name__}: {err}") from None
+        finally:
+            watchdog.cancel()
+            conn.close()
+        if expired.is_set():
+            raise _Retryable(f"no complete reply within the {self.deadline:g} s deadline")
+        if len(raw) > self.max_bytes:
+            raise ValueError(f"reply from {self.base_url} is larger than {self.max_bytes} bytes; not read further")
+        if 300 <= status < 400:
+            where = public_url(location) if location else ""
+            raise ValueError(f"HTTP {status} from {self.base_url}: refused to follow the redirect to "
+                             f"{where or 'another address'} (the API key is only ever sent to the URL given; "
+                             "give the final URL instead)")
+        if status >= 400:
+            detail = raw[:300].decode("utf-8", "replace").strip()
+            message = f"HTTP {status} from {self.base_url}: {detail[:200]}"
+            if status == 401 and not key:
+                message += f" (no API key: ${self.api_key_env} is not set)"
+            if status in RETRY_STATUS:
+                wait = None
+                if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
+                    wait = min(float(retry_after), 60.0)
+                raise _Retryable(message, wait)
+            raise ValueError(message)
         try:
-            payload = json.loads(raw)
-            return payload["choices"][0]["message"]["content"] or ""
+            payload = parse_json(raw, f"the reply of {self.base_url}", error=ValueError)
+            content = payload["choices"][0]["message"]["content"] or ""
+            if not isinstance(content, str):
+                raise TypeError(content)
+            return content
         except (ValueError, KeyError, IndexError, TypeError):
             raise ValueError(f"malformed reply (not an OpenAI chat completion): {raw[:120]!r}") from None
 

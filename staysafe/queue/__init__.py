@@ -8,8 +8,6 @@ worker loop (:mod:`~staysafe.queue.worker`). From a terminal: ``staysafe queue l
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from staysafe.queue import submit, worker
 from staysafe.queue.store import ACTIVE, JOB_STATES, QUEUE_DIR, JobStore, LaunchError
 from staysafe.queue.submit import command, experiment_argv, train_argv
@@ -23,9 +21,9 @@ class Queue(JobStore):
     def submit_train(self, spec, run_id: str | None = None, start_worker: bool = True) -> dict:
         return submit.submit_train(self, spec, run_id, start_worker)
 
-    def submit_experiment(self, experiments_root: Path, experiment_id: str | None = None,
-                          start_worker: bool = True, **options) -> dict:
-        return submit.submit_experiment(self, experiments_root, experiment_id, start_worker, **options)
+    def submit_experiment(self, experiment_id: str | None = None, start_worker: bool = True, **options) -> dict:
+        """Queue an experiment into this queue's experiments root (``Queue(runs, experiments_root)``)."""
+        return submit.submit_experiment(self, experiment_id, start_worker, **options)
 
     def work(self, poll: float = 0.5) -> int:
         return worker.work(self, poll)

@@ -1,11 +1,15 @@
 """The job store of one runs root: job files under ``<runs_root>/.queue/``, one lock for every change of state.
 
-Files: ``<job_id>.json`` (a job; written atomically), ``<job_id>.log`` (its output), ``worker.json`` (the live
-worker's process identity), ``paused`` (present while the queue is paused: queued jobs wait, a running one
-finishes), ``worker.log`` and ``.lock`` (a ``flock`` that serialises every change, so a cancel and a start never
-race). A job file is data, never a command: the worker rebuilds the command from the job's validated spec
-(:mod:`staysafe.queue.submit`), and a cancel signals only a process whose recorded identity (pid, start time, boot)
-still matches, so a job file written by someone else cannot make StaySafe run or kill anything.
+Files: ``<job_id>.json`` (a job; written atomically), ``<job_id>.log`` (its output), ``<job_id>.lock`` (held by
+the job's process while it runs), ``worker.lock`` (held by the live worker), ``worker.json`` (the worker's identity,
+for people to read), ``paused`` (present while the queue is paused: queued jobs wait, a running one finishes),
+``worker.log`` and ``.lock`` (a ``flock`` that serialises every change, so a cancel and a start never race).
+
+A job file is data, never a command: the worker rebuilds the command from the job's validated spec
+(:mod:`staysafe.queue.submit`). Whether a job or the worker is alive is whether its lock is held
+(:class:`staysafe.process.LifeLock`), never what a file says; a cancel only asks (``cancel_requested``), and the
+worker signals the one process it started itself for that job. No file in the queue is read or written through a
+symbolic link. So a job file written by someone else cannot make StaySafe run, kill or stall anything.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import contextlib
 import fcntl
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,13 +26,15 @@ from pathlib import Path
 from staysafe import process
 from staysafe.atomic import write_json, write_text
 from staysafe.errors import StaySafeError
+from staysafe.files import open_append, open_regular, real_dir
 from staysafe.traces import TraceError, read_json
 
 QUEUE_DIR = ".queue"
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
 KINDS = ("train", "experiment")
-JOB_ID = re.compile(r"^[0-9]{13}-(train|experiment)-[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+JOB_ID = re.compile(r"^[0-9]{13}-(train|experiment)-[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+WORKER_LOCK = "worker.lock"
 
 
 class LaunchError(StaySafeError, RuntimeError):
@@ -54,19 +59,31 @@ def job_problem(job, job_id: str) -> str | None:
 class JobStore:
     """Job files of one runs root and the liveness of their processes."""
 
-    def __init__(self, runs_root: Path):
+    def __init__(self, runs_root: Path, experiments_root: Path | None = None):
         self.root = Path(runs_root).resolve()
         self.dir = self.root / QUEUE_DIR
+        # Where this queue's experiments go: said by whoever starts the queue (the dashboard's settings, the
+        # command line, $STAYSAFE_EXPERIMENTS), never by a job file.
+        self.experiments = Path(experiments_root or os.environ.get("STAYSAFE_EXPERIMENTS") or "experiments").resolve()
 
     @contextlib.contextmanager
     def lock(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        if not real_dir(self.dir):
+            raise LaunchError(f"{self.dir} is not a directory (a link?); the queue does not work through links")
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def job_lock(self, job_id: str) -> Path:
+        return self.job_path(job_id).with_suffix(".lock")
+
+    def job_alive(self, job_id: str) -> bool:
+        """A live process (the one the worker started for the job) holds the job's lock."""
+        return process.held(self.job_lock(job_id))
 
     def job_path(self, job_id: str) -> Path:
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
@@ -91,14 +108,14 @@ class JobStore:
     def jobs(self, raw: bool = False) -> list[dict]:
         """Every job, oldest first; a job file that cannot be read is listed with state ``corrupt`` and the error.
 
-        Unless ``raw``, a ``running`` job whose process is gone while no worker is alive reads as ``interrupted``
-        (as ``run_state`` does for runs), so a crashed worker never leaves a job "running" forever.
+        Unless ``raw``, a ``running`` job whose lock no live process holds, while no worker is alive, reads as
+        ``interrupted`` (as ``run_state`` does for runs), so a crashed worker never leaves a job "running" forever.
         """
         reap_workers()
         out = []
-        if not self.dir.is_dir():
+        if not real_dir(self.dir):
             return out
-        worker = None if raw else self.worker_pid()
+        worker = self.worker_alive()  # a live worker finishes its own jobs' records
         for p in sorted(self.dir.glob("*.json")):
             if not JOB_ID.match(p.stem):
                 continue
@@ -107,8 +124,7 @@ class JobStore:
             except TraceError as err:
                 job = {"id": p.stem, "kind": p.stem.split("-", 2)[1], "target": p.stem.split("-", 2)[2],
                        "state": "corrupt", "error": str(err)}
-            if (not raw and job["state"] == "running" and worker is None
-                    and process.alive(job.get("process") or {}) is not True):
+            if not raw and job["state"] == "running" and not worker and not self.job_alive(job["id"]):
                 job = {**job, "state": "interrupted", "error": job.get("error") or "its process is gone"}
             out.append(job)
         return out
@@ -120,12 +136,12 @@ class JobStore:
             raise LaunchError(f"no readable job {job_id!r} in {self.dir} ({err})") from None
 
     def log_tail(self, job_id: str, max_bytes: int = 4000) -> str:
-        path = self.log_path(job_id)
+        """The end of the job's own log (a link or anything but a regular file in its place shows nothing)."""
         try:
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - max_bytes))
+            with os.fdopen(open_regular(self.log_path(job_id)), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
                 return f.read().decode(errors="replace")
-        except OSError:
+        except (TraceError, OSError):
             return ""
 
     # -- pausing
@@ -148,34 +164,37 @@ class JobStore:
     # -- cancelling
 
     def cancel(self, job_id: str) -> str:
-        """A queued job is removed (``removed``); a running one gets SIGTERM (``terminating``) if its recorded
-        process is still the one the worker started, else it is marked ``cancelled`` at once."""
+        """A queued job is marked ``cancelled`` (kept in the list). A running one is marked ``cancel_requested``:
+        the worker that started it sends it SIGTERM (``cancelling``); when no live process holds the job's lock,
+        it is marked ``cancelled`` at once. Nothing here signals a process: no pid from a file is trusted."""
         with self.lock():
             job = self.get(job_id)
             if job["state"] == "queued":
-                self.job_path(job_id).unlink(missing_ok=True)
-                self.log_path(job_id).unlink(missing_ok=True)
-                return "removed"
+                self.write({**job, "state": "cancelled", "ended": time.time(), "error": "cancelled before it started"})
+                return "cancelled"
             if job["state"] != "running":
                 raise LaunchError(f"job {job_id} is already {job['state']}")
-            job["cancel_requested"] = True
-            ident = job.get("process")
-            if not isinstance(ident, dict) or ident.get("start") is None or process.alive(ident) is not True:
-                self.write({**job, "state": "cancelled", "ended": time.time()})  # not a process we can identify
+            if not self.job_alive(job_id):
+                self.write({**job, "state": "cancelled", "cancel_requested": True, "ended": time.time()})
                 return "cancelled"
-            self.write(job)
-            os.kill(ident["pid"], signal.SIGTERM)
-            return "terminating"
+            self.write({**job, "cancel_requested": True})
+            return "cancelling"
 
     # -- the worker process
 
+    def worker_alive(self) -> bool:
+        return process.held(self.dir / WORKER_LOCK)
+
     def worker_pid(self) -> int | None:
-        """The live queue worker's pid, or None."""
-        try:
-            ident = read_json(self.dir / "worker.json")
-        except TraceError:
+        """The live queue worker's pid as it recorded it (for people to read), or None when no worker holds the
+        worker lock."""
+        if not self.worker_alive():
             return None
-        return ident.get("pid") if process.alive(ident) is True and ident.get("start") is not None else None
+        try:
+            pid = read_json(self.dir / "worker.json").get("pid")
+        except TraceError:
+            return -1
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else -1
 
     def ensure_worker(self) -> int:
         with self.lock():
@@ -185,13 +204,13 @@ class JobStore:
         pid = self.worker_pid()
         if pid is not None:
             return pid
-        with open(self.dir / "worker.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "queue", "work", "--runs-dir", str(self.root)],
+        with open_append(self.dir / "worker.log") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "queue", "work", "--runs-dir", str(self.root),
+                                     "--experiments-dir", str(self.experiments)],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         _STARTED.append(proc)
         reap_workers()
-        write_json(self.dir / "worker.json", process.identity(proc.pid))
         return proc.pid
 
 

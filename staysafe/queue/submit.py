@@ -3,23 +3,24 @@
 A job records *what* to run (a ``staysafe train`` RunSpec or the options of ``staysafe experiment``), never *how*:
 :func:`command` validates that spec again and rebuilds the argument list (``sys.executable -m staysafe.cli ...``,
 never a shell string), so a job file written by anyone else can only ask for a StaySafe run with known options.
-A queued job cannot carry a judge endpoint or key variable (``judge_url``, ``judge_key_env``): those send a secret
-somewhere, and only a command line typed by the user may ask for that.
+A queued job cannot carry a judge endpoint or key variable: those are not run options at all (see
+:mod:`staysafe.endpoint`), so a queued run that would need the openai judge is refused. A job cannot choose where
+its output goes either: runs go to the queue's runs root and experiments to the experiments root that the queue
+was started with.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
 
-from staysafe.queue.store import ACTIVE, LaunchError, JobStore
+from staysafe.endpoint import endpoint_for
+from staysafe.queue.store import ACTIVE, JobStore, LaunchError
 from staysafe.traces import RUN_ID, TraceError, new_run_id, safe_run_path
 
 EXPERIMENT_OPTIONS = ("scenario", "methods", "seeds", "quick", "preset", "model", "steps")
-NOT_QUEUEABLE = ("judge_url", "judge_key_env")  # a file must never choose where a secret goes
 
 
 def train_argv(spec, run_id: str, runs_root: Path) -> list[str]:
@@ -74,45 +75,33 @@ def train_spec(values, runs_root: Path):
     unknown = sorted(set(values) - known)
     if unknown:
         raise SpecError(f"the job's spec has unknown option(s) {', '.join(map(str, unknown))}")
-    carried = [k for k in NOT_QUEUEABLE if k in values and values[k] != getattr(RunSpec, k, None)]
-    if carried:
-        raise SpecError(f"a queued run cannot set {', '.join(carried)}: give the judge endpoint on the command "
-                        "line (`staysafe train --judge-url ...`), never through a file")
     try:
         spec = RunSpec(**values, runs_dir=str(runs_root))
     except TypeError as err:
         raise SpecError(f"the job's spec is invalid ({err})") from None
-    return _no_endpoint_judge(spec.validate())
-
-
-def _no_endpoint_judge(spec):
-    """The openai judge needs an endpoint, which a queued run cannot carry: refuse it before anything is queued."""
-    from staysafe.options import SpecError
-
-    uses_judge = spec.risk == "judge" or spec.record_judge
-    if spec.judge == "openai" and uses_judge and not spec.judge_url:
-        raise SpecError("option judge = 'openai' needs a judge URL and model, which a queued run cannot carry (a "
-                        "file must never choose where a key is sent); choose another judge here, or run "
-                        "`staysafe train --judge openai --judge-url URL --judge-model NAME` in a terminal")
+    spec.validate()
+    endpoint_for(spec, None, None, "a queued run")  # it needs an endpoint: refused, as no file may give one
     return spec
 
 
-def command(job: dict, runs_root: Path) -> list[str]:
-    """The argument list of a job, rebuilt from its validated spec (never from anything else in the file)."""
+def command(job: dict, runs_root: Path, experiments_root: Path | None = None) -> list[str]:
+    """The argument list of a job, rebuilt from its validated spec (never from anything else in the file). An
+    experiment goes to ``experiments_root``, the queue's own; a job naming another is refused."""
     from staysafe.options import SpecError
 
-    if not RUN_ID.match(job["target"]):
-        raise SpecError(f"job target {job['target']!r} is not a valid id")
+    if not isinstance(job.get("target"), str) or not RUN_ID.match(job["target"]):
+        raise SpecError(f"job target {job.get('target')!r} is not a valid id")
     if job["kind"] == "train":
         spec = train_spec(job.get("spec"), runs_root)
         return train_argv(spec, job["target"], runs_root)
     options = job.get("options")
     if not isinstance(options, dict) or set(options) - set(EXPERIMENT_OPTIONS):
         raise SpecError(f"the job's experiment options must be an object with keys among {EXPERIMENT_OPTIONS}")
-    exps = job.get("experiments_root")
-    if not isinstance(exps, str) or not os.path.isabs(exps):
-        raise SpecError(f"the job's experiments_root {exps!r} is not an absolute path")
-    return experiment_argv(job["target"], runs_root, Path(exps), **options)
+    exps = Path(experiments_root or JobStore(runs_root).experiments).resolve()
+    if job.get("experiments_root") not in (None, str(exps)):
+        raise SpecError(f"the job's experiments_root {job.get('experiments_root')!r} is not this queue's "
+                        f"experiments root {exps}: a job never chooses where its output goes")
+    return experiment_argv(job["target"], runs_root, exps, **options)
 
 
 def _new_job(store: JobStore, kind: str, target: str, **extra) -> dict:
@@ -126,7 +115,7 @@ def _new_job(store: JobStore, kind: str, target: str, **extra) -> dict:
 
 
 def _enqueue(store: JobStore, job: dict, start_worker: bool) -> dict:
-    command(job, store.root)  # exactly what the worker will check
+    command(job, store.root, store.experiments)  # exactly what the worker will check
     with store.lock():
         if any(j["target"] == job["target"] and j["state"] in ACTIVE for j in store.jobs(raw=True)):
             raise LaunchError(f"{job['target']!r} is already queued or running")
@@ -163,19 +152,20 @@ def submit_train(store: JobStore, spec, run_id: str | None = None, start_worker:
     return _enqueue(store, job, start_worker)
 
 
-def submit_experiment(store: JobStore, experiments_root: Path, experiment_id: str | None = None,
-                      start_worker: bool = True, **options) -> dict:
-    """Queue ``staysafe experiment`` (``options``: scenario, methods, seeds, quick, model, steps)."""
+def submit_experiment(store: JobStore, experiment_id: str | None = None, start_worker: bool = True,
+                      **options) -> dict:
+    """Queue ``staysafe experiment`` (``options``: scenario, methods, seeds, quick, model, steps) into the queue's
+    experiments root."""
     unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS))
     if unknown:
         raise LaunchError(f"unknown experiment option(s) {', '.join(unknown)}")
     scenario = options.get("scenario", "harmful")
     experiment_id = experiment_id or new_run_id(f"exp-{scenario}")
-    if not RUN_ID.match(experiment_id):
+    if not isinstance(experiment_id, str) or not RUN_ID.match(experiment_id):
         raise LaunchError(f"experiment id {experiment_id!r} is not allowed: use letters, digits, '.', '_' and '-'")
-    target = Path(experiments_root).resolve() / experiment_id
+    target = store.experiments / experiment_id
     if target.exists():
         raise LaunchError(f"experiment directory {target} already exists; choose another id")
     job = _new_job(store, "experiment", experiment_id, experiment_id=experiment_id,
-                   experiments_root=str(Path(experiments_root).resolve()), options=options)
+                   experiments_root=str(store.experiments), options=options)
     return _enqueue(store, job, start_worker)

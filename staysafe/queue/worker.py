@@ -3,7 +3,9 @@ is left, so the queue advances with the browser closed (``staysafe queue work <r
 
 Each job's command is rebuilt from its validated spec (:func:`staysafe.queue.submit.command`); a job that fails
 that check, is not a readable job, or whose process cannot start is marked ``failed`` with the reason and the
-queue moves on. The worker records every child's process identity, so a cancel can tell it from a reused pid.
+queue moves on. The worker holds ``worker.lock`` while it lives; each child inherits its job's ``<job>.lock``
+(held for the child's lifetime) and is ended by the kernel if the worker dies. The worker signals only the
+children it started, when their job file asks for a cancel.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import time
 
 from staysafe import process
 from staysafe.atomic import write_json
-from staysafe.queue.store import JobStore
+from staysafe.files import open_append
+from staysafe.queue.store import WORKER_LOCK, JobStore
 from staysafe.queue.submit import command
-from staysafe.traces import TraceError, read_json
+from staysafe.traces import TraceError
 
 PARALLEL_ENV = "STAYSAFE_QUEUE_PARALLEL"
 
@@ -44,15 +47,28 @@ def _finish(store: JobStore, job_id: str, state: str, returncode=None, error: st
         store.write({**job, "state": state, "ended": time.time(), "returncode": returncode, "error": error})
 
 
-def _start(store: JobStore, job: dict) -> subprocess.Popen | None:
-    """Start one job (under the lock): output to its log, state ``running`` with the child's identity. A job whose
-    spec is invalid or whose process cannot start is marked ``failed`` and None returned."""
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the worker ends (Linux), so no job outlives the worker that can
+    cancel it (a new worker never has to signal a process it did not start)."""
     try:
-        argv = command(job, store.root)
-        with open(store.log_path(job["id"]), "ab") as log:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start(store: JobStore, job: dict) -> subprocess.Popen | None:
+    """Start one job (under the lock): output to its log, its lock passed to the child, state ``running``. A job
+    whose spec is invalid or whose process cannot start is marked ``failed`` and None returned."""
+    try:
+        argv = command(job, store.root, store.experiments)
+        with process.LifeLock(store.job_lock(job["id"]), wait=0.0) as lock, open_append(
+                store.log_path(job["id"])) as log:
             proc = subprocess.Popen(argv, cwd=str(store.root), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except Exception as err:  # SpecError, OSError, a wrong-typed field: this job fails, the queue goes on
+                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                    pass_fds=(lock.fd,), preexec_fn=_die_with_parent)
+    except Exception as err:  # SpecError, OSError, a busy lock, a wrong-typed field: this job fails, the queue goes on
         store.write({**job, "state": "failed", "ended": time.time(),
                      "error": f"not started: {type(err).__name__}: {err}"[:500]})
         return None
@@ -60,7 +76,8 @@ def _start(store: JobStore, job: dict) -> subprocess.Popen | None:
     return proc
 
 
-def _adopted_outcome(store: JobStore, job: dict) -> str:
+def _outcome(store: JobStore, job: dict) -> str:
+    """How a job that ended out of this worker's sight ended: a train job's run status says."""
     if job["kind"] != "train":
         return "interrupted"
     from staysafe.traces import run_state
@@ -72,29 +89,17 @@ def _adopted_outcome(store: JobStore, job: dict) -> str:
     return {"finished": "finished", "cancelled": "cancelled", "failed": "failed"}.get(state, "interrupted")
 
 
-def _register(store: JobStore) -> bool:
-    with store.lock():
-        pid = store.worker_pid()
-        if pid is not None and pid != os.getpid():
-            return False
-        write_json(store.dir / "worker.json", process.identity())
-        return True
-
-
-def _deregister(store: JobStore) -> None:
-    with store.lock():
-        with contextlib.suppress(TraceError):
-            if read_json(store.dir / "worker.json").get("pid") == os.getpid():
-                (store.dir / "worker.json").unlink(missing_ok=True)
-
-
 def work(store: JobStore, poll: float = 0.5) -> int:
     """The worker loop: start queued jobs (``$STAYSAFE_QUEUE_PARALLEL`` at a time, default 1)."""
-    if not _register(store):
-        return 0
+    store.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        alive = process.LifeLock(store.dir / WORKER_LOCK, wait=0.0)
+    except process.LockBusy:
+        return 0  # another worker serves this queue
+    write_json(store.dir / "worker.json", process.identity())
     parallel = _parallel()
     procs: dict[str, subprocess.Popen] = {}
-    adopted: dict[str, dict] = {}  # running jobs of a worker that died: wait for them, never start them twice
+    waiting: set[str] = set()  # running jobs a previous worker started that still hold their lock
     stopping = []
 
     def stop(signum, frame):  # no locking here: the main loop may hold the lock
@@ -104,37 +109,53 @@ def work(store: JobStore, poll: float = 0.5) -> int:
                 p.terminate()
 
     signal.signal(signal.SIGTERM, stop)
-    for job in store.jobs(raw=True):
-        if job["state"] == "running":
-            if process.alive(job.get("process") or {}) is True:
-                adopted[job["id"]] = job
-            else:
-                _finish(store, job["id"], "interrupted")
-    while True:
-        if stopping:
-            for jid, p in procs.items():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=60)
-                _finish(store, jid, "cancelled", p.returncode)
-            _deregister(store)
-            return 0
-        for jid, p in list(procs.items()):
-            rc = p.poll()
-            if rc is not None:
-                _finish(store, jid, "finished" if rc == 0 else "failed", rc)
-                del procs[jid]
-        for jid, job in list(adopted.items()):
-            if process.alive(job.get("process") or {}) is not True:
-                _finish(store, jid, _adopted_outcome(store, job))
-                del adopted[jid]
-        with store.lock():
-            queued = [] if store.paused else [j for j in store.jobs(raw=True) if j["state"] == "queued"]
-            if not queued and not procs and not adopted:
-                (store.dir / "worker.json").unlink(missing_ok=True)
-                return 0
-            while queued and len(procs) + len(adopted) < parallel and not stopping:
-                job = queued.pop(0)
-                proc = _start(store, job)
-                if proc is not None:
-                    procs[job["id"]] = proc
-        time.sleep(poll)
+    try:
+        for job in store.jobs(raw=True):
+            if job["state"] == "running":
+                if store.job_alive(job["id"]):
+                    waiting.add(job["id"])
+                else:
+                    _finish(store, job["id"], _outcome(store, job))
+        while not stopping:
+            for jid, p in list(procs.items()):
+                rc = p.poll()
+                if rc is not None:
+                    _finish(store, jid, "finished" if rc == 0 else "failed", rc)
+                    del procs[jid]
+                elif _cancel_requested(store, jid):
+                    with contextlib.suppress(OSError):
+                        p.terminate()  # our own child, by its handle: never a pid read from a file
+            for jid in list(waiting):
+                if not store.job_alive(jid):
+                    with contextlib.suppress(TraceError):
+                        _finish(store, jid, _outcome(store, store.read(jid)))
+                    waiting.discard(jid)
+            with store.lock():
+                queued = [] if store.paused else [j for j in store.jobs(raw=True) if j["state"] == "queued"]
+                if not queued and not procs and not waiting:
+                    with contextlib.suppress(OSError):
+                        (store.dir / "worker.json").unlink()
+                    alive.release()  # under the queue lock: a submit from now on starts a new worker
+                    return 0
+                while queued and len(procs) + len(waiting) < parallel and not stopping:
+                    job = queued.pop(0)
+                    proc = _start(store, job)
+                    if proc is not None:
+                        procs[job["id"]] = proc
+            time.sleep(poll)
+        for jid, p in procs.items():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=60)
+            _finish(store, jid, "cancelled", p.returncode)
+        return 0
+    finally:
+        with contextlib.suppress(OSError):
+            (store.dir / "worker.json").unlink()
+        alive.release()
+
+
+def _cancel_requested(store: JobStore, job_id: str) -> bool:
+    try:
+        return store.read(job_id).get("cancel_requested") is True
+    except TraceError:
+        return False
