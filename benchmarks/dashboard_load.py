@@ -32,7 +32,7 @@ def build_run(root: Path, steps: int, per_step: int, n_records: int = 5000, chun
     rng = np.random.default_rng(0)
     writer = RunWriter.create(root, {"method": "adaptive", "risk": "probe", "scenario": "mixed", "steps": steps,
                                      "model": "synthetic", "beta_min": 0.05, "beta_max": 0.9}, run_id="big-run")
-    writer.set_status("running", started=time.time(), max_steps=steps)
+    writer.set_status("running", started=time.time(), max_steps=steps)  # written, then finished below
     labels = np.where(rng.random(n_records) < 0.1, "harmful", "benign")
     write_parquet(writer.path / "data.parquet", pd.DataFrame({
         "example_index": np.arange(n_records), "example_id": [f"ex-{i}" for i in range(n_records)],

@@ -248,8 +248,7 @@ def cmd_experiment(args) -> int:
 
     endpoint = endpoint_from_args(args)
     if args.resume:
-        path = resume_experiment(args.out_dir, args.resume, runs_dir=args.runs_dir or runs_root_default(),
-                                 endpoint=endpoint)
+        path = resume_experiment(args.out_dir, args.resume, args.runs_dir or runs_root_default(), endpoint=endpoint)
         print((path / "results.md").read_text())
         print(f"experiment written to {path}")
         return 0

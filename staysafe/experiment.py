@@ -359,11 +359,11 @@ def config_differences(run_dir: Path, run_spec: RunSpec) -> str:
     return ", ".join(f"{k} {theirs.get(k)!r} instead of {ours[k]!r}" for k in diff[:5])
 
 
-def resume_experiment(out_dir: str | Path, experiment_id: str, log=print, runs_dir: str | None = None,
+def resume_experiment(out_dir: str | Path, experiment_id: str, runs_dir: str | Path, log=print,
                       endpoint: JudgeEndpoint | None = None) -> Path:
     """Continue an experiment with the options its ``experiment.json`` recorded, checked again as any options
     are. Where it writes (``out_dir``, ``runs_dir``) and the judge endpoint come from the caller (the command
-    line), never from the file."""
+    line), never from the file; a ``runs_dir`` other than the recorded one is refused (its runs are elsewhere)."""
     if not isinstance(experiment_id, str) or not RUN_ID.match(experiment_id):
         raise SpecError(f"experiment id {experiment_id!r} is not allowed: use letters, digits, '.', '_' and '-'")
     path = Path(out_dir) / experiment_id
@@ -375,8 +375,11 @@ def resume_experiment(out_dir: str | Path, experiment_id: str, log=print, runs_d
         spec = ExperimentSpec(**{k: v for k, v in desc.items() if k in known})
     except TypeError as err:
         raise SpecError(f"{path / 'experiment.json'} is not an experiment's description ({err})") from None
-    spec.experiment_id, spec.out_dir = experiment_id, str(out_dir)
-    spec.runs_dir = runs_dir or ExperimentSpec().runs_dir
+    recorded = desc.get("runs_dir")
+    if isinstance(recorded, str) and Path(recorded).resolve() != Path(runs_dir).resolve():
+        raise SpecError(f"experiment {path} recorded its runs under {recorded}, not {runs_dir}: give --runs-dir "
+                        f"{recorded} to continue it there")
+    spec.experiment_id, spec.out_dir, spec.runs_dir = experiment_id, str(out_dir), str(runs_dir)
     return run_experiment(spec, log=log, resume=True, endpoint=endpoint, recorded=desc)
 
 

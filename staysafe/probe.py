@@ -8,7 +8,6 @@ prompt-only forward. Probes are saved as JSON (metadata, metrics) + npz (weights
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field

@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import sys
-import threading
 from dataclasses import asdict
 from pathlib import Path
 

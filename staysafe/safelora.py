@@ -179,19 +179,14 @@ def safelora_run(run_dir, threshold: float | None = None, layers: int | None = N
                         ignore=shutil.ignore_patterns("checkpoints", "final_model", "safelora.json"))
         config = {**source.config, **asdict(spec), "safelora_of": source.id}
         write_json(tmp / "config.json", config)
-        write_json(tmp / "status.json", {"state": "running", "created": time.time(), "started": time.time()})
+        write_json(tmp / "status.json", {"state": "created", "created": time.time()})
     writer = RunWriter(target)
-    try:
+    with writer.lifecycle(log=log) as done:  # running (locked), then finished / cancelled / failed
         step = int(source.steps["step"].max()) if len(source.steps) else 0
         report = project_and_record(model, spec, tokenizer, writer, step)
         with atomic_dir(target / "final_model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-        writer.set_status("finished", ended=time.time(), step=step)
-    except BaseException as err:
-        writer.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        writer.close()
+        done["step"] = step
     log(f"safelora: projected {report['projected_layers']} of {len(report['layers'])} layers (threshold "
         f"{spec.safelora_threshold}); state {run_state(target).get('state')}")
     return target

@@ -14,7 +14,6 @@ risk source). With LoRA the reference is the same model with its adapter disable
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time

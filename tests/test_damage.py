@@ -41,12 +41,15 @@ def test_a_damaged_part_is_skipped_and_named_the_rest_stays_readable(tmp_path, d
     assert row["state"] != "corrupt" and row["steps_done"] == 3 and parts[1].name in row["error"]
 
 
-def test_a_part_without_the_key_column_marks_the_run_unreadable(tmp_path):
+def test_a_part_without_the_key_column_is_skipped_and_named(tmp_path):
+    """A foreign part (not of this table) is skipped and named like a damaged one; the other rows stay readable."""
     w, parts = three_part_run(tmp_path)
     pd.DataFrame({"other": [1]}).to_parquet(parts[1])
-    with pytest.raises(TraceError, match=f"{parts[1].name} has no column 'step'"):
-        load_run(w.path)
-    assert list_runs(tmp_path).set_index("run_id").loc["r", "state"] == "corrupt"
+    with pytest.warns(UserWarning, match=f"{parts[1].name} has no column 'step'"):
+        run = load_run(w.path)
+    assert run.damaged == [str(parts[1])] and len(run.steps) > 0
+    row = list_runs(tmp_path).set_index("run_id").loc["r"]
+    assert row["state"] != "corrupt" and parts[1].name in row["error"]
 
 
 @pytest.mark.parametrize("shape", ["[1, 2]", "7", '"text"', "directory"])
@@ -138,20 +141,25 @@ def test_damaged_npz_files_give_the_named_error(tmp_path, damage):
             load()
 
 
-def test_a_reused_pid_does_not_keep_a_dead_run_running(tmp_path):
-    """After a reboot or in a new container the recorded pid may belong to a live stranger (here: this test's own
-    process); the recorded start time tells them apart."""
+def test_a_pid_in_status_json_never_keeps_a_run_running(tmp_path):
+    """Liveness is the run's lock, held by the live process, never a pid in a file: a status naming a live
+    stranger (or this very process) with its exact start time and boot reads as interrupted unless the lock is
+    held, and the lock is dropped by the kernel when its holder dies."""
     w = RunWriter.create(tmp_path, {"method": "sft"})
-    w.set_status("running")
-    assert run_state(w.path)["state"] == "running"
-    status = json.loads((w.path / "status.json").read_text())
-    assert status["start"] == process.start_time(os.getpid()) and status["boot"] == process.boot_id()
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (w.path / "status.json").write_text(json.dumps({**status, "pid": stranger.pid}))  # pid reused
+        w.set_status("running")
+        status = json.loads((w.path / "status.json").read_text())
+        (w.path / "status.json").write_text(json.dumps({**status, **process.identity(stranger.pid)}))
         assert run_state(w.path)["state"] == "interrupted"
-        (w.path / "status.json").write_text(json.dumps({**status, "boot": "another-boot"}))  # after a reboot
-        assert run_state(w.path)["state"] == "interrupted"
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from staysafe.process import LifeLock; "
+                                   f"LifeLock({str(w.path / process.LOCK_NAME)!r}); print('held', flush=True); "
+                                   "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        assert run_state(w.path)["state"] == "running"
+        holder.kill()
+        holder.wait()
+        assert run_state(w.path)["state"] == "interrupted"  # kill -9: the kernel released the lock
     finally:
         stranger.kill()
         stranger.wait()

@@ -35,7 +35,7 @@ def build_dashboard_data(base: Path) -> dict:
     """Real tiny-model runs and everything the pages read, under ``base``; returns the roots (one training at a time).
 
     runs/: the base run (adaptive, oracle label risk), adaptive with the probe (+ the embedding judge's risk and an embedding judge ASR) on a balanced
-    harmful/benign file, a failed run, a running run (status.json with this process's pid), a corrupt run, and an
+    harmful/benign file, a failed run, a running run (its lock held by this process), a corrupt run, and an
     experiment's runs (sft + adaptive-probe, two seeds); experiments/; compare/eval (probe vs embedding judge);
     probes/ (a saved activations folder + probe, and 100,000 synthetic points); demo/ in the data/demo layout.
     """
@@ -47,6 +47,18 @@ def build_dashboard_data(base: Path) -> dict:
         return _build(base)
     finally:
         torch.set_num_threads(threads)
+
+
+_HELD = []  # the locks of the "running" runs: held by this test process for the session, as a live run holds its own
+
+
+def hold_running(path: Path) -> None:
+    """Mark a run running the way a live run is: its status says so and a live process (this one) holds its lock."""
+    from staysafe import process
+    from staysafe.traces import RunWriter
+
+    RunWriter(path).set_status("running", step=4)
+    _HELD.append(process.LifeLock(path / process.LOCK_NAME))
 
 
 def _build(base: Path) -> dict:
@@ -81,10 +93,9 @@ def _build(base: Path) -> dict:
     shutil.copy(runs / "label-run" / "data.parquet", failed.path / "data.parquet")
     failed.set_status("failed", error="ValueError: unknown judge 'no-such-judge'")
     shutil.copytree(runs / "label-run", runs / "running-run")
-    RunWriter(runs / "running-run").set_status("running", step=4)  # pid = this process: alive
+    hold_running(runs / "running-run")
     shutil.copytree(runs / "label-run", runs / "corrupt-run")
-    part = next((runs / "corrupt-run" / "steps.parquet").glob("*.parquet"))
-    pd.DataFrame({"other": [1]}).to_parquet(part)  # a foreign part (no step column): the run is unreadable
+    (runs / "corrupt-run" / "status.json").write_text('{"state": "finished", "created": "yesterday"}')  # unreadable
     run_experiment(ExperimentSpec(scenario="harmful", methods=["sft", "adaptive-probe"], seeds=2, model="tiny",
                                   out_dir=str(exps), runs_dir=str(runs), experiment_id="exp-tiny",
                                   overrides={k: v for k, v in TINY.items() if k != "model"}), log=lambda *a: None)
@@ -120,7 +131,7 @@ def dash_data(tmp_path_factory):
         from staysafe.traces import RunWriter
 
         base = Path(reuse)
-        RunWriter(base / "runs" / "running-run").set_status("running", step=4)
+        hold_running(base / "runs" / "running-run")
         return {"base": base, **{n: base / n for n in ("runs", "experiments", "compare", "probes", "demo")}}
     return build_dashboard_data(tmp_path_factory.mktemp("dash"))
 
@@ -226,18 +237,18 @@ def test_loaders_read_through_the_library_and_refresh_on_change(dash_data, tmp_p
     assert run.status == direct.status and run.config == direct.config
     # A run that is still writing: a new part changes the signature and the next load sees the new step.
     w = RunWriter.create(tmp_path, {"method": "sft", "steps": 3}, run_id="live")
-    w.set_status("running")
+    hold_running(w.path)
     w.append("steps", [{"step": 1, "loss": 1.0}])
     assert loaders.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1]
     w.append("steps", [{"step": 2, "loss": 0.5}])
     assert loaders.load_run_cached(w.path, ("steps",)).steps["step"].tolist() == [1, 2]
     assert loaders.load_run_cached(w.path).status["state"] == "running"
     table = loaders.runs_table(dash_data["runs"]).set_index("run_id")
-    assert table.loc["corrupt-run", "state"] == "corrupt" and "steps.parquet" in table.loc["corrupt-run", "error"]
+    assert table.loc["corrupt-run", "state"] == "corrupt" and "status.json" in table.loc["corrupt-run", "error"]
     assert table.loc["running-run", "state"] == "running"
     assert table.loc["failed-run", "state"] == "failed"
     run, err = loaders.try_load_run(dash_data["runs"], "corrupt-run")
-    assert run is None and "steps.parquet" in err  # the foreign part is named
+    assert run is None and "status.json" in err and "created" in err  # the field of the wrong type is named
     run, err = loaders.try_load_run(dash_data["runs"], "../runs")
     assert run is None and "not a valid run id" in err
 
@@ -392,7 +403,7 @@ def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path
     assert "from-form" in texts(at) and "paused" in texts(at)
     [b for b in at.button if b.key == f"cancel_{jobs[0]['id']}"][0].click()
     at.run()
-    assert q.jobs() == [] and not (runs / "from-form").exists()
+    assert [j["state"] for j in q.jobs()] == ["cancelled"] and not (runs / "from-form").exists()
 
 
 def submit(at, label: str) -> None:
@@ -642,7 +653,7 @@ def test_regularization_page_filters_aggregates_and_details(env):
     at.selectbox(key="reg_run").set_value("corrupt-run")
     at.run()
     assert_clean(at, allow_errors=("corrupt-run",))
-    assert len(at.error) == 1 and "steps.parquet" in at.error[0].value  # listed as corrupt: refused everywhere
+    assert len(at.error) == 1 and "status.json" in at.error[0].value  # listed as corrupt: refused everywhere
 
 
 def test_demo_page_tells_the_story_from_recorded_runs(env):
@@ -688,8 +699,8 @@ def test_demo_page_live_rerun_goes_through_the_queue(env, tmp_path, monkeypatch)
         [b for b in at.button if b.key == key][0].click()
         at.run()
         assert_clean(at)
-        jobs = q.jobs()
-        assert len(jobs) == 1 and jobs[0]["kind"] == "experiment" and jobs[0]["state"] == "queued"
+        jobs = [j for j in q.jobs() if j["state"] == "queued"]  # a cancelled job stays listed as cancelled
+        assert len(jobs) == 1 and jobs[0]["kind"] == "experiment"
         argv = command(jobs[0], q.root)
         assert argv[argv.index("--preset") + 1] == preset and argv[3] == "experiment"
         assert q.cancel(jobs[0]["id"]) == "cancelled" and q.worker_pid() is None

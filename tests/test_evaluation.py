@@ -242,7 +242,7 @@ def test_presets_set_defaults_that_explicit_options_override():
     assert (base.steps, base.eval_every, base.model) == (PRESETS["live"].options["steps"], 0, "tiny")
     assert base_spec(ExperimentSpec(preset="live", overrides={"steps": 3}).validate()).steps == 3
     assert base_spec(ExperimentSpec(quick=True).validate()).eval_every == 10  # --quick is the quick preset
-    with pytest.raises(SpecError, match="unknown preset 'nope'.*live"):
+    with pytest.raises(SpecError, match="preset = 'nope' is invalid.*live"):
         ExperimentSpec(preset="nope").validate()
     with pytest.raises(SpecError, match="contradict"):
         ExperimentSpec(preset="live", quick=True).validate()

@@ -87,7 +87,7 @@ def test_resume_keeps_finished_runs_and_runs_the_rest(tmp_path):
     desc = json.loads((out / "experiment.json").read_text())
     write_json(out / "experiment.json", {**desc, "state": "running", "pid": 999999999})
     logs = []
-    resume_experiment(tmp_path / "exp", "e", log=logs.append)
+    resume_experiment(tmp_path / "exp", "e", tmp_path / "runs", log=logs.append)
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 4 and json.loads((out / "experiment.json").read_text())["state"] == "finished"
     assert (runs / "e-sft-s0" / "status.json").read_text() == kept  # finished before: not run again

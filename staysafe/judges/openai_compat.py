@@ -44,9 +44,6 @@ def parse_reply(text: str) -> float | None:
     return float(digit.group(1)) if digit else None
 
 
-_public_url = public_url  # the name older callers used
-
-
 class _Retryable(Exception):
     def __init__(self, message: str, wait: float | None = None):
         super().__init__(message)
@@ -68,12 +65,12 @@ class OpenAICompatibleJudge(Judge):
                  concurrency: int = 4, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
                  max_tokens: int = 8, mode: str = "rubric", allow_http: bool = False, max_bytes: int = 1 << 20,
                  deadline: float | None = None):
-        JudgeEndpoint(base_url, model, api_key_env or "OPENAI_API_KEY", allow_http)  # scheme, cleartext, model
         if concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0 or max_tokens < 1 or max_bytes < 1:
             raise SpecError("need concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0, max_tokens >= 1 and "
                             "max_bytes >= 1")
         if mode not in MODES:
             raise SpecError(f"mode must be one of {MODES}, got {mode!r}")
+        JudgeEndpoint(base_url, model, api_key_env or "OPENAI_API_KEY", allow_http)  # scheme, cleartext, model
         self._url = base_url.rstrip("/") + "/chat/completions"  # may hold credentials: never shown
         self.base_url = public_url(base_url)
         self.model = model
@@ -161,6 +158,8 @@ class OpenAICompatibleJudge(Judge):
         except (ConnectionError, OSError, http.client.HTTPException) as err:
             if expired.is_set():
                 raise _Retryable(f"no complete reply within the {self.deadline:g} s deadline") from None
+            if isinstance(err, (ConnectionRefusedError, socket.gaierror)):
+                raise _Retryable(f"cannot reach {self.base_url}: {err}") from None
             raise _Retryable(f"connection to {self.base_url} failed: {type(err).__name__}: {err}") from None
         finally:
             watchdog.cancel()
