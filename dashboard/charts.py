@@ -9,12 +9,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from staysafe.methods import VARIANTS, variant_of
+from staysafe import trace_names
+
 SCATTER_GL_MIN = 1500  # lines with more points than this are drawn with WebGL
 
 
-METHOD_COLORS = {"sft": "#c8553d", "constant-kl": "#d4a72c", "adaptive-probe": "#2a7f7a",
-                 "adaptive-judge": "#3f6fb5", "adaptive-label": "#7a5ea8", "token-wise": "#5b8c3a",
-                 "adaptive-token-wise": "#1f9bb0", "lisa": "#b0487a", "safelora": "#6b6b6b"}
+METHOD_COLORS = {name: v.colour for name, v in VARIANTS.items()}  # one colour per method, from the registry
 
 
 PALETTE = ["#2a7f7a", "#c8553d", "#3f6fb5", "#d4a72c", "#7a5ea8", "#5b8c3a", "#b0487a", "#6b6b6b", "#1f9bb0",
@@ -60,10 +61,12 @@ def smooth(series: pd.Series, how: str, amount: float) -> pd.Series:
 
 
 def method_label(config_or_row: dict) -> str:
-    """``sft``, ``constant-kl`` or ``adaptive-<risk>`` (the experiment's method names)."""
+    """A run's method as the experiment names it (``adaptive`` with probe risk: ``adaptive-probe``; the registry's
+    variants), else its training method."""
+    variant = variant_of(config_or_row)
+    if variant is not None:
+        return variant.name
     method = config_or_row.get("method")
-    if method == "adaptive":
-        return f"adaptive-{config_or_row.get('risk')}"
     return str(method) if method else "?"
 
 
@@ -79,14 +82,11 @@ def fmt_pct(x) -> str:
 
 
 def metric_title(col: str) -> str:
-    if col == "asr_keyword":
+    kind, judge = trace_names.parse_asr(col) or (None, None)
+    if kind == "asr" and judge == trace_names.KEYWORD:
         return "keyword ASR (weak judge)"
-    if col.startswith("asr_at_k_"):
-        return f"sampled ASR@k ({col[len('asr_at_k_'):]})"
-    if col.startswith("asr_sampled_"):
-        return f"sampled per-answer ASR ({col[len('asr_sampled_'):]})"
-    if col.startswith("asr_"):
-        return f"judge ASR ({col[4:]})"
+    if kind is not None:
+        return {"at_k": "sampled ASR@k", "sampled": "sampled per-answer ASR", "asr": "judge ASR"}[kind] + f" ({judge})"
     return {"over_refusal": "over-refusal (benign refused)", "benign_nll": "benign NLL (utility)",
             "nll": "NLL", "kl": "KL(ref ‖ model)", "loss": "loss", "beta": "β (KL weight)",
             "risk": "batch risk used"}.get(col, col.replace("risk_", "risk: ") if col.startswith("risk_") else col)

@@ -14,6 +14,8 @@ from loaders import runs_table, try_load_run
 
 from staysafe.options import RunSpec, default_of
 from staysafe.traces import Run
+from staysafe.methods import regularised
+from staysafe import trace_names
 
 _FIELDS = {f.name: f for f in fields(RunSpec)}
 _HINTS = typing.get_type_hints(RunSpec)
@@ -62,19 +64,16 @@ def option_input(name: str, where=st, *, extra_choices: tuple = (), **widget):
 TEXT_COLUMNS = {"example_id", "label", "category", "prompt", "response", "messages", "id", "kind", "prompt_id"}
 
 
-SAMPLED_PREFIXES = ("asr_at_k_", "asr_sampled_")  # sampled-answer ASR (eval_samples > 0), shown on their own
-
-
 def sampled_columns(evals: pd.DataFrame) -> list[str]:
     """ASR@k and per-answer sampled ASR columns, per judge (keyword included)."""
-    return sorted(c for c in evals.columns if c.startswith(SAMPLED_PREFIXES))
+    return sorted(trace_names.sampled(evals.columns))
 
 
 def asr_columns(evals: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(judge ASR columns, keyword ASR column if present): judge ASR first, keyword is the weak judge."""
-    judges = sorted(c for c in evals.columns if c.startswith("asr_") and c != "asr_keyword"
-                    and not c.startswith(SAMPLED_PREFIXES))
-    return judges, (["asr_keyword"] if "asr_keyword" in evals.columns else [])
+    judges = [trace_names.asr(j) for j in trace_names.judges(evals.columns) if j != trace_names.KEYWORD]
+    keyword = trace_names.asr(trace_names.KEYWORD)
+    return judges, ([keyword] if keyword in evals.columns else [])
 
 
 def reset_on_change(key: str, signature) -> None:
@@ -116,7 +115,7 @@ def regularized_run_or_stop(root: Path, key: str, tables: tuple[str, ...] = ("ex
     if runs.empty:
         no_runs(root)
         st.stop()
-    run_id = pick_runs(runs, "run", key=key, prefer=lambda r: r.get("method") != "sft")[0]
+    run_id = pick_runs(runs, "run", key=key, prefer=regularised)[0]
     run, error = try_load_run(root, run_id, tables)
     if error:
         run_error(run_id, error)

@@ -15,39 +15,30 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
 from transformers import TrainerCallback
 
+from staysafe.aligned import (
+    ADAPTER_FILE,
+    ALIGNED,
+    ALIGNED_VACCINE,
+    NOT_BUILT,
+    RECIPE_VERSION,
+    REPORT,
+    SHIPPED_DIR,
+    TRAIN_SETS,
+    AlignSettings,
+    cache_problem,
+    file_sha256,
+    training_data_sha,
+)
 from staysafe.atomic import TMP_PREFIX, atomic_dir, write_bytes, write_json, write_safetensors
-from staysafe.aligned import (ADAPTER_FILE, ALIGNED, ALIGNED_VACCINE, NOT_BUILT, RECIPE_VERSION, REPORT, SHIPPED_DIR, TRAIN_SETS,
-                              cache_problem, file_sha256, training_data_sha)
-from staysafe.options import DEFENSES, SpecError
 from staysafe.embedded import ModelError
 from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
-
-
-@dataclass
-class AlignSettings:
-    """Chosen on a validation split of the alignment data (never the held-out evaluation prompts): the refusal
-    decision sits in the first answer token, and intent separates there only after ~2 epochs at a constant rate;
-    fewer steps or a decaying rate left the model refusing a fifth to a half of benign requests."""
-
-    steps: int = 260
-    batch_size: int = 8
-    lr: float = 3e-4
-    lora_r: int = 16
-    lora_alpha: int = 32
-    max_length: int = 128
-    seed: int = 0
-    eval_max_new_tokens: int = 24
-    precision: str = "auto"
-    defense: str = "none"  # vaccine: the perturbation-aware alignment (staysafe.vaccine) -> smollm2-135m-aligned-vaccine
-    vaccine_rho: float = 2.0  # Vaccine's default perturbation size
-
+from staysafe.options import DEFENSES, SpecError
 
 ADAPTER_DIR = "adapter"
 
@@ -69,9 +60,9 @@ def save_adapter_fp16(peft_model, out: Path) -> None:
 
 def refusal_rates(model, tokenizer, max_new_tokens: int = 32) -> dict:
     """Share of held-out harmful and benign prompts the model refuses (keyword judge), on every eval prompt."""
-    from staysafe.data import load_records
     from staysafe.evaluation import generate
     from staysafe.judges import is_refusal
+    from staysafe.records import load_records
 
     out = {}
     for kind, name in (("harmful", "eval-harmful"), ("benign", "eval-benign")):
@@ -118,7 +109,7 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                                 bf16=resolve_precision(settings.precision) == "bf16",
                                 use_cpu=not torch.cuda.is_available())
             kind, extra = SafetyTrainer, {}
-            if settings.defense == "vaccine":
+            if settings.defense != "none":  # the one alignment-stage defense: Vaccine
                 from staysafe.vaccine import VaccineTrainer
 
                 kind, extra = VaccineTrainer, {"rho": settings.vaccine_rho}

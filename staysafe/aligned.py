@@ -37,6 +37,25 @@ SHIPPED_DIR = Path(__file__).parent / "assets" / ALIGNED
 
 
 @dataclass
+class AlignSettings:
+    """Chosen on a validation split of the alignment data (never the held-out evaluation prompts): the refusal
+    decision sits in the first answer token, and intent separates there only after ~2 epochs at a constant rate;
+    fewer steps or a decaying rate left the model refusing a fifth to a half of benign requests."""
+
+    steps: int = 260
+    batch_size: int = 8
+    lr: float = 3e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_length: int = 128
+    seed: int = 0
+    eval_max_new_tokens: int = 24
+    precision: str = "auto"
+    defense: str = "none"  # vaccine: the perturbation-aware alignment (staysafe.vaccine) -> smollm2-135m-aligned-vaccine
+    vaccine_rho: float = 2.0  # Vaccine's default perturbation size
+
+
+@dataclass
 class AlignedSource:
     """The aligned reference that is served: ``kind`` is ``built locally`` or ``shipped``."""
 
@@ -48,7 +67,7 @@ class AlignedSource:
 
 def training_data_sha() -> str:
     """Digest of the shipped alignment data, so that a model built from other data is not taken for current."""
-    from staysafe.data import SHIPPED, data_dir
+    from staysafe.records import SHIPPED, data_dir
 
     h = hashlib.sha256()
     for name in TRAIN_SETS:

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from staysafe.endpoint import add_endpoint_arguments, endpoint_from_args, endpoint_for
+from staysafe.endpoint import add_endpoint_arguments, endpoint_for, endpoint_from_args
 from staysafe.errors import StaySafeError
 from staysafe.files import TraceError, read_json
 from staysafe.options import DEFENSES, POSITIONS, SCENARIOS, RunSpec, SpecError, default_of, flag, help_text
@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_models)
 
     a = sub.add_parser("align", help="build the aligned reference smollm2-135m-aligned locally (StaySafe also ships one)")
-    from staysafe.align import AlignSettings
-    from staysafe.models import PRECISIONS
+    from staysafe.aligned import AlignSettings
+    from staysafe.options import PRECISIONS
 
     d = AlignSettings()
     a.add_argument("--steps", type=int, default=d.steps)
@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
     e.add_argument("--scenario", default="harmful", choices=SCENARIOS)
-    from staysafe.experiment import DEFAULT_METHODS, METHODS as EXPERIMENT_METHODS
+    from staysafe.methods import VARIANTS as EXPERIMENT_METHODS
+    from staysafe.presets import DEFAULT_METHODS
 
     e.add_argument("--methods", default=None,
                    help=f"comma-separated, from {', '.join(EXPERIMENT_METHODS)} (default: the preset's, else "

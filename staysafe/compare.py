@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from staysafe.data import DataError, load_records, prompt_text, response_text
+from staysafe.records import DataError, load_records, prompt_text, response_text
 
 
 def _source_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:

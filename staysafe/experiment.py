@@ -7,7 +7,7 @@ Vaccine-aligned reference, which ``staysafe align --defense vaccine`` builds). W
 comparison asks "same average regularisation, spent uniformly or where the risk is?".
 
 A sweep (``--sweep beta=0.05,0.1,0.3``, repeatable: the grid of all combinations) varies an option for the
-methods that read it (``options.METHOD_OPTIONS``; an option every method reads varies for all) and runs the others
+methods that read it (``Method.options`` in :mod:`staysafe.methods`; an option every method reads varies for all) and runs the others
 once per seed. An experiment is resumable: ``--resume <id>`` keeps its finished runs, continues an interrupted
 run from its last checkpoint, and runs the rest.
 """
@@ -25,27 +25,17 @@ import pandas as pd
 from staysafe import process
 from staysafe.atomic import write_text
 from staysafe.endpoint import JudgeEndpoint, endpoint_for
-from staysafe.options import MODELS, SCENARIOS, TOKEN_WISE, check_fields, option
-from staysafe.presets import PRESETS, preset_options
+from staysafe.methods import VARIANTS, is_kl_weight, method_named, method_options
+from staysafe.options import MODELS, SCENARIOS, check_fields, option
+from staysafe.presets import DEFAULT_METHODS, PRESETS, preset_options
 from staysafe.runner import RunSpec, SpecError, check_before_work, latest_checkpoint, run_training
 from staysafe.stats import run_intervals
 from staysafe.traces import RUN_ID, TraceError, load_run, new_run_id, read_json, run_state, write_json, write_parquet
+from staysafe import trace_names
 
 NOT_PER_RUN = {"seed", "run_id", "runs_dir", "experiment"}  # set by the experiment for each run
 
-METHODS = {
-    "sft": {"method": "sft"},
-    "constant-kl": {"method": "constant-kl"},
-    "adaptive-probe": {"method": "adaptive", "risk": "probe"},
-    "adaptive-judge": {"method": "adaptive", "risk": "judge"},
-    "adaptive-label": {"method": "adaptive", "risk": "label"},
-    "token-wise": {"method": "token-wise"},
-    "adaptive-token-wise": {"method": "adaptive-token-wise", "risk": "probe"},
-    "lisa": {"method": "lisa"},
-    "safelora": {"method": "safelora"},
-    "vaccine": {"method": "sft", "model": "smollm2-135m-aligned-vaccine"},  # built by staysafe align --defense vaccine
-}
-DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")
+METHODS = VARIANTS  # the experiment's method names: the registry's variants (staysafe.methods)
 
 
 @dataclass
@@ -96,7 +86,7 @@ class ExperimentSpec:
         for name, values in self.sweep.items():
             if name not in known or name in NOT_PER_RUN:
                 raise SpecError(f"--sweep {name}: not an option an experiment can vary (see staysafe train --help)")
-            fixed = [m for m in self.methods if name in METHODS[m]]
+            fixed = [m for m in self.methods if name in METHODS[m].options]
             if fixed:
                 raise SpecError(f"--sweep {name}: the method(s) {', '.join(fixed)} set {name} themselves; list the "
                                 "variants as methods instead")
@@ -107,10 +97,8 @@ class ExperimentSpec:
 
 def sweep_points(spec: ExperimentSpec, method: str) -> list[dict]:
     """The swept option values a method runs: the grid over the options it reads, once if it reads none."""
-    from staysafe.options import METHOD_OPTIONS
-
-    trains = METHODS[method]["method"]  # the training method behind the experiment's name (adaptive-probe: adaptive)
-    mine = {k: v for k, v in spec.sweep.items() if trains in METHOD_OPTIONS.get(k, (trains,))}
+    trains = METHODS[method].method  # the training method behind the experiment's name (adaptive-probe: adaptive)
+    mine = {k: v for k, v in spec.sweep.items() if trains in method_options().get(k, (trains,))}
     return [dict(zip(mine, combo)) for combo in itertools.product(*mine.values())] if mine else [{}]
 
 
@@ -138,7 +126,7 @@ def run_summary(run, beta_mid: float) -> dict:
                          "it again with evaluations")
     ev, st = run.evals.sort_values("step"), run.steps
     final, first = ev.iloc[-1], ev.iloc[0]
-    kl_weight = run.config.get("method") not in TOKEN_WISE  # their step beta scales a schedule: not comparable
+    kl_weight = is_kl_weight(run.config)  # token-wise: the step beta scales a schedule, not comparable
     row = {"run_id": run.id, "steps": int(st["step"].max()) if len(st) else 0,
            "reference_asr_keyword": float(first["asr_keyword"]), "final_asr_keyword": float(final["asr_keyword"]),
            "peak_asr_keyword": float(ev["asr_keyword"].max()), "over_refusal": float(final["over_refusal"]),
@@ -149,11 +137,14 @@ def run_summary(run, beta_mid: float) -> dict:
     if "task_accuracy" in ev:
         row["final_task_accuracy"], row["reference_task_accuracy"] = float(final["task_accuracy"]), float(
             first["task_accuracy"])
-    for col in ev.columns:
-        if col.startswith("asr_") and col != "asr_keyword":
+    for judge in trace_names.judges(ev.columns):  # greedy judge ASR only: the sampled measures are not judges
+        col = trace_names.asr(judge)
+        if judge != trace_names.KEYWORD:
             row[f"final_{col}"] = float(final[col])
             row[f"reference_{col}"] = float(first[col])
             row[f"peak_{col}"] = float(ev[col].max())
+    for col in trace_names.sampled(ev.columns):
+        row[f"final_{col}"] = float(final[col])
     intervals = run_intervals(run.generations).set_index("step") if len(run.generations) else None
     for prefix, step in (("final_", int(final["step"])), ("reference_", int(first["step"]))):
         if intervals is None or step not in intervals.index:
@@ -200,7 +191,7 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
         "mean β", "steps β>mid %", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # step 0 of each starting model (vaccine starts from its own reference), once per seed
-    starts = results["method"].map(lambda m: METHODS.get(m, {}).get("model", ""))
+    starts = results["method"].map(lambda m: METHODS[m].sets.get("model", "") if m in METHODS else "")
     for start, part in results.groupby(starts, sort=True):  # "" (the experiment's model) first
         ref = part.drop_duplicates("seed") if "seed" in part else part
         ref_cells = [f"{start} (step 0)" if start else "aligned reference (step 0)", "",
@@ -259,7 +250,7 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False, endpoi
                         "training, so it needs at least 1 held-out harmful prompt")
     for name in spec.methods:  # every run's options and prerequisites checked before the first one starts
         for point in sweep_points(spec, name):
-            run_spec = replace(base, **METHODS[name], **point).validate()
+            run_spec = replace(base, **METHODS[name].options, **point).validate()
             endpoint_for(run_spec, endpoint, recorded, f"experiment method {name}")
             check_before_work(run_spec, resuming=True)
     exp_id = spec.experiment_id or new_run_id(f"exp-{spec.scenario}")
@@ -278,8 +269,8 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False, endpoi
 
 
 def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, endpoint) -> Path:
-    # adaptive methods first, so constant-kl can be matched to their mean beta
-    order = sorted(spec.methods, key=lambda m: (METHODS[m]["method"] != "adaptive", spec.methods.index(m)))
+    # risk-driven methods with a KL-weight beta first, so a fixed-beta method can be matched to their mean beta
+    order = sorted(spec.methods, key=lambda m: (not _sets_matched_beta(m), spec.methods.index(m)))
     match_beta = "beta" not in spec.sweep
     rows, t0 = [], time.time()
     desc = {**asdict(spec), "experiment_id": exp_id, "id": exp_id, "base": asdict(base),
@@ -291,16 +282,17 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
             for name in order:
                 for point in sweep_points(spec, name):
                     run_spec = replace(base, seed=seed, experiment=exp_id, run_id=run_name(exp_id, name, point, seed),
-                                       **METHODS[name], **point)
-                    if name == "constant-kl" and match_beta:
+                                       **METHODS[name].options, **point)
+                    fixed_beta = "beta" in method_named(METHODS[name].method).options  # constant-kl
+                    if fixed_beta and match_beta:
                         run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
                                            else spec.constant_beta)
                     run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}",
                                                    endpoint))
-                    row = {"method": name, "seed": seed, "beta": run_spec.beta if name == "constant-kl" else math.nan,
+                    row = {"method": name, "seed": seed, "beta": run_spec.beta if fixed_beta else math.nan,
                            **{f"sweep_{k}": v for k, v in point.items()},
                            **run_summary(run, (base.beta_min + base.beta_max) / 2)}
-                    if METHODS[name]["method"] == "adaptive" and matched_beta is None:  # a KL weight (token-wise
+                    if _sets_matched_beta(name) and matched_beta is None:  # a KL weight (token-wise
                         # methods' beta is the level that scales their schedule, not a KL weight)
                         matched_beta = row["mean_beta"]
                     rows.append(row)
@@ -319,6 +311,13 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
     write_json(out / "experiment.json", {**desc, "state": "finished", "minutes": (time.time() - t0) / 60,
                                          "runs": [r["run_id"] for r in rows]})
     return out
+
+
+def _sets_matched_beta(name: str) -> bool:
+    """Whether a variant's mean beta is what a fixed-beta method is matched to: its beta follows the risk and is a
+    KL weight (adaptive; not adaptive-token-wise, whose beta scales a schedule)."""
+    method = method_named(METHODS[name].method)
+    return method.risk and method.kl_weight
 
 
 def _train_or_reuse(run_spec: RunSpec, log, what: str, endpoint: JudgeEndpoint | None = None) -> Path:

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from staysafe.methods import colour
+from staysafe import trace_names
+
 DEFAULT_JUDGE = "embedding_response"  # the default response judge's column suffix (final_asr_<judge>)
 
 
 def judges(results: pd.DataFrame) -> list[str]:
     """The response judges whose final ASR the results hold, the default one first."""
-    found = [c[len("final_asr_"):] for c in results.columns
-             if c.startswith("final_asr_") and not c.endswith(("_lo", "_hi"))]  # not the interval bounds
-    return sorted(found, key=lambda j: (j != DEFAULT_JUDGE, j))
+    return sorted(trace_names.result_judges(results.columns), key=lambda j: (j != DEFAULT_JUDGE, j))
 
 
 def judge_name(judge: str) -> str:
@@ -77,12 +78,13 @@ def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility t
     fig = go.Figure()
     for method, g in points.groupby("method", sort=False):
         g = g.sort_values("x")
-        curve = method == "constant-kl" and len(g) > 1
+        curve = len(g) > 1  # a sweep (constant-kl's beta): its points joined as a curve
         fig.add_trace(go.Scatter(
             x=g["x"], y=g["y"] * 100, mode="lines+markers" if curve else "markers", name=method,
+            line={"color": colour(method)}, marker_color=colour(method),
             error_x={"type": "data", "array": g["x_std"], "visible": True},
             error_y={"type": "data", "array": g["y_std"] * 100, "visible": True},
-            marker={"size": 11}, text=g["label"], customdata=g[["runs", "seeds"]].to_numpy(),
+            marker_size=11, text=g["label"], customdata=g[["runs", "seeds"]].to_numpy(),
             hovertemplate="%{text}<br>utility %{x:.3f}<br>ASR %{y:.0f}%<br>seeds %{customdata[1]}"
                           "<br>runs %{customdata[0]}<extra></extra>"))
     shown = judge_name(y[len("final_asr_"):])

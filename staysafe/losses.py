@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from staysafe.data import IGNORE
+IGNORE = -100  # the label of a position without loss (prompt, padding): what the Trainer ignores
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,27 @@ import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
-from staysafe.errors import StaySafeError
+from staysafe.errors import SpecError, StaySafeError  # noqa: F401  (SpecError re-exported)
+from staysafe.methods import METHODS as REGISTRY
+from staysafe.methods import method_named
 
-METHODS = ("sft", "constant-kl", "adaptive", "token-wise", "adaptive-token-wise", "lisa", "safelora")
-RISK_METHODS = ("adaptive", "adaptive-token-wise")  # beta follows the estimated risk
-TOKEN_WISE = ("token-wise", "adaptive-token-wise")  # Qi et al.'s per-position constraint
-NO_REFERENCE = ("sft", "lisa", "safelora")  # no reference forward during training
+class _Registered:
+    """The registry's method names, read when asked (a method registered later, e.g. in a test, is a choice too)."""
+
+    def __iter__(self):
+        return iter(REGISTRY)
+
+    def __contains__(self, name) -> bool:
+        return name in REGISTRY
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(tuple(REGISTRY))
+
+
+METHODS = _Registered()  # the training methods (staysafe.methods: each defined once, there)
 RISK_SOURCES = ("label", "probe", "judge")
 BATCH_RISKS = ("max", "mean")
 FALLBACKS = ("probe", "last", "max")
@@ -34,25 +49,11 @@ DEFENSES = ("none", "vaccine")  # staysafe align --defense: the alignment-stage 
 POSITIONS = ("last_prompt_token", "mean")  # where a probe reads the hidden state (staysafe.probe)
 TASKS = ("arithmetic",)  # staysafe.task.TASKS: the user tasks with an accuracy
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
-# Options that only some methods read (every other option applies to all): a sweep varies them for those only.
-METHOD_OPTIONS = {
-    "beta": ("constant-kl",), "beta_min": RISK_METHODS, "beta_max": RISK_METHODS, "risk": RISK_METHODS,
-    "risk_ema": RISK_METHODS, "batch_risk": RISK_METHODS, "per_example_beta": RISK_METHODS,
-    "risk_fallback": RISK_METHODS, "calibration": RISK_METHODS, "risk_threshold": RISK_METHODS,
-    "risk_temperature": RISK_METHODS, "token_betas": TOKEN_WISE, "lisa_align_steps": ("lisa",),
-    "lisa_user_steps": ("lisa",), "lisa_rho": ("lisa",), "safelora_threshold": ("safelora",),
-    "safelora_layers": ("safelora",),
-    "safelora_unaligned": ("safelora",),
-}
 RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used",
             "safelora_of", "judge_endpoint",  # config.json extras, never read back as options
             "judge_url", "judge_model", "judge_key_env"}  # older files' endpoint: compared (staysafe.endpoint), not used
 REPORTERS = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml", "neptune",
              "dvclive", "codecarbon", "azure_ml", "dagshub", "flyte", "swanlab")  # TrainingArguments.report_to
-
-
-class SpecError(StaySafeError, ValueError):
-    """An option of a run is invalid; the message names the option and what was expected."""
 
 
 def option(default, help: str, *, choices: tuple | None = None, open_choices: bool = False, low=None, high=None,
@@ -134,11 +135,7 @@ def check_fields(obj, names=None) -> None:
 class SafetyOptions:
     """The safety regulariser's options (``loss = (1 - beta) NLL + beta KL``; see :mod:`staysafe.trainer`)."""
 
-    method: str = option("adaptive", "sft: plain fine-tuning (beta = 0) | constant-kl: a fixed beta | adaptive: beta "
-                         "from the risk | token-wise: Qi et al. 2024's per-position constraint (token_betas) | "
-                         "adaptive-token-wise: that constraint scaled by the risk's beta / beta_max | lisa: "
-                         "alternating alignment and user steps with a proximal pull (Huang et al. 2024) | safelora: "
-                         "sft, then each LoRA update projected onto the alignment subspace (Hsu et al. 2024)",
+    method: str = option("adaptive", " | ".join(f"{m.name}: {m.help}" for m in REGISTRY.values()),
                          choices=METHODS)
     beta: float = option(0.5, "constant-kl: the fixed KL weight", low=0.0, high=1.0, label="β (constant-kl)")
     beta_min: float = option(0.05, "adaptive: KL weight at risk 0", low=0.0, high=1.0, label="β min (adaptive)")
@@ -184,7 +181,7 @@ class SafetyOptions:
             raise SpecError("option reference_cache = True keeps the reference's top-k log-probabilities: it needs "
                             "kl_top_k > 0 (64 is within 1% of the exact KL here, see benchmarks/README.md)")
         self.position_betas()
-        if self.reference_cache and self.method in TOKEN_WISE:
+        if self.reference_cache and not method_named(self.method).top_k_reference:
             raise SpecError(f"option reference_cache = True keeps the reference's top-k outputs; method "
                             f"{self.method} needs the reference's log-probability of every answer token: drop it")
         if self.risk_ema and self.per_example_beta:

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")  # an experiment without a preset's
+
+
 @dataclass(frozen=True)
 class Preset:
     about: str

@@ -323,7 +323,7 @@ PROBE_TEST = ("eval-harmful", "eval-benign")
 
 
 def labelled_prompts(names) -> list[dict]:
-    from staysafe.data import load_records
+    from staysafe.records import load_records
 
     return [r for n in names for r in load_records(n, need_response=False)]
 

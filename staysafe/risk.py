@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from staysafe.errors import StaySafeError
-from staysafe.options import CALIBRATIONS, NO_REFERENCE, RISK_METHODS, SpecError
+from staysafe.methods import method_named
+from staysafe.options import CALIBRATIONS, SpecError
 
 
 class RiskError(StaySafeError, ValueError):
@@ -104,6 +105,7 @@ class RiskPolicy:
 
     def __init__(self, options):
         self.o = options
+        self.method = method_named(options.method)
         self.ema: float | None = None
         self.last: float | None = None
 
@@ -123,7 +125,7 @@ class RiskPolicy:
     def decide(self, signals: dict[str, torch.Tensor], batch_size: int, device):
         """beta per example, the risk per example, which examples fell back, and the batch risk (NaN unless
         adaptive)."""
-        if self.o.method in RISK_METHODS:
+        if self.method.risk:
             risk, fallback = self.fill_missing({k: v.to(device) for k, v in signals.items()})
         else:  # the risk is recorded but sets nothing
             risk = torch.full((batch_size,), float("nan"), device=device)
@@ -149,20 +151,12 @@ class RiskPolicy:
         return risk, missing
 
     def beta(self, risk: torch.Tensor):
-        """beta per example (a tensor of size B), plus the batch risk after aggregation and EMA."""
-        o = self.o
-        if o.method in NO_REFERENCE:
-            return torch.zeros_like(risk), float("nan")
-        if o.method == "constant-kl":
-            return torch.full_like(risk, o.beta), float("nan")
-        if o.method == "token-wise":  # the level that scales token_betas
-            return torch.ones_like(risk), float("nan")
-        if o.method == "adaptive-token-wise":
-            beta, s = self._adaptive(risk)
-            return beta / o.beta_max if o.beta_max > 0 else beta, s
-        return self._adaptive(risk)
+        """beta per example (a tensor of size B), plus the batch risk after aggregation and EMA: the method's
+        rule (:meth:`staysafe.methods.TrainingHooks.beta`)."""
+        return self.method.hooks.beta(self, risk)
 
-    def _adaptive(self, risk: torch.Tensor):
+    def adaptive(self, risk: torch.Tensor):
+        """``beta_min + (beta_max - beta_min) * s`` from the risk (per example, or the batch's, EMA-smoothed)."""
         o = self.o
         if o.per_example_beta:
             beta, s = o.beta_min + (o.beta_max - o.beta_min) * risk, float(risk.mean())

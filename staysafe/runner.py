@@ -22,20 +22,27 @@ from transformers.trainer_callback import PrinterCallback
 
 from staysafe.aligned import ALIGNED, ALIGNED_VACCINE, built_vaccine, shipped_probe_path
 from staysafe.atomic import atomic_dir
-from staysafe.data import (SafetyCollator, add_risk_columns, build_scenario, load_records, records_table,
-                           tokenize_dataset)
+from staysafe.data import SafetyCollator, add_risk_columns, tokenize_dataset
 from staysafe.endpoint import JudgeEndpoint, endpoint_for
-from staysafe.judges import JUDGES
-from staysafe.models import (TINY, LoraSettings, add_lora, load_model, load_tokenizer, model_fingerprint,
-                             resolve_precision)
-from staysafe.options import NO_REFERENCE, RunSpec, SpecError
-from staysafe.paths import staysafe_home
 from staysafe.evaluation import EvalCallback, make_evaluator
+from staysafe.judges import JUDGES
+from staysafe.methods import method_named
+from staysafe.models import (
+    TINY,
+    LoraSettings,
+    add_lora,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_precision,
+)
+from staysafe.options import RunSpec, SpecError
+from staysafe.paths import staysafe_home
 from staysafe.probe import Probe, ProbeRisk, collect_activations, default_probe, default_probe_dir, labelled_prompts
+from staysafe.records import build_scenario, load_records, prompt_text, records_table, response_text
 from staysafe.risk import Calibration, ColumnRisk
-from staysafe.safelora import project_and_record, unaligned_model
-from staysafe.trainer import SafetyConfig, SafetyTrainer
 from staysafe.traces import RUN_ID, RunWriter, read_json, run_state, write_parquet
+from staysafe.trainer import SafetyConfig, SafetyTrainer
 
 
 def versions() -> dict:
@@ -67,7 +74,6 @@ def make_spec_judge(spec: RunSpec, endpoint: JudgeEndpoint | None = None):
 
 def judge_risk(spec: RunSpec, records: list[dict], endpoint, log) -> tuple[list[float], dict]:
     """Score every training example once with the judge (cached on disk): free at training time."""
-    from staysafe.data import prompt_text, response_text
     from staysafe.judges import score_cached
 
     judge = make_spec_judge(spec, endpoint)
@@ -108,10 +114,7 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
     spec.fsdp_settings()
     if spec.model == ALIGNED_VACCINE:
         built_vaccine()  # not built: a ModelError that says how to build it
-    if spec.method == "safelora":
-        if not spec.lora_r:
-            raise SpecError("method safelora projects a LoRA update: it needs lora_r > 0")
-        unaligned_model(spec.model, spec.safelora_unaligned)
+    method_named(spec.method).hooks.check_before_work(spec)  # the method's own prerequisites (Safe LoRA's pair)
     if spec.fsdp and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or not torch_cuda()):
         raise SpecError(f"option fsdp = {spec.fsdp!r} needs several GPU processes (torchrun / accelerate launch "
                         "on GPUs): accelerate shards with FSDP only there, and elsewhere would silently train "
@@ -160,7 +163,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
         if procs.main and resume is None:
             write_parquet(writer.path / "data.parquet", records_table(records).assign(
                 truncated=dataset["truncated"], **extra_risk))
-        if spec.method not in NO_REFERENCE and probe is None:
+        if method_named(spec.method).reference and probe is None:
             probe = fitted_probe(spec, model, tokenizer, procs, writer.path, progress, log)
         elif probe is not None and resume is None and procs.main:
             probe.save(writer.path / "probe")
@@ -218,7 +221,7 @@ def load_data_and_model(spec: RunSpec, records: list[dict]):
 
 def given_probe(spec: RunSpec, model, resume) -> Probe | None:
     """The probe named by --probe, or a resumed run's own; None when the run fits (or needs) none."""
-    if spec.method in NO_REFERENCE:
+    if not method_named(spec.method).reference:
         return None
     path = spec.probe or (Path(resume) / "probe.json" if resume is not None else None)
     if path is None or not Path(path).is_file():
@@ -339,8 +342,7 @@ def finish_run(spec: RunSpec, trainer, tokenizer, probe, writer) -> None:
     if not trainer.is_world_process_zero():
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if spec.method == "safelora":
-        project_and_record(model, spec, tokenizer, writer, trainer.state.global_step)
+    trainer.hooks.after_training(model, spec, tokenizer, writer, trainer.state.global_step)
     if spec.save_model:
         with atomic_dir(run_dir / "final_model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)

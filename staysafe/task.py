@@ -18,7 +18,7 @@ _RESULT_MARK = re.compile(r"=|\bis\b", re.IGNORECASE)  # what the result follows
 
 def task_test(name: str, n: int, seed: int = 0) -> list[dict]:
     """A fixed, seeded subset of the task's held-out questions (the same for every method under one seed)."""
-    from staysafe.data import load_records
+    from staysafe.records import load_records
 
     pool = load_records(SETS[name][1])
     if n > len(pool):

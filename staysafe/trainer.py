@@ -23,10 +23,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from staysafe.faults import fault_pause
+from staysafe.atomic import write_json
 from staysafe.files import read_json
-from staysafe.losses import (answer_positions, answer_rows, answer_token_losses, answer_token_positions,
-                             position_betas, reference_topk, regularised_loss, tokenwise_loss)
-from staysafe.options import NO_REFERENCE, RISK_METHODS, TOKEN_WISE, SafetyOptions, SpecError
+from staysafe.losses import (answer_positions, answer_rows, answer_token_losses, reference_topk)
+from staysafe.methods import method_named
+from staysafe.options import SafetyOptions, SpecError
 from staysafe.reference import (ReferenceCache, frozen_copy, lm_head_positions_supported, peft_model_of,
                                 prepare_reference)
 from staysafe.risk import ColumnRisk, RiskPolicy, aggregate, read_signals
@@ -71,29 +72,20 @@ class SafetyTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.risk_sources = {"label": ColumnRisk("label"), **(risk_sources or {})}
-        if args.method in RISK_METHODS and args.risk not in self.risk_sources:
+        self.method = method_named(args.method)
+        if self.method.risk and args.risk not in self.risk_sources:
             raise SpecError(f"risk = {args.risk!r} is not a known risk source; have {sorted(self.risk_sources)}")
         unwrapped = self.accelerator.unwrap_model(model)
-        if args.method not in NO_REFERENCE and ref_model is None and peft_model_of(unwrapped) is None:
+        if self.method.reference and ref_model is None and peft_model_of(unwrapped) is None:
             ref_model = frozen_copy(unwrapped)
         self.ref_model = prepare_reference(ref_model, self.accelerator) if ref_model is not None else None
         self.risk_policy = RiskPolicy(args)
         self.run = run
         self._head_positions_ok = lm_head_positions_supported(self.accelerator.unwrap_model(model))
-        self.ref_cache = ReferenceCache() if args.reference_cache and args.method not in NO_REFERENCE else None
-        self.lisa = None
-        if args.method == "lisa":
-            from staysafe.lisa import LisaSchedule
-
-            if self.processing_class is None:
-                raise SpecError("method lisa tokenises its alignment data: pass processing_class=<the tokenizer>")
-
-            self.lisa = LisaSchedule(self.processing_class, args.lisa_align_steps, args.lisa_user_steps, args.lisa_rho,
-                                     args.per_device_train_batch_size, args.max_length,
-                                     seed=args.seed + args.process_index,
-                                     risk_columns=tuple(c for c in self.train_dataset.column_names
-                                                        if c.startswith("risk_")))
+        self.ref_cache = ReferenceCache() if args.reference_cache and self.method.reference else None
+        self.hooks = self.method.hooks(self)  # the method's part of the step (staysafe.methods)
         self.reference_calls = 0
+        self.recording = True  # compute_loss records its micro-batch for the step's trace row (see unrecorded)
         self._pending: list[dict] = []  # this optimizer step's micro-batch records
         self._unlogged: list[dict] = []  # step metrics since the last Trainer log
         self._unlogged_eval: dict = {}  # an evaluation of this step, sent with the step's log
@@ -103,9 +95,8 @@ class SafetyTrainer(Trainer):
     # -- the training step -------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        phase = self.lisa.phase(self.state.global_step) if self.lisa else "user"
-        if phase == "align":  # lisa's alignment state: a batch of the alignment data instead of the user's
-            inputs = self.lisa.alignment_batch(inputs["labels"].device)
+        phase = self.hooks.phase(self.state.global_step)
+        inputs = self.hooks.batch(inputs, phase)  # lisa's alignment phase: its own batch instead of the user's
         labels = inputs["labels"]
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         keep = None if self.args.lm_head_all_positions or not self._head_positions_ok else answer_positions(labels)
@@ -116,29 +107,31 @@ class SafetyTrainer(Trainer):
         out = model(**model_inputs)
         nll_tok, kl_tok, rows = answer_token_losses(out.logits, labels, ref_logits, self.args.kl_top_k,
                                                     positions=keep, ref_topk=ref_topk)
-        by_position = None
-        if self.args.method in TOKEN_WISE:  # beta per answer position, scaled per example by the risk's level
-            pos = answer_token_positions(labels, keep)
-            betas = position_betas(pos, self.args.position_betas()) * beta.to(nll_tok.device)[rows]
-            ref_nll = answer_token_losses(ref_logits, labels, positions=keep)[0]
-            loss, _, per_token = tokenwise_loss(nll_tok, ref_nll, rows, betas, labels.shape[0])
-            _, nll_i, kl_i = regularised_loss(nll_tok, kl_tok, rows, beta, True)
-            by_position = (pos, betas.detach(), per_token.detach(), (ref_nll - nll_tok).detach())
-        else:
-            loss, nll_i, kl_i = regularised_loss(nll_tok, kl_tok, rows, beta, self.args.per_example_beta)
-        if self.lisa:  # unwrapped: the parameter names of a checkpointed anchor carry no DDP prefix
-            loss = loss + self.lisa.proximal(self.accelerator.unwrap_model(model), phase)
-        self._pending.append({
-            "example_index": inputs["example_index"].detach().cpu(), "nll": nll_i.detach().float().cpu(),
-            "kl": kl_i.detach().float().cpu(), "beta": beta.detach().float().cpu(), "risk": risk.detach().cpu(),
-            "fallback": fallback.detach().cpu(), "signals": {k: v.cpu() for k, v in signals.items()},
-            "batch_risk": batch_risk, "loss": float(loss.detach()),
-            "nll_tokens": float(nll_tok.detach().mean()) if nll_tok.numel() else float("nan"),
-            "kl_tokens": float(kl_tok.detach().mean()) if kl_tok is not None and kl_tok.numel() else 0.0,
-            "tokens": int(inputs["attention_mask"].sum()), "answer_tokens": int(rows.numel()), "phase": phase,
-            "by_position": by_position,
-        })
+        loss, nll_i, kl_i, by_position = self.hooks.loss(nll_tok, kl_tok, rows, beta, labels, keep, ref_logits)
+        extra = self.hooks.extra_loss(model, phase)
+        if extra is not None:
+            loss = loss + extra
+        if self.recording:
+            self._pending.append({
+                "example_index": inputs["example_index"].detach().cpu(), "nll": nll_i.detach().float().cpu(),
+                "kl": kl_i.detach().float().cpu(), "beta": beta.detach().float().cpu(), "risk": risk.detach().cpu(),
+                "fallback": fallback.detach().cpu(), "signals": {k: v.cpu() for k, v in signals.items()},
+                "batch_risk": batch_risk, "loss": float(loss.detach()),
+                "nll_tokens": float(nll_tok.detach().mean()) if nll_tok.numel() else float("nan"),
+                "kl_tokens": float(kl_tok.detach().mean()) if kl_tok is not None and kl_tok.numel() else 0.0,
+                "tokens": int(inputs["attention_mask"].sum()), "answer_tokens": int(rows.numel()), "phase": phase,
+                "by_position": by_position,
+            })
         return (loss, out) if return_outputs else loss
+
+    @contextlib.contextmanager
+    def unrecorded(self):
+        """Loss computations inside are not trace rows (Vaccine's perturbation-finding pass)."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     # -- reference ---------------------------------------------------------------------------------------
 
@@ -162,7 +155,7 @@ class SafetyTrainer(Trainer):
     def reference_step(self, model, model_inputs, inputs, keep):
         """The reference's part of a step: ``(its logits, or its cached top-k, and the risk signals)``. ``sft``
         has no reference at all; with ``reference_cache`` a batch seen before costs no reference forward."""
-        if self.args.method in NO_REFERENCE:
+        if not self.method.reference:
             return None, None, read_signals(self.risk_sources, inputs, None)
         if self.ref_cache is not None:
             cached = self.ref_cache.lookup(inputs["example_index"], inputs["labels"].device)
@@ -201,20 +194,15 @@ class SafetyTrainer(Trainer):
         self._last_grad_norm = float(norm) if norm is not None else float("nan")
         return norm
 
-    # -- checkpoints: the risk policy's state and Lisa's anchor are part of the training state ---------------
+    # -- checkpoints: the risk policy's state and the method's own (Lisa's anchor) are part of the training state --
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         fault_pause(f"checkpoint@{self.state.global_step}")
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if self.lisa:  # each process its own: the anchor shards and the alignment data's order
-            os.makedirs(folder, exist_ok=True)
-            self.lisa.save(os.path.join(folder, f"lisa-{self.args.process_index}.safetensors"))
-            self.accelerator.wait_for_everyone()  # every process's file exists before the state file marks it done
+        self.hooks.save(folder)
         if self.args.should_save:
             # Written last: a checkpoint without this file was interrupted and is skipped on resume.
-            from staysafe.traces import write_json
-
             write_json(os.path.join(folder, STATE_FILE), self.risk_policy.state_dict())
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -222,9 +210,7 @@ class SafetyTrainer(Trainer):
             state_file = os.path.join(resume_from_checkpoint, STATE_FILE)
             if os.path.lexists(state_file):
                 self.risk_policy.load_state_dict(read_json(state_file), state_file)
-            lisa_file = os.path.join(resume_from_checkpoint, f"lisa-{self.args.process_index}.safetensors")
-            if self.lisa and os.path.isfile(lisa_file):
-                self.lisa.load(lisa_file)
+            self.hooks.load(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 

@@ -42,13 +42,13 @@ class VaccineTrainer(SafetyTrainer):
             return hook
 
         handles = [m.register_forward_hook(keep_output(i)) for i, m in enumerate(modules)]
-        try:  # pass 1: where the loss is most sensitive to each attention output
+        try:  # pass 1: where the loss is most sensitive to each attention output; not a trace row
             model.train()
-            loss = self.compute_loss(unwrapped, self._prepare_inputs(inputs))
+            with self.unrecorded():
+                loss = self.compute_loss(unwrapped, self._prepare_inputs(inputs))
         finally:
             for h in handles:
                 h.remove()
-        self._pending.pop()  # pass 1 is not a trace row
         # gradients of the attention outputs only: the parameters' .grad (earlier micro-batches' under gradient
         # accumulation) stay as they are
         found = sorted(outputs)

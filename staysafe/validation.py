@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from staysafe.data import DataError, _read_jsonl, data_dir
+from staysafe.records import DataError, _read_jsonl, data_dir
 from staysafe.judges.base import FLAG_THRESHOLD, Judge
 from staysafe.stats import LEVEL, RESAMPLES, binary_metrics, bootstrap_interval, cohen_kappa, mean_interval
 

@@ -95,9 +95,13 @@ def test_experiment_resume_takes_no_endpoint_or_output_place_from_its_file(tmp_p
         "overrides": {**{k: v for k, v in TINY.items() if k not in ("method", "risk")}, "judge": "openai",
                       "judge_url": trap.url, "judge_key_env": SECRET_ENV}, "state": "cancelled"}))
     assert main(["experiment", "--resume", "e1", "--out-dir", str(exps), "--runs-dir", str(runs)]) == 2
+    assert "give --runs-dir" in capsys.readouterr().err  # its runs_dir is refused, never used
+    desc = json.loads((exps / "e1" / "experiment.json").read_text())
+    desc.pop("runs_dir")
+    (exps / "e1" / "experiment.json").write_text(json.dumps(desc))
+    assert main(["experiment", "--resume", "e1", "--out-dir", str(exps), "--runs-dir", str(runs)]) == 2
     assert "judge_url" in capsys.readouterr().err
     # the same without the endpoint fields in overrides: refused for want of an endpoint on the command line
-    desc = json.loads((exps / "e1" / "experiment.json").read_text())
     for k in ("judge_url", "judge_key_env"):
         desc["overrides"].pop(k)
     (exps / "e1" / "experiment.json").write_text(json.dumps({**desc, "judge_endpoint": {"url": trap.url}}))

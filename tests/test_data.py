@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from conftest import make_records
-from staysafe.data import (SCENARIOS, SHIPPED, DataError, SafetyCollator, build_scenario, data_dir, load_records,
+from staysafe.options import SCENARIOS
+from staysafe.data import (SHIPPED, DataError, SafetyCollator, build_scenario, data_dir, load_records,
                            prompt_text, response_text, tokenize_record)
 
 

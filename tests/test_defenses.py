@@ -105,11 +105,11 @@ def test_lisa_alternates_alignment_and_user_steps(tokenizer, tmp_path):
     trainer, run = train(tokenizer, tmp_path, make_records(16), steps=7, method="lisa", lisa_align_steps=2,
                          lisa_user_steps=3, lisa_rho=1.0, lora=True, max_length=72)
     assert run.steps["phase"].tolist() == ["align", "align", "user", "user", "user", "align", "align"]
-    assert max(len(f["input_ids"]) for f in trainer.lisa.features) == 72  # the run's max_length, not a fixed one
+    assert max(len(f["input_ids"]) for f in trainer.hooks.schedule.features) == 72  # the run's max_length, not a fixed one
     assert sorted(run.examples["step"].unique()) == [3, 4, 5]  # the run's own examples only in its user steps
     assert trainer.reference_calls == 0 and (run.steps["kl"] == 0).all()
     # the alignment batches come from the shipped refusal data
-    batch = trainer.lisa.alignment_batch("cpu")
+    batch = trainer.hooks.schedule.alignment_batch("cpu")
     text = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
     from staysafe.aligned import TRAIN_SETS
     from staysafe.data import load_records, response_text
@@ -122,7 +122,7 @@ def test_lisa_proximal_term_holds_the_weights_near_the_last_switch(tokenizer, tm
         trainer, _ = train(tokenizer, tmp_path / str(rho), make_records(16), steps=6, method="lisa", lisa_align_steps=1,
                            lisa_user_steps=10, lisa_rho=rho, lora=True, learning_rate=1e-2, run=False)
         # steps 2-6 are user steps: the anchor was taken at the switch, at the start of step 2
-        return sum(float(((p.detach() - trainer.lisa.anchor[n]) ** 2).sum())
+        return sum(float(((p.detach() - trainer.hooks.schedule.anchor[n]) ** 2).sum())
                    for n, p in trainer.model.named_parameters() if p.requires_grad) ** 0.5
 
     free, held = moved(0.0), moved(200.0)
@@ -346,6 +346,6 @@ def test_the_vaccine_reference_is_built_on_demand_and_named_until_then(tmp_path,
     monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))
     with pytest.raises(ModelError, match="staysafe align --defense vaccine"):
         resolve("smollm2-135m-aligned-vaccine")
-    assert METHODS["vaccine"] == {"method": "sft", "model": "smollm2-135m-aligned-vaccine"}
+    assert METHODS["vaccine"].options == {"method": "sft", "model": "smollm2-135m-aligned-vaccine"}
     with pytest.raises(ValueError, match="defense must be one of none, vaccine"):
         build_aligned(AlignSettings(defense="booster"))

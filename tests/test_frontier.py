@@ -110,3 +110,21 @@ def test_pareto_front_of_points():
     points = pd.DataFrame({"x": [0.9, 0.8, 0.5, 0.7], "y": [0.5, 0.2, 0.1, 0.3]})
     assert on_frontier(points, higher_x_is_better=True).tolist() == [True, True, True, False]
     assert on_frontier(points, higher_x_is_better=False).tolist() == [False, False, True, False]
+
+
+def test_sampled_measures_are_not_listed_as_judges(tmp_path):
+    """With --eval-samples the evaluations hold asr_at_k_<judge> and asr_sampled_<judge>: the results table, the
+    frontier and the dashboard list only the real judges (once they read 'at_k_keyword' as a judge)."""
+    from staysafe import trace_names
+    from staysafe.experiment import markdown_table
+    from staysafe.frontier import judges
+
+    out = run_experiment(spec(tmp_path, methods=["sft", "constant-kl"],
+                              overrides={**TINY, "eval_samples": 2, "eval_judges": ["embedding-response"]}),
+                         log=lambda *a: None)
+    results = pd.read_parquet(out / "results.parquet")
+    evals = load_run(tmp_path / "runs" / "e-sft-s0").evals
+    assert {"asr_at_k_keyword", "asr_sampled_keyword"} <= set(evals.columns)
+    assert trace_names.judges(evals.columns) == ["embedding_response", "keyword"]
+    assert judges(results) == ["embedding_response", "keyword"]  # the default judge first
+    assert "final_asr_at_k_keyword" in results and "at_k" not in markdown_table(results).split("\n")[0]

@@ -19,6 +19,7 @@ import widgets
 import safe_text
 from staysafe.probe import ProbeError
 from staysafe.traces import TraceError
+from staysafe.methods import regularised
 
 cfg = settings.page_setup()
 st.title(":material/scatter_plot: Activation space")
@@ -34,7 +35,7 @@ if source.startswith("a run"):
     if runs.empty:
         widgets.no_runs(cfg.runs)
         st.stop()
-    chosen = widgets.pick_runs(runs, "run", key="act_run", prefer=lambda r: r.get("method") != "sft")
+    chosen = widgets.pick_runs(runs, "run", key="act_run", prefer=regularised)
     run_id = chosen[0]
     try:
         run_dir = settings.run_path(cfg.runs, run_id)

@@ -20,6 +20,7 @@ import safe_text
 from staysafe.stats import run_intervals
 from staysafe.traces import TraceError
 from staysafe.validation import measured_agreement
+from staysafe import trace_names
 
 cfg = settings.page_setup()
 st.title(":material/target: ASR over training")
@@ -115,10 +116,8 @@ agreement = measured_agreement()
 
 def judge_of(m: str) -> str | None:
     """The judge behind an ASR measure (``asr_<judge>``, ``asr_at_k_<judge>``, ``asr_sampled_<judge>``)."""
-    for prefix in (*widgets.SAMPLED_PREFIXES, "asr_"):
-        if m.startswith(prefix):
-            return m[len(prefix):]
-    return None
+    parsed = trace_names.parse_asr(m)
+    return parsed[1] if parsed else None
 
 
 def titled(m: str) -> str:

@@ -16,8 +16,9 @@ import settings
 import widgets
 import safe_text
 from staysafe.queue import LaunchError, Queue
-from staysafe.runner import SpecError
+from staysafe.options import SpecError
 from staysafe.traces import TraceError
+from staysafe.methods import regularised, risk_driven
 
 cfg = settings.page_setup()
 st.title(":material/school: Guided demo: safety degradation and how to prevent it")
@@ -99,7 +100,7 @@ judge_cols = sorted({c for r in runs.values() for c in widgets.asr_columns(r.eva
 asr_col = judge_cols[0] if judge_cols else "asr_keyword"
 asr_name = charts.metric_title(asr_col)
 sft = runs.get("sft")
-adaptive_name = next((m for m in ("adaptive-probe", "adaptive-judge", "adaptive-label") if m in runs), None)
+adaptive_name = next((m for m in runs if risk_driven(m)), None)
 adaptive = runs.get(adaptive_name) if adaptive_name else None
 cfg0 = first.config
 st.markdown(
@@ -249,7 +250,7 @@ if adaptive is not None:
 
 st.divider()
 st.header("4 · What the risk signals saw")
-reg = adaptive or next((r for n, r in runs.items() if n != "sft"), None)
+reg = adaptive or next((r for r in runs.values() if regularised(r.config)), None)
 if reg is None:
     st.info("No regularized run in this experiment.")
 else:

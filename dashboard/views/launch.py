@@ -17,7 +17,7 @@ import loaders
 import settings
 import widgets
 import safe_text
-from staysafe.experiment import METHODS as EXPERIMENT_METHODS
+from staysafe.methods import VARIANTS as EXPERIMENT_METHODS
 from staysafe.presets import PRESETS
 from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
 from staysafe.queue import ACTIVE, LaunchError, Queue

@@ -14,6 +14,7 @@ import loaders
 import settings
 import widgets
 import safe_text
+from staysafe.methods import regularised
 
 cfg = settings.page_setup()
 st.title(":material/manage_search: Regularization explorer")
@@ -27,8 +28,8 @@ if ex.empty:
     st.info(f"Run {safe_text.code(run.id)} has recorded no training examples yet (one row per example per step).")
     st.stop()
 method = charts.method_label(run.config)
-if run.config.get("method") == "sft":
-    st.info("This is an **sft** run: β is 0 for every example, nothing was regularized. Pick a constant-kl or "
+if not regularised(run.config):
+    st.info(f"This is a **{safe_text.md(method)}** run: β is 0 for every example, nothing was regularized. Pick a constant-kl or "
             "adaptive run to see where the KL pull went.")
 
 risk_cols = ["risk"] + sorted(c for c in ex.columns if c.startswith("risk_"))

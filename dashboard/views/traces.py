@@ -11,6 +11,7 @@ import loaders
 import settings
 import widgets
 import safe_text
+from staysafe.methods import regularised
 
 cfg = settings.page_setup()
 st.title(":material/show_chart: Training traces")
@@ -24,7 +25,7 @@ if runs.empty:
 top = st.columns([3, 2])
 with top[0]:
     chosen = widgets.pick_runs(runs, "runs", key="traces_runs", multi=True, default_n=1,
-                              prefer=lambda r: r.get("method") != "sft")
+                              prefer=regularised)
 loaded, errors = {}, {}
 for run_id in chosen:
     run, error = loaders.try_load_run(cfg.runs, run_id, ("steps", "examples"))

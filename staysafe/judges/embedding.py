@@ -331,7 +331,7 @@ class EmbeddingJudge(Judge):
         alignment-stage sets, never the fine-tuning sets it will score). Response kind: positives = harmful-ft
         (harmful request, compliant answer); negatives = refusals (harmful request, refusal) + align-benign + benign.
         """
-        from staysafe.data import SHIPPED, data_dir, load_records, prompt_text, response_text
+        from staysafe.records import SHIPPED, data_dir, load_records, prompt_text, response_text
         from staysafe.paths import staysafe_home
 
         if kind not in KINDS:

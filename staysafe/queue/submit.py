@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from staysafe.endpoint import endpoint_for
+from staysafe.methods import variant_of
 from staysafe.queue.store import ACTIVE, JobStore, LaunchError
 from staysafe.traces import RUN_ID, TraceError, new_run_id, safe_run_path
 
@@ -138,7 +139,8 @@ def submit_train(store: JobStore, spec, run_id: str | None = None, start_worker:
                 raise SpecError(f"option data = {spec.data!r} is invalid: the file {path} does not exist")
             spec = dataclasses.replace(spec, data=str(path.resolve()))
     spec.validate()
-    run_id = run_id or new_run_id(f"{spec.method}-{spec.risk}" if spec.method == "adaptive" else spec.method)
+    variant = variant_of(dataclasses.asdict(spec))
+    run_id = run_id or new_run_id(variant.name if variant else spec.method)
     if not RUN_ID.match(run_id):
         raise LaunchError(f"run id {run_id!r} is not allowed: use letters, digits, '.', '_' and '-' (max 128)")
     try:
