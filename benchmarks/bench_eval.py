@@ -45,9 +45,9 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "eval_cpu.json"))
     args = p.parse_args()
 
+    from staysafe.data import prompt_text
     from staysafe.evaluation import eval_prompts, generate
     from staysafe.judges import make_judge
-    from staysafe.data import prompt_text
     from staysafe.models import ALIGNED, load_model
 
     torch.manual_seed(0)

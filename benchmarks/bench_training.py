@@ -214,8 +214,8 @@ def judge_costs(n: int = 200) -> dict:
 
 def topk_kl(model_spec: str, ks=(16, 64, 256)) -> dict:
     """Speed and error of the top-k KL against the exact KL, on real logits of two different models."""
-    from staysafe.models import ALIGNED, EMBEDDED, load_model
     from staysafe.losses import answer_token_losses
+    from staysafe.models import ALIGNED, EMBEDDED, load_model
 
     policy, tok = load_model(model_spec)
     ref_spec = EMBEDDED if model_spec != EMBEDDED else ALIGNED  # two different models, or the KL is 0

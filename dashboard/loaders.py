@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
-from settings import run_path
-from charts import _html_escape, run_label, wrap_html
 
+from charts import _html_escape, run_label, wrap_html
+from settings import run_path
 from staysafe.geometry import project_points, separability_auroc
 from staysafe.traces import (
     TABLES,

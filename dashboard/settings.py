@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
-import safe_text
 
+import safe_text
 from staysafe.traces import (
     TraceError,
     safe_run_path,

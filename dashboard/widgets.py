@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+
 import safe_text
 from loaders import runs_table, try_load_run
-
+from staysafe import trace_names
+from staysafe.methods import regularised
 from staysafe.options import RunSpec, default_of
 from staysafe.traces import Run
-from staysafe.methods import regularised
-from staysafe import trace_names
 
 _FIELDS = {f.name: f for f in fields(RunSpec)}
 _HINTS = typing.get_type_hints(RunSpec)
@@ -150,8 +150,12 @@ def status_line(run: Run) -> None:
     if state == "failed":
         st.warning(f"Run {safe_text.code(run.id)} failed after {steps} steps: {safe_text.md(run.status.get('error'))}")
     elif state in ("interrupted", "cancelled"):
-        st.warning(f"Run {safe_text.code(run.id)} was {state} after {steps}/{total} steps: {safe_text.md(run.status.get('error') or '')}")
+        st.warning(
+            f"Run {safe_text.code(run.id)} was {state} after {steps}/{total} steps: "
+            f"{safe_text.md(run.status.get('error') or '')}"
+        )
     elif state in ("running", "created"):
-        st.info(f"Run {safe_text.code(run.id)} is {state}: {steps}/{total} steps so far (this page refreshes on every rerun).")
-
-
+        st.info(
+            f"Run {safe_text.code(run.id)} is {state}: {steps}/{total} steps so far "
+            "(this page refreshes on every rerun)."
+        )

@@ -173,8 +173,11 @@ def export_shipped(model_dir: Path | None = None, dest: Path = SHIPPED_DIR, prob
     write_json(dest / "adapter_config.json", config)
     report = json.loads((model_dir / REPORT).read_text())
     report.setdefault("staysafe_version", _version())
-    report.update(adapter_sha256=file_sha256(dest / ADAPTER_FILE), adapter_dtype="float16",
-                  source="built by `staysafe align` with the recipe above, then exported with `staysafe align --export`")
+    report.update(
+        adapter_sha256=file_sha256(dest / ADAPTER_FILE),
+        adapter_dtype="float16",
+        source="built by `staysafe align` with the recipe above, then exported with `staysafe align --export`",
+    )
     write_json(dest / REPORT, report)
     if probe_seeds:
         export_probes(model_dir, dest / "probes", probe_seeds)

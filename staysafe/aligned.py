@@ -22,10 +22,9 @@ from pathlib import Path
 
 from staysafe.atomic import build_once, write_json
 from staysafe.embedded import ModelError, convert_embedded
+from staysafe.options import ALIGNED, ALIGNED_VACCINE  # noqa: E402  (the names, defined once there)
 from staysafe.paths import cached_model_dir
 
-ALIGNED = "smollm2-135m-aligned"
-ALIGNED_VACCINE = "smollm2-135m-aligned-vaccine"  # built locally by `staysafe align --defense vaccine`, not shipped
 # Bump when the alignment recipe (staysafe.align.AlignSettings or the build procedure) changes: a model built by an
 # older recipe or from other alignment data is not served (an old cache once refused 31% of benign prompts).
 RECIPE_VERSION = 3
@@ -51,7 +50,9 @@ class AlignSettings:
     seed: int = 0
     eval_max_new_tokens: int = 24
     precision: str = "auto"
-    defense: str = "none"  # vaccine: the perturbation-aware alignment (staysafe.vaccine) -> smollm2-135m-aligned-vaccine
+    defense: str = (
+        "none"  # vaccine: the perturbation-aware alignment (staysafe.vaccine) -> smollm2-135m-aligned-vaccine
+    )
     vaccine_rho: float = 2.0  # Vaccine's default perturbation size
 
 

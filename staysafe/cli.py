@@ -13,7 +13,7 @@ from pathlib import Path
 from staysafe.endpoint import add_endpoint_arguments, endpoint_for, endpoint_from_args
 from staysafe.errors import StaySafeError
 from staysafe.files import TraceError, read_json
-from staysafe.options import DEFENSES, POSITIONS, SCENARIOS, RunSpec, SpecError, default_of, flag, help_text
+from staysafe.options import ALIGNED, DEFENSES, POSITIONS, SCENARIOS, RunSpec, SpecError, default_of, flag, help_text
 
 
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
@@ -300,7 +300,7 @@ def add_validate_judges(sub) -> None:
     v.add_argument("--judges", default="keyword,embedding-response",
                    help="response judges, comma-separated: keyword | embedding-response | local-lm | openai")
     add_endpoint_arguments(v)
-    v.add_argument("--local-lm-model", default="smollm2-135m-aligned", help="local-lm: the judging model")
+    v.add_argument("--local-lm-model", default=ALIGNED, help="local-lm: the judging model")
     v.add_argument("--out", default="judge-validation.json", help="where the JSON report goes")
     v.set_defaults(fn=cmd_validate_judges)
 
@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="known models and whether each is ready")
     m.set_defaults(fn=cmd_models)
 
-    a = sub.add_parser("align", help="build the aligned reference smollm2-135m-aligned locally (StaySafe also ships one)")
+    a = sub.add_parser(
+        "align", help="build the aligned reference smollm2-135m-aligned locally (StaySafe also ships one)"
+    )
     from staysafe.aligned import AlignSettings
     from staysafe.options import PRECISIONS
 
@@ -345,12 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vaccine: the perturbation-aware alignment of Huang et al. 2024, built as "
                         "smollm2-135m-aligned-vaccine (the experiment method 'vaccine' fine-tunes it with sft)")
     a.add_argument("--vaccine-rho", type=float, default=d.vaccine_rho, help="vaccine: the perturbation size")
-    a.add_argument("--export", action="store_true",
-                   help="maintainers: copy the (built) local adapter and its report into the package as the shipped reference")
+    a.add_argument(
+        "--export",
+        action="store_true",
+        help="maintainers: copy the (built) local adapter and its report into the package as the shipped reference",
+    )
     a.set_defaults(fn=cmd_align)
 
     f = sub.add_parser("fit-probe", help="collect activations, sweep layers, fit and save a probe")
-    f.add_argument("--model", default="smollm2-135m-aligned")
+    f.add_argument("--model", default=ALIGNED)
     f.add_argument("--train", default="refusals,align-benign", help="labelled prompt sets to fit on")
     f.add_argument("--test", default="eval-harmful,eval-benign", help="held-out labelled prompt sets")
     f.add_argument("--layer", default=None, help="fix the layer (or comma-separated layers to concatenate)")
@@ -360,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_fit_probe)
 
     c = sub.add_parser("compare-risk", help="score examples with the probe and every judge; write a comparison")
-    c.add_argument("--model", default="smollm2-135m-aligned")
+    c.add_argument("--model", default=ALIGNED)
     c.add_argument("--data", default="eval-harmful,eval-benign", help="labelled sets or files, comma-separated")
     c.add_argument("--judges", default="embedding,local-lm", help="judges to compare with the probe")
     c.add_argument("--probe", default=None, help="a saved probe; default: the model's default probe")
@@ -380,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="the same as --preset quick")
     e.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
-    e.add_argument("--model", default="smollm2-135m-aligned")
+    e.add_argument("--model", default=ALIGNED)
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--out-dir", default="experiments")
     e.add_argument("--runs-dir", default=None, help="default: $STAYSAFE_RUNS, else ./runs")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from staysafe.options import ALIGNED
 from staysafe.records import DataError, load_records, prompt_text, response_text
 
 
@@ -39,7 +40,7 @@ def agreement(a: np.ndarray, b: np.ndarray, threshold: float) -> dict:
     return {"agreement": po, "kappa": (po - pe) / (1 - pe) if pe < 1 else math.nan, "n": int(ok.sum())}
 
 
-def compare_risk(model: str = "smollm2-135m-aligned", data=("eval-harmful", "eval-benign"),
+def compare_risk(model: str = ALIGNED, data=("eval-harmful", "eval-benign"),
                  judges=("embedding", "local-lm"), out_dir: Path = Path("compare"), probe_path: str | None = None,
                  threshold: float = 0.5) -> dict:
     from staysafe.judges import make_judge

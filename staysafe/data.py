@@ -13,25 +13,24 @@ from datasets import Dataset
 from staysafe.losses import IGNORE
 from staysafe.records import (  # noqa: F401  (re-exported: the record API)
     LABELS,
+    READERS,
     ROLES,
     SHIPPED,
     DataError,
+    _read_csv,
+    _read_csv_rows,
+    _read_json,
+    _read_jsonl,
+    _read_parquet,
+    build_scenario,
     data_dir,
+    load_records,
     normalize_record,
     prompt_messages,
     prompt_text,
-    response_text,
-    _read_jsonl,
-    _read_csv_rows,
-    _read_csv,
-    _read_json,
-    _read_parquet,
-    READERS,
-    load_records,
-    build_scenario,
     records_table,
+    response_text,
 )
-
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:

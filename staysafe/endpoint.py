@@ -126,7 +126,9 @@ def endpoint_for(spec, given: JudgeEndpoint | None, recorded: dict | None, sourc
         now = given.public()
         diff = [k for k in ("url", "model", "key_env") if was.get(k) != now[k]]
         if diff:
-            raise SpecError(f"{source} recorded another judge endpoint ({', '.join(f'{k} {was.get(k)!r}' for k in diff)}"
-                            f") than the command line gives ({', '.join(f'{k} {now[k]!r}' for k in diff)}); "
-                            "refused before any request: give the endpoint the run used, or start a new run")
+            raise SpecError(
+                f"{source} recorded another judge endpoint ({', '.join(f'{k} {was.get(k)!r}' for k in diff)}"
+                f") than the command line gives ({', '.join(f'{k} {now[k]!r}' for k in diff)}); "
+                "refused before any request: give the endpoint the run used, or start a new run"
+            )
     return given

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from staysafe import trace_names
 from staysafe.data import load_records, prompt_messages, prompt_text, render_prompt, response_text
 from staysafe.faults import fault_pause
 from staysafe.options import SpecError
-from staysafe import trace_names
 
 
 @dataclass
@@ -155,7 +155,9 @@ class SafetyEvaluator:
             row[trace_names.asr(judge.name)] = _share([float(sc >= 0.5) for sc in scores if not math.isnan(sc)])
             row[trace_names.failed(judge.name)] = sum(math.isnan(sc) for sc in scores)
         sample_rows = self._sampled(model, step, row) if s.samples else []
-        row["benign_nll"] = answer_nll(model, self.tokenizer, self.benign_with_answers) if self.benign_with_answers else float("nan")
+        row["benign_nll"] = (
+            answer_nll(model, self.tokenizer, self.benign_with_answers) if self.benign_with_answers else float("nan")
+        )
         if self.task_records:
             gen_rows += self._task(model, step, row)
         row["n_harmful"], row["n_benign"] = sum(harmful), len(harmful) - sum(harmful)

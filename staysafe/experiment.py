@@ -7,7 +7,8 @@ Vaccine-aligned reference, which ``staysafe align --defense vaccine`` builds). W
 comparison asks "same average regularisation, spent uniformly or where the risk is?".
 
 A sweep (``--sweep beta=0.05,0.1,0.3``, repeatable: the grid of all combinations) varies an option for the
-methods that read it (``Method.options`` in :mod:`staysafe.methods`; an option every method reads varies for all) and runs the others
+methods that read it (``Method.options`` in :mod:`staysafe.methods`;
+an option every method reads varies for all) and runs the others
 once per seed. An experiment is resumable: ``--resume <id>`` keeps its finished runs, continues an interrupted
 run from its last checkpoint, and runs the rest.
 """
@@ -22,16 +23,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe import process
+from staysafe import process, trace_names
 from staysafe.atomic import write_text
 from staysafe.endpoint import JudgeEndpoint, endpoint_for
 from staysafe.methods import VARIANTS, is_kl_weight, method_named, method_options
-from staysafe.options import MODELS, SCENARIOS, check_fields, option
+from staysafe.options import ALIGNED, MODELS, SCENARIOS, check_fields, option
 from staysafe.presets import DEFAULT_METHODS, PRESETS, preset_options
 from staysafe.runner import RunSpec, SpecError, check_before_work, latest_checkpoint, run_training
 from staysafe.stats import run_intervals
 from staysafe.traces import RUN_ID, TraceError, load_run, new_run_id, read_json, run_state, write_json, write_parquet
-from staysafe import trace_names
 
 NOT_PER_RUN = {"seed", "run_id", "runs_dir", "experiment"}  # set by the experiment for each run
 
@@ -48,7 +48,7 @@ class ExperimentSpec:
     seeds: int = option(1, "seeds per method (0, 1, ...)", low=1, high=100)
     quick: bool = option(False, "the same as preset quick")
     preset: str | None = option(None, "defaults for a common use", choices=tuple(PRESETS))
-    model: str = option("smollm2-135m-aligned", "the starting (reference) model", choices=MODELS, open_choices=True)
+    model: str = option(ALIGNED, "the starting (reference) model", choices=MODELS, open_choices=True)
     steps: int | None = option(None, "optimizer steps of every run (default: the preset's)", low=1)
     constant_beta: float = option(0.5, "constant-kl's beta when no adaptive method sets it", low=0.0, high=1.0)
     out_dir: str = option("experiments", "where experiment directories go")
@@ -127,13 +127,20 @@ def run_summary(run, beta_mid: float) -> dict:
     ev, st = run.evals.sort_values("step"), run.steps
     final, first = ev.iloc[-1], ev.iloc[0]
     kl_weight = is_kl_weight(run.config)  # token-wise: the step beta scales a schedule, not comparable
-    row = {"run_id": run.id, "steps": int(st["step"].max()) if len(st) else 0,
-           "reference_asr_keyword": float(first["asr_keyword"]), "final_asr_keyword": float(final["asr_keyword"]),
-           "peak_asr_keyword": float(ev["asr_keyword"].max()), "over_refusal": float(final["over_refusal"]),
-           "reference_over_refusal": float(first["over_refusal"]), "reference_benign_nll": float(first["benign_nll"]), "benign_nll": float(final["benign_nll"]),
-           "mean_beta": float(st["beta"].mean()) if len(st) and kl_weight else math.nan,
-           "share_beta_above_mid": float((st["beta"] > beta_mid).mean()) if kl_weight else math.nan,
-           "seconds_per_step": float(st["wall_time"].median())}
+    row = {
+        "run_id": run.id,
+        "steps": int(st["step"].max()) if len(st) else 0,
+        "reference_asr_keyword": float(first["asr_keyword"]),
+        "final_asr_keyword": float(final["asr_keyword"]),
+        "peak_asr_keyword": float(ev["asr_keyword"].max()),
+        "over_refusal": float(final["over_refusal"]),
+        "reference_over_refusal": float(first["over_refusal"]),
+        "reference_benign_nll": float(first["benign_nll"]),
+        "benign_nll": float(final["benign_nll"]),
+        "mean_beta": float(st["beta"].mean()) if len(st) and kl_weight else math.nan,
+        "share_beta_above_mid": float((st["beta"] > beta_mid).mean()) if kl_weight else math.nan,
+        "seconds_per_step": float(st["wall_time"].median()),
+    }
     if "task_accuracy" in ev:
         row["final_task_accuracy"], row["reference_task_accuracy"] = float(final["task_accuracy"]), float(
             first["task_accuracy"])
@@ -206,7 +213,11 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
 
     def kappa(judge: str) -> str:
         a = agreement.get(judge)
-        return f"κ {a['kappa']:.2f} [{a['kappa_interval'][0]:.2f}, {a['kappa_interval'][1]:.2f}]" if a else "κ not measured"
+        return (
+            f"κ {a['kappa']:.2f} [{a['kappa_interval'][0]:.2f}, {a['kappa_interval'][1]:.2f}]"
+            if a
+            else "κ not measured"
+        )
 
     lines.append("| " + " | ".join(["judge agreement (labelled test split)", "", kappa("keyword")] + [
         kappa(c[len("final_asr_"):]) for c in judge_cols] + [""] * (7 if task else 6)) + " |")
@@ -218,9 +229,13 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
     methods = [g for m in ordered for g in dict.fromkeys(results.loc[results["method"] == m, "_group"])]
     for method in methods:
         g = results[results["_group"] == method]
-        cells = [method, str(len(g)), _cell(g, "final_asr_keyword", True)] + [_cell(g, c, True) for c in judge_cols] + [
-            _fmt(g["peak_asr_keyword"], True), _cell(g, "over_refusal", True), _fmt(g["benign_nll"], False)] + (
-            [_cell(g, "final_task_accuracy", True)] if task else []) + [_fmt(g["mean_beta"], False), _fmt(g["share_beta_above_mid"], True), _fmt(g["seconds_per_step"], False)]
+        cells = (
+            [method, str(len(g)), _cell(g, "final_asr_keyword", True)]
+            + [_cell(g, c, True) for c in judge_cols]
+            + [_fmt(g["peak_asr_keyword"], True), _cell(g, "over_refusal", True), _fmt(g["benign_nll"], False)]
+            + ([_cell(g, "final_task_accuracy", True)] if task else [])
+            + [_fmt(g["mean_beta"], False), _fmt(g["share_beta_above_mid"], True), _fmt(g["seconds_per_step"], False)]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     if "seed" in results and results["seed"].nunique() > 1:
         cols = ["final_asr_keyword", *judge_cols, "over_refusal"]
@@ -297,7 +312,9 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
                         matched_beta = row["mean_beta"]
                     rows.append(row)
                     results = pd.DataFrame(rows)
-                    write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
+                    write_parquet(
+                        out / "results.parquet", results
+                    )  # after every run: a killed experiment keeps its rows
                     write_text(out / "results.md", markdown_table(results, spec.methods))
     except BaseException as err:  # the experiment says how it ended, then the error goes on
         state = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"

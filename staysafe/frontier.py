@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe.methods import colour
 from staysafe import trace_names
+from staysafe.methods import colour
 
 DEFAULT_JUDGE = "embedding_response"  # the default response judge's column suffix (final_asr_<judge>)
 
@@ -23,7 +23,8 @@ def judges(results: pd.DataFrame) -> list[str]:
 
 
 def judge_name(judge: str) -> str:
-    """A judge's column suffix as the command line spells the judge: ``embedding_response`` -> ``embedding-response``."""
+    """A judge's column suffix as the command line spells the judge:
+    ``embedding_response`` -> ``embedding-response``."""
     return judge.replace("_", "-")
 
 

@@ -20,10 +20,9 @@ import torch
 
 from staysafe.aligned import ALIGNED, ALIGNED_VACCINE, aligned_status, built_vaccine, served_aligned
 from staysafe.embedded import EMBEDDED, ModelError, convert_embedded, embedded_gguf_path, embedded_tokenizer_dir
+from staysafe.model_names import TINY  # noqa: E402  (defined once there)
 from staysafe.options import PRECISIONS, SpecError  # PRECISIONS: defined once, there; re-exported
 from staysafe.paths import cached_model_dir
-
-TINY = "tiny"
 
 
 @dataclass
@@ -85,13 +84,16 @@ def resolve(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a model directory: it has no config.json (expected a saved transformers model)")
+            raise ModelError(
+                f"{path} is not a model directory: it has no config.json (expected a saved transformers model)"
+            )
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model path {spec!r} does not exist (expected a saved transformers model directory)")
     if "/" not in spec:
         raise ModelError(
-            f"unknown model {spec!r}: use {EMBEDDED!r}, {ALIGNED!r}, {TINY!r}, a local model directory or a hub id like 'org/name'"
+            f"unknown model {spec!r}: use {EMBEDDED!r}, {ALIGNED!r}, {TINY!r}, "
+            "a local model directory or a hub id like 'org/name'"
         )
     return spec  # a hub id: transformers downloads it (or reads the HF cache when offline)
 
@@ -146,7 +148,8 @@ def load_model(spec: str = ALIGNED, *, lora: LoraSettings | None = None, dtype: 
 
 def resolve_precision(precision: str) -> str:
     """``auto`` means bf16 autocast where it is fast (a CUDA GPU with bf16, a CPU with native bf16 instructions,
-    1.46x faster than fp32 for the alignment stage here) and fp32 elsewhere; weights and optimizer state stay fp32 either way."""
+    1.46x faster than fp32 for the alignment stage here) and fp32 elsewhere;
+    weights and optimizer state stay fp32 either way."""
     if precision not in PRECISIONS:
         raise SpecError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -190,7 +193,9 @@ def model_status() -> list[dict]:
                  "detail": ("converted: " + str(cached_model_dir(EMBEDDED))) if embedded_ready else
                  (f"GGUF at {gguf}; converted on first use (~20 s)" if wheel_ok else gguf)})
     rows.append(aligned_status())
-    rows.append({"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"})
+    rows.append(
+        {"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"}
+    )
     from staysafe.aligned import cache_problem
 
     problem = cache_problem(cached_model_dir(ALIGNED_VACCINE))

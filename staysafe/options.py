@@ -20,6 +20,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from staysafe.errors import SpecError, StaySafeError  # noqa: F401  (SpecError re-exported)
 from staysafe.methods import METHODS as REGISTRY
 from staysafe.methods import method_named
+from staysafe.model_names import ALIGNED, ALIGNED_VACCINE, INSTRUCT, MODELS, TINY  # noqa: F401
+
 
 class _Registered:
     """The registry's method names, read when asked (a method registered later, e.g. in a test, is a choice too)."""
@@ -43,15 +45,26 @@ BATCH_RISKS = ("max", "mean")
 FALLBACKS = ("probe", "last", "max")
 CALIBRATIONS = ("identity", "step", "sigmoid", "clamp")
 SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
-MODELS = ("smollm2-135m-aligned", "smollm2-135m-instruct", "tiny", "smollm2-135m-aligned-vaccine")  # known names; a directory or hub id also works
+# the known model names (a directory or hub id also works), re-exported from their one definition
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFENSES = ("none", "vaccine")  # staysafe align --defense: the alignment-stage defenses
 POSITIONS = ("last_prompt_token", "mean")  # where a probe reads the hidden state (staysafe.probe)
 TASKS = ("arithmetic",)  # staysafe.task.TASKS: the user tasks with an accuracy
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
-RECORDED = {"versions", "command", "n_examples", "data_sha256", "risk_scoring", "processes", "precision_used",
-            "safelora_of", "judge_endpoint",  # config.json extras, never read back as options
-            "judge_url", "judge_model", "judge_key_env"}  # older files' endpoint: compared (staysafe.endpoint), not used
+RECORDED = {
+    "versions",
+    "command",
+    "n_examples",
+    "data_sha256",
+    "risk_scoring",
+    "processes",
+    "precision_used",
+    "safelora_of",
+    "judge_endpoint",  # config.json extras, never read back as options
+    "judge_url",
+    "judge_model",
+    "judge_key_env",
+}  # older files' endpoint: compared (staysafe.endpoint), not used
 REPORTERS = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml", "neptune",
              "dvclive", "codecarbon", "azure_ml", "dagshub", "flyte", "swanlab")  # TrainingArguments.report_to
 
@@ -207,7 +220,7 @@ class SafetyOptions:
 class RunSpec(SafetyOptions):
     """Every option of a run (the CLI's flags, one for one); saved as the run's ``config.json``."""
 
-    model: str = option("smollm2-135m-aligned", "smollm2-135m-aligned (the default safe reference), "
+    model: str = option(ALIGNED, "smollm2-135m-aligned (the default safe reference), "
                         "smollm2-135m-instruct, tiny, a local directory or a hub id", choices=MODELS,
                         open_choices=True)
     scenario: str | None = option("harmful", "training data: harmful (N harmful examples) | mixed (the benign task "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")  # an experiment without a preset's
 
 

@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from staysafe.data import prompt_messages, prompt_text, render_prompt
 from staysafe.errors import StaySafeError
 from staysafe.files import TraceError, read_json
-from staysafe.data import prompt_messages, prompt_text, render_prompt
 from staysafe.options import POSITIONS  # defined once, there; re-exported
 
 

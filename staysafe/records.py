@@ -78,7 +78,9 @@ def normalize_record(raw, where: str, default_id: str, need_response: bool = Tru
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}")
+            raise DataError(
+                f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}"
+            )
         clean.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "user" for m in clean):
         raise DataError(f"{where}: messages has no 'user' turn")
@@ -149,7 +151,9 @@ def _read_csv_rows(path: Path) -> list[tuple[str, object]]:
         rows = []
         for row in reader:
             if None in row:
-                raise DataError(f"{path}:{reader.line_num}: more values than the {len(reader.fieldnames)} header columns")
+                raise DataError(
+                    f"{path}:{reader.line_num}: more values than the {len(reader.fieldnames)} header columns"
+                )
             rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v != ""}))
         return rows
 
@@ -223,7 +227,8 @@ def load_records(source: str, *, need_response: bool = True, split: str = "train
         stem = source.split("/")[-1]
     else:
         raise DataError(
-            f"unknown dataset {source!r}: use a shipped set ({', '.join(SHIPPED)}), a .jsonl/.csv/.parquet file or a hub id"
+            f"unknown dataset {source!r}: use a shipped set ({', '.join(SHIPPED)}), "
+            "a .jsonl/.csv/.parquet file or a hub id"
         )
     if not raw:
         raise DataError(f"dataset {source!r} is empty: it has no records")

@@ -186,6 +186,8 @@ def read_signals(sources: dict, inputs, hidden_states) -> dict[str, torch.Tensor
             raise ValueError(f"risk source {name!r} returned {s.numel()} values for a batch of {batch.size}")
         known = s[~s.isnan()]
         if known.numel() and (known.min() < 0 or known.max() > 1):
-            raise ValueError(f"risk source {name!r} returned values outside [0, 1]: {known.min():.3g}..{known.max():.3g}")
+            raise ValueError(
+                f"risk source {name!r} returned values outside [0, 1]: {known.min():.3g}..{known.max():.3g}"
+            )
         out[name] = s
     return out

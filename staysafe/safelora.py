@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from staysafe.options import SpecError
+from staysafe.options import ALIGNED, INSTRUCT, SpecError
 
-UNALIGNED = {"smollm2-135m-aligned": "smollm2-135m-instruct"}  # aligned model -> the model it was aligned from
+UNALIGNED = {ALIGNED: INSTRUCT}  # aligned model -> the model it was aligned from
 
 
 class SafeLoraError(SpecError):
@@ -126,9 +126,16 @@ def project_and_record(peft_model, spec, tokenizer, writer, step: int) -> dict:
         if samples:
             writer.append("samples", samples)
         writer.append("evals", [after])
-    report = {"threshold": spec.safelora_threshold, "layers_mode": spec.safelora_layers, "unaligned": unaligned_model(spec.model, spec.safelora_unaligned),
-              "step": step, "projected_layers": sum(r["projected"] for r in layers), "layers": layers,
-              "before": before, "after": _plain(after) if after else None}
+    report = {
+        "threshold": spec.safelora_threshold,
+        "layers_mode": spec.safelora_layers,
+        "unaligned": unaligned_model(spec.model, spec.safelora_unaligned),
+        "step": step,
+        "projected_layers": sum(r["projected"] for r in layers),
+        "layers": layers,
+        "before": before,
+        "after": _plain(after) if after else None,
+    }
     write_json(writer.path / "safelora.json", report)
     return report
 

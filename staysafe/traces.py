@@ -364,16 +364,25 @@ def list_runs(root: Path) -> pd.DataFrame:
                 steps = read_table(d / "steps.parquet", TABLES["steps"], damaged)
                 evals = read_table(d / "evals.parquet", TABLES["evals"], damaged)
                 final = evals.iloc[-1] if len(evals) else None
-                row.update({
-                    "state": status.get("state"), "method": config.get("method"), "risk": config.get("risk"),
-                    "scenario": config.get("scenario") or config.get("data"), "model": config.get("model"),
-                    "experiment": config.get("experiment"), "seed": config.get("seed"),
-                    "steps_done": int(steps["step"].max()) if len(steps) else 0, "max_steps": config.get("steps"),
-                    "final_asr_keyword": float(final["asr_keyword"]) if final is not None and "asr_keyword" in final else None,
-                    "created": status.get("created"),
-                    "error": status.get("error") or (f"damaged trace parts skipped: {', '.join(damaged)}"
-                                                     if damaged else None),
-                })
+                row.update(
+                    {
+                        "state": status.get("state"),
+                        "method": config.get("method"),
+                        "risk": config.get("risk"),
+                        "scenario": config.get("scenario") or config.get("data"),
+                        "model": config.get("model"),
+                        "experiment": config.get("experiment"),
+                        "seed": config.get("seed"),
+                        "steps_done": int(steps["step"].max()) if len(steps) else 0,
+                        "max_steps": config.get("steps"),
+                        "final_asr_keyword": float(final["asr_keyword"])
+                        if final is not None and "asr_keyword" in final
+                        else None,
+                        "created": status.get("created"),
+                        "error": status.get("error")
+                        or (f"damaged trace parts skipped: {', '.join(damaged)}" if damaged else None),
+                    }
+                )
             except TraceError as err:
                 row.update({"state": "corrupt", "error": str(err)})
             rows.append(row)

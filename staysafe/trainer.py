@@ -22,14 +22,19 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from staysafe.faults import fault_pause
 from staysafe.atomic import write_json
+from staysafe.faults import fault_pause
 from staysafe.files import read_json
-from staysafe.losses import (answer_positions, answer_rows, answer_token_losses, reference_topk)
+from staysafe.losses import answer_positions, answer_rows, answer_token_losses, reference_topk
 from staysafe.methods import method_named
 from staysafe.options import SafetyOptions, SpecError
-from staysafe.reference import (ReferenceCache, frozen_copy, lm_head_positions_supported, peft_model_of,
-                                prepare_reference)
+from staysafe.reference import (
+    ReferenceCache,
+    frozen_copy,
+    lm_head_positions_supported,
+    peft_model_of,
+    prepare_reference,
+)
 from staysafe.risk import ColumnRisk, RiskPolicy, aggregate, read_signals
 
 STATE_FILE = "staysafe_state.json"

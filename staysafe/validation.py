@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from staysafe.records import DataError, _read_jsonl, data_dir
 from staysafe.judges.base import FLAG_THRESHOLD, Judge
+from staysafe.options import ALIGNED
+from staysafe.records import DataError, _read_jsonl, data_dir
 from staysafe.stats import LEVEL, RESAMPLES, binary_metrics, bootstrap_interval, cohen_kappa, mean_interval
 
 DEFAULT_SET = "judge-validation"  # shipped as data/judge_validation.jsonl
@@ -109,7 +110,7 @@ def load_validation_set(data: str | Path | None = None, split: str | None = None
 # ----------------------------------------------------------------------------------------------- collection
 
 
-def source_of(config: dict, step: int, reference: str = "smollm2-135m-aligned") -> str:
+def source_of(config: dict, step: int, reference: str = ALIGNED) -> str:
     """Which model wrote an answer: the aligned reference (step 0 of a run on it), else the run's scenario."""
     if step == 0 and config.get("model") == reference:
         return "reference"
@@ -293,7 +294,7 @@ def check_judge_names(text: str) -> list[str]:
     return names
 
 
-def build_judge(name: str, *, endpoint=None, local_lm_model: str = "smollm2-135m-aligned") -> Judge:
+def build_judge(name: str, *, endpoint=None, local_lm_model: str = ALIGNED) -> Judge:
     """A response judge by its ``--judges`` name (the request-only ``embedding`` judge cannot judge answers);
     ``openai`` only at ``endpoint`` (a :class:`staysafe.endpoint.JudgeEndpoint` from the command line)."""
     from staysafe.judges import OpenAICompatibleJudge, make_judge

@@ -48,5 +48,25 @@ def run_cli(*args, env=None, timeout=600, cwd=None) -> subprocess.CompletedProce
 
 
 # Options that keep a tiny-model CLI run to seconds.
-TINY_RUN = ["--model", "tiny", "--lora-r", "0", "--batch-size", "4", "--max-length", "64", "--eval-harmful", "4",
-            "--eval-benign", "4", "--max-new-tokens", "4", "--eval-judges", "", "--no-save-model", "--risk", "label", "--no-record-judge"]
+TINY_RUN = [
+    "--model",
+    "tiny",
+    "--lora-r",
+    "0",
+    "--batch-size",
+    "4",
+    "--max-length",
+    "64",
+    "--eval-harmful",
+    "4",
+    "--eval-benign",
+    "4",
+    "--max-new-tokens",
+    "4",
+    "--eval-judges",
+    "",
+    "--no-save-model",
+    "--risk",
+    "label",
+    "--no-record-judge",
+]

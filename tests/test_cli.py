@@ -11,17 +11,23 @@ from staysafe import list_runs, load_run
 from staysafe.cli import main
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--scenario", "evil"], "option scenario = 'evil' is invalid: expected one of harmful, mixed, benign, identity-shift"),
-    (["--method", "dpo"], "option method = 'dpo' is invalid"),
-    (["--beta", "1.5", "--method", "constant-kl"], "beta = 1.5 is invalid: expected a number in [0, 1]"),
-    (["--beta-min", "0.9", "--beta-max", "0.1"], "beta_min = 0.9 is greater than beta_max = 0.1"),
-    (["--steps", "0"], "option steps = 0 is invalid"),
-    (["--lr", "-0.001"], "option lr = -0.001 is invalid"),
-    (["--risk", "vibes"], "option risk = 'vibes' is invalid"),
-    (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
-    (["--model", "no/such/model/dir"], "model path 'no/such/model/dir' does not exist"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--scenario", "evil"],
+            "option scenario = 'evil' is invalid: expected one of harmful, mixed, benign, identity-shift",
+        ),
+        (["--method", "dpo"], "option method = 'dpo' is invalid"),
+        (["--beta", "1.5", "--method", "constant-kl"], "beta = 1.5 is invalid: expected a number in [0, 1]"),
+        (["--beta-min", "0.9", "--beta-max", "0.1"], "beta_min = 0.9 is greater than beta_max = 0.1"),
+        (["--steps", "0"], "option steps = 0 is invalid"),
+        (["--lr", "-0.001"], "option lr = -0.001 is invalid"),
+        (["--risk", "vibes"], "option risk = 'vibes' is invalid"),
+        (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
+        (["--model", "no/such/model/dir"], "model path 'no/such/model/dir' does not exist"),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)  # in-process (an uncaught exception fails the test); subprocess runs are below
     assert main(["train", *TINY_RUN, "--runs-dir", str(tmp_path / "runs"), *flags]) == 2

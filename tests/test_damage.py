@@ -98,8 +98,10 @@ def test_atomic_writes_replace_the_file_never_rewrite_it(tmp_path):
     assert (tmp_path / "old.npz").read_bytes() == before != (tmp_path / "probe.npz").read_bytes()
     assert Probe.load(tmp_path / "probe.json").coef.tolist() == [2.0] * 4
 
-    acts = Activations({0: np.zeros((2, 4), np.float16)}, pd.DataFrame({"id": ["a", "b"], "label": ["harmful", "benign"],
-                                                                       "category": ["c", "c"], "prompt": ["x", "y"]}))
+    acts = Activations(
+        {0: np.zeros((2, 4), np.float16)},
+        pd.DataFrame({"id": ["a", "b"], "label": ["harmful", "benign"], "category": ["c", "c"], "prompt": ["x", "y"]}),
+    )
     acts.save(tmp_path / "acts")
     os.link(tmp_path / "acts" / "activations.npz", tmp_path / "old-acts.npz")
     acts.values[0] = np.ones((2, 4), np.float16)
@@ -115,8 +117,10 @@ def test_damaged_npz_files_give_the_named_error(tmp_path, damage):
 
     probe = Probe([1], np.zeros(4, np.float32), np.ones(4, np.float32), np.ones(4, np.float32), 0.0, hidden_size=4)
     probe.save(tmp_path / "probe")
-    acts = Activations({0: np.zeros((2, 4), np.float16)}, pd.DataFrame({"id": ["a", "b"], "label": ["harmful", "benign"],
-                                                                       "category": ["c", "c"], "prompt": ["x", "y"]}))
+    acts = Activations(
+        {0: np.zeros((2, 4), np.float16)},
+        pd.DataFrame({"id": ["a", "b"], "label": ["harmful", "benign"], "category": ["c", "c"], "prompt": ["x", "y"]}),
+    )
     acts.save(tmp_path / "acts")
     judge = EmbeddingJudge("request")
     judge.coef, judge.intercept = np.zeros(384), 0.0

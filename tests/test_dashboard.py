@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO / "dashboard"))
 def build_dashboard_data(base: Path) -> dict:
     """Real tiny-model runs and everything the pages read, under ``base``; returns the roots (one training at a time).
 
-    runs/: the base run (adaptive, oracle label risk), adaptive with the probe (+ the embedding judge's risk and an embedding judge ASR) on a balanced
+    runs/: the base run (adaptive, oracle label risk), adaptive with the probe (+ the embedding judge's risk and an
+    embedding judge ASR) on a balanced
     harmful/benign file, a failed run, a running run (its lock held by this process), a corrupt run, and an
     experiment's runs (sft + adaptive-probe, two seeds); experiments/; compare/eval (probe vs embedding judge);
     probes/ (a saved activations folder + probe, and 100,000 synthetic points); demo/ in the data/demo layout.
@@ -128,7 +129,6 @@ def dash_data(tmp_path_factory):
     ``build_dashboard_data`` filled earlier (its running run is re-marked as running by this process)."""
     reuse = os.environ.get("STAYSAFE_DASH_TEST_DATA")
     if reuse and (Path(reuse) / "runs" / "label-run").is_dir():
-        from staysafe.traces import RunWriter
 
         base = Path(reuse)
         hold_running(base / "runs" / "running-run")

@@ -9,9 +9,18 @@ import pandas as pd
 import pytest
 
 from conftest import make_records
+from staysafe.data import (
+    SHIPPED,
+    DataError,
+    SafetyCollator,
+    build_scenario,
+    data_dir,
+    load_records,
+    prompt_text,
+    response_text,
+    tokenize_record,
+)
 from staysafe.options import SCENARIOS
-from staysafe.data import (SHIPPED, DataError, SafetyCollator, build_scenario, data_dir, load_records,
-                           prompt_text, response_text, tokenize_record)
 
 
 def write(path, text):
@@ -39,16 +48,28 @@ def test_messages_records_and_missing_ids(tmp_path):
     assert [r["id"] for r in recs] == ["m-0", "m-1"] and recs[0]["messages"] == msgs and recs[0]["label"] is None
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', r"bad\.jsonl:2: not valid JSON"),
-    ('{"id": "x", "text": "no messages"}\n', r"bad\.jsonl:1: record has neither 'messages'.*fields present: \['id', 'text'\]"),
-    ('{"prompt": "p", "response": "r", "label": "toxic"}\n', r"bad\.jsonl:1: field 'label' must be 'harmful' or 'benign', got 'toxic'"),
-    ('{"messages": [{"role": "bot", "content": "x"}]}\n', r"bad\.jsonl:1: messages\[0\] must be"),
-    ('{"prompt": "only a prompt"}\n', r"bad\.jsonl:1: training records must end with an 'assistant' message"),
-    ('{"id": "a", "prompt": "p", "response": "r"}\n{"id": "a", "prompt": "p", "response": "r"}\n', r"bad\.jsonl:2: duplicate id 'a'"),
-    ('[1, 2]\n', r"bad\.jsonl:1: expected a JSON object"),
-    ('\n\n', r"is empty"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', r"bad\.jsonl:2: not valid JSON"),
+        (
+            '{"id": "x", "text": "no messages"}\n',
+            r"bad\.jsonl:1: record has neither 'messages'.*fields present: \['id', 'text'\]",
+        ),
+        (
+            '{"prompt": "p", "response": "r", "label": "toxic"}\n',
+            r"bad\.jsonl:1: field 'label' must be 'harmful' or 'benign', got 'toxic'",
+        ),
+        ('{"messages": [{"role": "bot", "content": "x"}]}\n', r"bad\.jsonl:1: messages\[0\] must be"),
+        ('{"prompt": "only a prompt"}\n', r"bad\.jsonl:1: training records must end with an 'assistant' message"),
+        (
+            '{"id": "a", "prompt": "p", "response": "r"}\n{"id": "a", "prompt": "p", "response": "r"}\n',
+            r"bad\.jsonl:2: duplicate id 'a'",
+        ),
+        ("[1, 2]\n", r"bad\.jsonl:1: expected a JSON object"),
+        ("\n\n", r"is empty"),
+    ],
+)
 def test_bad_jsonl_names_file_line_and_field(tmp_path, content, match):
     p = write(tmp_path / "bad.jsonl", content)
     with pytest.raises(DataError, match=match):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_trainer import train
 
 from conftest import make_records
 from staysafe.data import IGNORE
 from staysafe.losses import answer_token_positions, position_betas, tokenwise_loss
-from test_trainer import train
 
 
 def test_answer_token_positions_count_from_each_answers_first_token():
@@ -70,7 +70,9 @@ def first_token_gradient(tokenizer, tmp_path, token_betas: str) -> float:
     args = SafetyConfig(output_dir=str(tmp_path / "tw"), method="token-wise", token_betas=token_betas, use_cpu=True,
                         max_steps=1, per_device_train_batch_size=8, report_to="none")
     ds = tokenize_dataset(tokenizer, records, 64)
-    tw = SafetyTrainer(model=sft.model, args=args, train_dataset=ds, data_collator=SafetyCollator(tokenizer.pad_token_id))
+    tw = SafetyTrainer(
+        model=sft.model, args=args, train_dataset=ds, data_collator=SafetyCollator(tokenizer.pad_token_id)
+    )
     batch = SafetyCollator(tokenizer.pad_token_id)([dict(r) for r in ds])
     first = (batch["labels"] != IGNORE).long().cumsum(1) == 1
     batch["labels"] = batch["labels"].masked_fill(~first, IGNORE)  # only each answer's first token remains
@@ -84,7 +86,10 @@ def first_token_gradient(tokenizer, tmp_path, token_betas: str) -> float:
 def test_token_wise_stops_pushing_the_first_tokens_past_the_reference(tokenizer, tmp_path):
     """A large beta on the first position: once the model is more likely than the reference there, those tokens
     no longer pull the weights (with a small beta they pull like plain fine-tuning)."""
-    shaped, flat = first_token_gradient(tokenizer, tmp_path, "50,0.01"), first_token_gradient(tokenizer, tmp_path, "0.01")
+    shaped, flat = (
+        first_token_gradient(tokenizer, tmp_path, "50,0.01"),
+        first_token_gradient(tokenizer, tmp_path, "0.01"),
+    )
     assert flat > 1e-3 and shaped < 1e-3 * flat, (shaped, flat)
 
 
@@ -97,7 +102,11 @@ def test_adaptive_token_wise_scales_the_position_schedule_by_the_risks_level(tok
     assert benign.steps["beta"].tolist() == pytest.approx([0.125, 0.125])  # risk 0: beta_min / beta_max
     h = harmful.positions.set_index(["step", "position"])["beta"]
     b = benign.positions.set_index(["step", "position"])["beta"]
-    assert h.loc[(1, 1)] == pytest.approx(0.5) and h.loc[(1, 2)] == pytest.approx(2) and h.loc[(1, 9)] == pytest.approx(0.1)
+    assert (
+        h.loc[(1, 1)] == pytest.approx(0.5)
+        and h.loc[(1, 2)] == pytest.approx(2)
+        and h.loc[(1, 9)] == pytest.approx(0.1)
+    )
     assert b.loc[(1, 2)] == pytest.approx(2 * 0.125)
 
 
@@ -105,7 +114,9 @@ def test_lisa_alternates_alignment_and_user_steps(tokenizer, tmp_path):
     trainer, run = train(tokenizer, tmp_path, make_records(16), steps=7, method="lisa", lisa_align_steps=2,
                          lisa_user_steps=3, lisa_rho=1.0, lora=True, max_length=72)
     assert run.steps["phase"].tolist() == ["align", "align", "user", "user", "user", "align", "align"]
-    assert max(len(f["input_ids"]) for f in trainer.hooks.schedule.features) == 72  # the run's max_length, not a fixed one
+    assert (
+        max(len(f["input_ids"]) for f in trainer.hooks.schedule.features) == 72
+    )  # the run's max_length, not a fixed one
     assert sorted(run.examples["step"].unique()) == [3, 4, 5]  # the run's own examples only in its user steps
     assert trainer.reference_calls == 0 and (run.steps["kl"] == 0).all()
     # the alignment batches come from the shipped refusal data

@@ -52,7 +52,6 @@ class QuarterKL(TrainingHooks):
 def test_a_new_method_is_one_object_and_one_registry_entry(tmp_path):
     """The toy method trains through the real runner, is recorded, listed, checked and coloured like any other."""
     from conftest import make_records
-
     from staysafe.options import RunSpec, SpecError
     from staysafe.runner import run_training
     from staysafe.traces import load_run
@@ -93,7 +92,6 @@ def test_a_method_has_the_same_colour_on_every_page():
 
     sys.path.insert(0, str(REPO / "dashboard"))
     import charts
-
     from staysafe.frontier import frontier_figure
 
     figure = _figure_colours(frontier_figure)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from staysafe.cli import build_parser, spec_from_args
-from staysafe.options import (RECORDED, RunSpec, SafetyOptions, SpecError, default_of, help_text, spec_flags)
+from staysafe.options import RECORDED, RunSpec, SafetyOptions, SpecError, default_of, help_text, spec_flags
 from staysafe.trainer import SafetyConfig
 
 
@@ -19,7 +19,12 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def test_every_option_is_one_cli_flag_with_the_schemas_help_and_default():
-    actions = {a.dest: a for a in train_parser()._actions if a.dest not in ("help", "resume", "config", "preset", "judge_url", "judge_model", "judge_key_env", "judge_allow_http")}
+    actions = {
+        a.dest: a
+        for a in train_parser()._actions
+        if a.dest
+        not in ("help", "resume", "config", "preset", "judge_url", "judge_model", "judge_key_env", "judge_allow_http")
+    }
     assert set(actions) == {f.name for f in dataclasses.fields(RunSpec)}
     for f in dataclasses.fields(RunSpec):
         assert f.metadata["help"], f.name

@@ -24,8 +24,23 @@ RUNS = {
     "lora-per-example": ["--method", "adaptive", "--risk", "label", "--lora-r", "4", "--per-example-beta",
                          "--kl-top-k", "8"],
 }
-COMMON = [*TINY_RUN, "--max-length", "128", "--steps", "4", "--eval-every", "2", "--lr", "0.01", "--threads", "1", "--seed", "3",
-          "--precision", "fp32"]  # pinned in fp32 (auto is bf16 autocast where the CPU has bf16)
+COMMON = [
+    *TINY_RUN,
+    "--max-length",
+    "128",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--lr",
+    "0.01",
+    "--threads",
+    "1",
+    "--seed",
+    "3",
+    "--precision",
+    "fp32",
+]  # pinned in fp32 (auto is bf16 autocast where the CPU has bf16)
 STEP_COLS = ("loss", "nll", "kl", "beta", "risk", "risk_label", "risk_probe", "n_fallback", "grad_norm", "lr")
 EXAMPLE_COLS = ("example_index", "nll", "kl", "beta", "risk", "risk_label")
 

@@ -212,8 +212,16 @@ def test_a_crafted_job_file_never_runs_its_argv_and_the_queue_moves_on(tmp_path)
     pwned = tmp_path / "PWNED"
     evil = {"argv": ["sh", "-c", f"touch {pwned}"], "cwd": "/", "kind": "train", "state": "queued"}
     a = crafted(q, "argv", lambda i: {**evil, "id": i, "target": "argv", "spec": {"steps": 1, "shell": "x"}})
-    b = crafted(q, "secret", lambda i: {**evil, "id": i, "target": "secret",
-                                        "spec": {**TINY, "judge_url": "http://127.0.0.1:9/v1", "judge_key_env": "HOME"}})
+    b = crafted(
+        q,
+        "secret",
+        lambda i: {
+            **evil,
+            "id": i,
+            "target": "secret",
+            "spec": {**TINY, "judge_url": "http://127.0.0.1:9/v1", "judge_key_env": "HOME"},
+        },
+    )
     c = crafted(q, "shape", [1, 2])
     d = crafted(q, "typed", lambda i: {**evil, "id": i, "target": "typed", "spec": {**TINY, "steps": "3; rm"}})
     assert q.work(poll=0.05) == 0

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, TINY_RUN, make_records
+from conftest import REPO, make_records
 from staysafe.data import DataError, load_records, normalize_record
 from staysafe.options import spec_flags as spec_arguments
 from staysafe.runner import RunSpec, SpecError, latest_checkpoint, run_training
@@ -116,7 +116,8 @@ def test_kill_during_checkpoint_write_or_evaluation(tmp_path, point):
 
 
 class FlakyJudgeServer(BaseHTTPRequestHandler):
-    """An OpenAI-compatible stub: rates 5 for 'harmful' text, fails (HTTP 500) on requests mentioning 'item number 1'."""
+    """An OpenAI-compatible stub: rates 5 for 'harmful' text, fails (HTTP 500) on requests mentioning
+    'item number 1'."""
 
     seen_auth: list = []
 

@@ -10,8 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from staysafe.stats import (binary_metrics, bootstrap_interval, cohen_kappa, confusion, mean_interval, run_intervals,
-                            seed_summary)
+from staysafe.stats import (
+    binary_metrics,
+    bootstrap_interval,
+    cohen_kappa,
+    confusion,
+    mean_interval,
+    run_intervals,
+    seed_summary,
+)
 
 
 def table(yy: int, yn: int, ny: int, nn: int) -> tuple[list[int], list[int]]:

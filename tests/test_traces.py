@@ -12,11 +12,19 @@ import time
 import pandas as pd
 import pytest
 
-from staysafe import process
-
 from conftest import TINY_RUN, make_records
-from staysafe.traces import (RunWriter, TableWriter, TraceError, list_runs, load_run, read_table, run_state,
-                             safe_run_path)
+from staysafe import process
+from staysafe.errors import SpecError
+from staysafe.traces import (
+    RunWriter,
+    TableWriter,
+    TraceError,
+    list_runs,
+    load_run,
+    read_table,
+    run_state,
+    safe_run_path,
+)
 
 
 def test_table_writer_parts_merge_and_dedup(tmp_path):
@@ -155,3 +163,37 @@ def test_a_row_repeated_before_a_merge_is_read_once_after_it(tmp_path):
     w.close()  # merged into one part
     assert len(list((w.path / "evals.parquet").glob("*.parquet"))) == 1
     assert load_run(w.path).evals["asr_keyword"].tolist() == [0.1, 0.2]
+
+
+def test_the_run_lifecycle_records_finished_failed_and_cancelled(tmp_path):
+    """One context manager owns a run's states: running (its lock held, so readers see it alive), then finished
+    with what the body recorded, failed with the error, or cancelled on SIGTERM (turned into KeyboardInterrupt)."""
+    finished = RunWriter.create(tmp_path, {"method": "sft"}, "ok")
+    with finished.lifecycle(log=lambda *a: None, max_steps=3) as done:
+        assert run_state(finished.path)["state"] == "running"
+        done["step"] = 3
+    status = run_state(finished.path)
+    assert status["state"] == "finished" and status["step"] == 3 and status["max_steps"] == 3
+    assert not process.held(finished.path / process.LOCK_NAME)
+
+    failed = RunWriter.create(tmp_path, {"method": "sft"}, "bad")
+    with pytest.raises(ZeroDivisionError):
+        with failed.lifecycle(log=lambda *a: None):
+            1 / 0
+    status = run_state(failed.path)
+    assert status["state"] == "failed" and "ZeroDivisionError" in status["error"] and status["traceback"]
+
+    cancelled = RunWriter.create(tmp_path, {"method": "sft"}, "stop")
+    with pytest.raises(KeyboardInterrupt):
+        with cancelled.lifecycle(log=lambda *a: None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("the SIGTERM handler did not raise")
+    status = run_state(cancelled.path)
+    assert status["state"] == "cancelled" and "SIGTERM" in status["error"]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+    busy = RunWriter.create(tmp_path, {"method": "sft"}, "busy")
+    with process.LifeLock(busy.path / process.LOCK_NAME):  # another live process runs it
+        with pytest.raises(SpecError, match="still running"):
+            with busy.lifecycle(log=lambda *a: None):
+                pass

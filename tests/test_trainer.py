@@ -9,9 +9,9 @@ import torch
 
 from conftest import make_records
 from staysafe.data import SafetyCollator, tokenize_dataset
+from staysafe.losses import answer_token_losses
 from staysafe.models import LoraSettings, add_lora, build_tiny
 from staysafe.traces import RunWriter, load_run
-from staysafe.losses import answer_token_losses
 from staysafe.trainer import SafetyConfig, SafetyTrainer
 
 
@@ -46,9 +46,11 @@ def kl_to_reference(tokenizer, model, records) -> float:
     batch = SafetyCollator(tokenizer.pad_token_id)([dict(r) for r in tokenize_dataset(tokenizer, records, 64)])
     model.eval()
     with torch.no_grad():
-        _, kl, _ = answer_token_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                       batch["labels"], ref(input_ids=batch["input_ids"],
-                                                            attention_mask=batch["attention_mask"]).logits)
+        _, kl, _ = answer_token_losses(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+            ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        )
     return float(kl.mean())
 
 

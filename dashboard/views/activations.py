@@ -12,14 +12,14 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import charts
-from staysafe import geometry
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
+from staysafe import geometry
+from staysafe.methods import regularised
 from staysafe.probe import ProbeError
 from staysafe.traces import TraceError
-from staysafe.methods import regularised
 
 cfg = settings.page_setup()
 st.title(":material/scatter_plot: Activation space")
@@ -51,14 +51,22 @@ if source.startswith("a run"):
             sets[f"{name} fine-tuning"] = run_dir / "activations" / name
     probe_path = run_dir / "probe.json"
     if not sets:
-        st.info(f"Run {safe_text.code(run_id)} has no saved activations yet: a run saves `activations/before/` when training "
-                "starts and `activations/after/` when it finishes.")
+        st.info(
+            f"Run {safe_text.code(run_id)} has no saved activations yet: "
+            "a run saves `activations/before/` when training "
+            "starts and `activations/after/` when it finishes."
+        )
         st.stop()
     if len(sets) == 1:
-        st.info(f"Only the activations before fine-tuning exist for {safe_text.code(run_id)} (state: {safe_text.md(row['state'])}); "
-                "`activations/after/` is written when the run finishes.")
+        st.info(
+            f"Only the activations before fine-tuning exist for {safe_text.code(run_id)} "
+            f"(state: {safe_text.md(row['state'])}); "
+            "`activations/after/` is written when the run finishes."
+        )
 else:
-    st.caption(f"Folders under the probes root {safe_text.code(cfg.probes)} holding `activations.npz` + `index.parquet`.")
+    st.caption(
+        f"Folders under the probes root {safe_text.code(cfg.probes)} holding `activations.npz` + `index.parquet`."
+    )
     rel = widgets.pick_folder(cfg.probes, loaders.activation_dirs(cfg.probes), "probes", "act_dir",
                              "activations")
     if not rel:
@@ -157,7 +165,9 @@ with left:
             if y.any() and (~y).any():
                 from sklearn.metrics import roc_auc_score
 
-                extra = f" · reference probe AUROC {roc_auc_score(y, probe.predict_proba(probe.features(acts[title]))):.2f}"
+                extra = (
+                    f" · reference probe AUROC {roc_auc_score(y, probe.predict_proba(probe.features(acts[title]))):.2f}"
+                )
         col.metric(f"{title}: separability at layer {layer}", msg, help=(
             "5-fold cross-validated AUROC of a fresh linear probe on these activations (harmful vs benign), "
             "on at most 2,000 points. 1.0 = perfectly separable, 0.5 = chance."))
@@ -189,8 +199,11 @@ if right is not None:
                 charts.style(f2, height=400)
                 f2.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
                 charts.plotly(f2, key="act_sweep")
-                st.caption(f"Probe fitted on layer {probe.layers} of {safe_text.code(probe.model or 'the reference')}; grey line: "
-                           "the layer shown.")
+                st.caption(
+                    f"Probe fitted on layer {probe.layers} "
+                    f"of {safe_text.code(probe.model or 'the reference')}; grey line: "
+                    "the layer shown."
+                )
 elif source.startswith("a run"):
     st.caption("This run has no probe (sft runs do not fit one); an adaptive or constant-kl run saves `probe.json` "
                "with the per-layer AUROC sweep, and so does `staysafe fit-probe`.")

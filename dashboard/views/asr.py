@@ -14,13 +14,13 @@ from plotly.subplots import make_subplots
 
 import charts
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
+from staysafe import trace_names
 from staysafe.stats import run_intervals
 from staysafe.traces import TraceError
 from staysafe.validation import measured_agreement
-from staysafe import trace_names
 
 cfg = settings.page_setup()
 st.title(":material/target: ASR over training")
@@ -63,7 +63,9 @@ if mode == "runs":
 else:
     exps = loaders.experiments_under(cfg.experiments)
     if not exps:
-        st.info(f"No experiment under {safe_text.code(cfg.experiments)} yet. Run one (or launch it from **Launch a run**):")
+        st.info(
+            f"No experiment under {safe_text.code(cfg.experiments)} yet. Run one (or launch it from **Launch a run**):"
+        )
         st.code(f"staysafe experiment --scenario harmful --quick --out-dir {cfg.experiments} --runs-dir {cfg.runs}",
                 language="bash")
         st.stop()
@@ -85,8 +87,11 @@ else:
             continue
         loaded[row["run_id"]] = run
         group_of[row["run_id"]] = charts.method_label(run.config)
-    st.caption(f"Experiment {safe_text.code(exp_id)} ({safe_text.md(desc.get('state', '?'))}): scenario {safe_text.md(desc.get('scenario'))}, "
-                       f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under {safe_text.code(cfg.runs)}.")
+    st.caption(
+        f"Experiment {safe_text.code(exp_id)} ({safe_text.md(desc.get('state', '?'))}): "
+        f"scenario {safe_text.md(desc.get('scenario'))}, "
+        f"{desc.get('seeds')} seed(s), {len(loaded)} run(s) found under {safe_text.code(cfg.runs)}."
+    )
     if not loaded:
         st.info(f"None of this experiment's runs are under {safe_text.code(cfg.runs)} (runs whose config has "
                 f"\"experiment\": \"{exp_id}\"). Point the runs root at the experiment's `--runs-dir`.")
@@ -174,14 +179,23 @@ for gi, group in enumerate(groups):
                                      hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
         name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
         pct = m.startswith("asr_") or m == "over_refusal"
-        fig.add_trace(go.Scatter(x=steps, y=mean, name=safe_text.html_text(name), legendgroup=group, showlegend=k == 0,
-                                 mode="lines+markers", line=dict(color=color, width=2.5,
-                                                                 dash="dot" if m == "asr_keyword" and judge_cols
-                                                                 else "solid"),
-                                 marker=dict(size=7),
-                                 hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
-                                               + ("%{y:.0%}" if pct else "%{y:.3f}") + "<extra></extra>"),
-                      row=row, col=col)
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=mean,
+                name=safe_text.html_text(name),
+                legendgroup=group,
+                showlegend=k == 0,
+                mode="lines+markers",
+                line=dict(color=color, width=2.5, dash="dot" if m == "asr_keyword" and judge_cols else "solid"),
+                marker=dict(size=7),
+                hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
+                + ("%{y:.0%}" if pct else "%{y:.3f}")
+                + "<extra></extra>",
+            ),
+            row=row,
+            col=col,
+        )
 for k, m in enumerate(metrics):
     row, col = k // ncols + 1, k % ncols + 1
     if m.startswith("asr_") or m == "over_refusal":
@@ -227,8 +241,12 @@ if kind != "all":
 first = gen[gen["step"] == steps[0]].set_index("prompt_id")["response"]
 score_cols = [c for c in at.columns if c.startswith("score_")]
 view = at.assign(**{f"answer at step {steps[0]}": at["prompt_id"].map(first)}) if step != steps[0] else at
-cols = ["prompt_id", "kind", "category", "prompt", "response"] + ([f"answer at step {steps[0]}"]
-                                                                   if step != steps[0] else []) + ["refused"] + score_cols
+cols = (
+    ["prompt_id", "kind", "category", "prompt", "response"]
+    + ([f"answer at step {steps[0]}"] if step != steps[0] else [])
+    + ["refused"]
+    + score_cols
+)
 ev = run.evals.set_index("step")
 summary = []
 if step in ev.index:

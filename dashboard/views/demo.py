@@ -4,7 +4,6 @@ adaptive regularizer keeps it; and what the risk signals saw."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -12,13 +11,13 @@ import streamlit as st
 
 import charts
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
-from staysafe.queue import LaunchError, Queue
-from staysafe.options import SpecError
-from staysafe.traces import TraceError
 from staysafe.methods import regularised, risk_driven
+from staysafe.options import SpecError
+from staysafe.queue import LaunchError, Queue
+from staysafe.traces import TraceError
 
 cfg = settings.page_setup()
 st.title(":material/school: Guided demo: safety degradation and how to prevent it")
@@ -55,14 +54,20 @@ def rerun_button(scenario: str = "harmful") -> None:
         except (SpecError, LaunchError) as err:
             st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(f"Queued experiment {safe_text.code(job['target'])}. Watch it on **Launch a run**; when it finishes, pick it "
-                       "above.")
+            st.success(
+                f"Queued experiment {safe_text.code(job['target'])}. "
+                "Watch it on **Launch a run**; when it finishes, pick it "
+                "above."
+            )
 
 
 if not (exp_dir / "experiment.json").is_file():
     if source == RECORDED:
-        st.info(f"No recorded demo yet: {safe_text.code(recorded_exp)} does not exist. Record one (about 30 minutes on 2 CPU "
-                "cores; the aligned model is built first if needed):")
+        st.info(
+            f"No recorded demo yet: {safe_text.code(recorded_exp)} does not exist. "
+            "Record one (about 30 minutes on 2 CPU "
+            "cores; the aligned model is built first if needed):"
+        )
         st.code(f"staysafe experiment --scenario harmful --quick --id experiment --out-dir {cfg.demo} "
                 f"--runs-dir {recorded_runs}", language="bash")
         st.caption(f"This writes `{recorded_exp}/` (experiment.json, results.parquet, results.md) and one run per "
@@ -78,8 +83,11 @@ except TraceError as err:
     st.error(f"The experiment in {safe_text.code(exp_dir)} cannot be read: {safe_text.md(err)}")
     st.stop()
 if results.empty or "run_id" not in results:
-    st.info(f"Experiment {safe_text.code(desc.get('id'))} has no finished run yet ({safe_text.md(desc.get('state', '?'))}); results appear here "
-            "as each method finishes.")
+    st.info(
+        f"Experiment {safe_text.code(desc.get('id'))} has no finished run yet "
+        f"({safe_text.md(desc.get('state', '?'))}); results appear here "
+        "as each method finishes."
+    )
     st.stop()
 
 runs, problems = {}, []
@@ -104,10 +112,13 @@ adaptive_name = next((m for m in runs if risk_driven(m)), None)
 adaptive = runs.get(adaptive_name) if adaptive_name else None
 cfg0 = first.config
 st.markdown(
-    f"Experiment {safe_text.code(desc.get('id'))}: model {safe_text.code(cfg0.get('model'))}, scenario **{safe_text.md(cfg0.get('scenario'))}** "
+    f"Experiment {safe_text.code(desc.get('id'))}: model {safe_text.code(cfg0.get('model'))}, "
+    f"scenario **{safe_text.md(cfg0.get('scenario'))}** "
     f"({cfg0.get('n_harmful')} harmful training examples), {cfg0.get('steps')} steps, "
-    f"methods {', '.join(f'{safe_text.code(m)}' for m in runs)}. ASR = share of held-out harmful requests answered instead of "
-    f"refused, by the {'judge ' + asr_col[4:] if judge_cols else 'keyword judge (weak: it looks for refusal phrases)'}.")
+    f"methods {', '.join(f'{safe_text.code(m)}' for m in runs)}. "
+    "ASR = share of held-out harmful requests answered instead of "
+    f"refused, by the {'judge ' + asr_col[4:] if judge_cols else 'keyword judge (weak: it looks for refusal phrases)'}."
+)
 rerun_button(str(desc.get("scenario") or "harmful"))
 
 

@@ -4,7 +4,6 @@ method a marker. Selecting a point opens its runs on the Training traces page.""
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 import charts

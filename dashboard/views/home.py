@@ -7,9 +7,9 @@ import streamlit as st
 
 import charts
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
 
 cfg = settings.page_setup()
 st.title(":material/shield: StaySafe")
@@ -69,7 +69,7 @@ try:
     aligned = status.get(ALIGNED, {})
 except Exception as err:  # a missing model wheel must not take the home page down
     aligned = {"ready": False, "detail": f"model status unavailable: {err}"}
-    ALIGNED = "smollm2-135m-aligned"
+    from staysafe.options import ALIGNED
 if aligned.get("ready"):
     a, b, d = st.columns([1, 1, 3])
     a.metric("held-out harmful refused", charts.fmt_pct(aligned.get("harmful_refusal_rate")))
@@ -79,8 +79,11 @@ if aligned.get("ready"):
     d.markdown(f"{safe_text.code(ALIGNED)} is ready, {where}, and is the default safe reference of every run.")
     d.text(aligned.get("detail", ""))
 else:
-    st.error(f"{safe_text.code(ALIGNED)} (the default safe reference) cannot be served. Runs on `--model tiny` need no aligned "
-             "model; `staysafe align` builds one locally (its time estimate follows the first steps).")
+    st.error(
+        f"{safe_text.code(ALIGNED)} (the default safe reference) cannot be served. "
+        "Runs on `--model tiny` need no aligned "
+        "model; `staysafe align` builds one locally (its time estimate follows the first steps)."
+    )
     st.text(aligned.get("detail", ""))
     st.code("staysafe align", language="bash")
 

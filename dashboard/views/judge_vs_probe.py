@@ -11,9 +11,9 @@ import streamlit as st
 
 import charts
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
 from staysafe.traces import TraceError
 
 cfg = settings.page_setup()
@@ -30,7 +30,10 @@ cost: dict[str, float] = {}
 if source == "a compare-risk folder":
     rel = widgets.pick_folder(cfg.compare, loaders.compare_dirs(cfg.compare), "compare", "jvp_dir", "eval")
     if not rel:
-        st.info(f"No comparison under {safe_text.code(cfg.compare)} yet. Score held-out examples with the probe and the judges:")
+        st.info(
+            f"No comparison under {safe_text.code(cfg.compare)} yet. "
+            "Score held-out examples with the probe and the judges:"
+        )
         st.code(f"staysafe compare-risk --data eval-harmful,eval-benign --out {cfg.compare}/eval", language="bash")
         st.caption("Or switch the source to a run's training examples (an adaptive run that recorded the judge).")
         st.stop()
@@ -47,9 +50,12 @@ else:
     ex = loaders.examples_joined(run.path)
     have = [c for c in ex.columns if c.startswith("risk_") and c != "risk_label"] if len(ex) else []
     if len(have) < 2:
-        st.info(f"Run {safe_text.code(run.id)} recorded {', '.join(have) or 'no risk signal'} per training example; a comparison "
-                "needs both `risk_probe` and `risk_judge`. An adaptive or constant-kl run records the probe for free; "
-                "add the judge with `--record-judge` (the default):")
+        st.info(
+            f"Run {safe_text.code(run.id)} recorded "
+            f"{', '.join(have) or 'no risk signal'} per training example; a comparison "
+            "needs both `risk_probe` and `risk_judge`. An adaptive or constant-kl run records the probe for free; "
+            "add the judge with `--record-judge` (the default):"
+        )
         st.code("staysafe train --scenario harmful --method adaptive --risk probe --record-judge --judge embedding",
                 language="bash")
         st.stop()
@@ -60,8 +66,11 @@ else:
     scoring = run.config.get("risk_scoring") or {}
     if scoring.get("misses"):
         cost[str(scoring.get("judge", "judge"))] = float(scoring.get("seconds", 0)) / scoring["misses"] * 100
-    st.caption(f"{len(frame)} distinct training examples seen by {safe_text.code(run.id)} (risk averaged over the steps each was "
-               "seen).")
+    st.caption(
+        f"{len(frame)} distinct training examples seen by {safe_text.code(run.id)} "
+        "(risk averaged over the steps each was "
+        "seen)."
+    )
 
 sources = [c for c in frame.columns if c not in widgets.TEXT_COLUMNS and c != "example_index"
            and pd.api.types.is_numeric_dtype(frame[c])]
@@ -97,9 +106,17 @@ with left:
     labels = frame["label"].astype(str) if "label" in frame else pd.Series(["?"] * len(frame))
     for g in sorted(labels.unique()):
         m = ok & (labels == g).to_numpy()
-        fig.add_trace(go.Scattergl(x=x[m], y=yv[m], mode="markers", name=g, text=hover[m],
-                                   marker=dict(size=7, opacity=0.7, color=charts.LABEL_COLORS.get(g)),
-                                   hovertemplate=f"{x_src} %{{x:.2f}} · {y_src} %{{y:.2f}}<br>%{{text}}<extra>{g}</extra>"))
+        fig.add_trace(
+            go.Scattergl(
+                x=x[m],
+                y=yv[m],
+                mode="markers",
+                name=g,
+                text=hover[m],
+                marker=dict(size=7, opacity=0.7, color=charts.LABEL_COLORS.get(g)),
+                hovertemplate=f"{x_src} %{{x:.2f}} · {y_src} %{{y:.2f}}<br>%{{text}}<extra>{g}</extra>",
+            )
+        )
     fig.add_vline(x=tx, line=dict(color="#888", dash="dash"))
     fig.add_hline(y=ty, line=dict(color="#888", dash="dash"))
     fig.update_xaxes(title_text=f"{x_src} risk", range=[-0.03, 1.03])

@@ -1,6 +1,8 @@
-"""Launch a run: a form generated from the option schema (RunSpec), validated before anything is queued; the queue with live progress and cancel.
+"""Launch a run: a form generated from the option schema (RunSpec), validated before anything is queued;
+the queue with live progress and cancel.
 
-Runs are started by the queue worker (``staysafe.queue``) as background processes (argument lists, never a shell), one at a time
+Runs are started by the queue worker (``staysafe.queue``) as background processes
+(argument lists, never a shell), one at a time
 on CPU; the queue lives on disk, so it keeps advancing with the browser closed.
 """
 
@@ -14,12 +16,12 @@ import streamlit as st
 
 import charts
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
 from staysafe.methods import VARIANTS as EXPERIMENT_METHODS
-from staysafe.presets import PRESETS
 from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
+from staysafe.presets import PRESETS
 from staysafe.queue import ACTIVE, LaunchError, Queue
 from widgets import option_input
 
@@ -31,12 +33,20 @@ COLUMNS = {
     "Training": ("steps", "lr", "lora_r", "eval_every", "batch_size", "seed"),
 }
 MORE = (  # rows of columns, under "More options"
-    (("eval_harmful", "eval_benign", "task"), ("max_new_tokens", "max_length", "eval_task"),
-     ("eval_judges", "record_judge", "save_model"),
-     ("token_betas", ("lisa_align_steps", "lisa_user_steps"), "lisa_rho", "safelora_threshold")),
-    (("calibration", ("risk_threshold", "risk_temperature"), "batch_risk"), ("per_example_beta", "risk_fallback", "probe"),
-     ("kl_top_k", "reference_cache", "precision"), ("eval_samples", "eval_temperature", "checkpoint_every"),
-     (("lora_alpha", "lora_dropout"), "grad_accum", "threads"), ("safelora_layers", "safelora_unaligned")),
+    (
+        ("eval_harmful", "eval_benign", "task"),
+        ("max_new_tokens", "max_length", "eval_task"),
+        ("eval_judges", "record_judge", "save_model"),
+        ("token_betas", ("lisa_align_steps", "lisa_user_steps"), "lisa_rho", "safelora_threshold"),
+    ),
+    (
+        ("calibration", ("risk_threshold", "risk_temperature"), "batch_risk"),
+        ("per_example_beta", "risk_fallback", "probe"),
+        ("kl_top_k", "reference_cache", "precision"),
+        ("eval_samples", "eval_temperature", "checkpoint_every"),
+        (("lora_alpha", "lora_dropout"), "grad_accum", "threads"),
+        ("safelora_layers", "safelora_unaligned"),
+    ),
 )
 # Options deliberately not on the form, and why (a test fails when an option is neither placed nor listed here).
 NOT_ON_FORM = {
@@ -46,8 +56,16 @@ NOT_ON_FORM = {
     "runs_dir": "the dashboard's runs root (sidebar)", "run_id": "its own field below the options",
     "experiment": "set by staysafe experiment",
 }
-WIDGET = {"beta": {"step": 0.05}, "lisa_rho": {"step": 0.1}, "safelora_threshold": {"step": 0.05}, "beta_min": {"step": 0.05}, "beta_max": {"step": 0.05}, "risk_ema": {"step": 0.1},
-          "harmful_percent": {"step": 1.0}, "lr": {"step": 1e-5, "format": "%.6f"}}
+WIDGET = {
+    "beta": {"step": 0.05},
+    "lisa_rho": {"step": 0.1},
+    "safelora_threshold": {"step": 0.05},
+    "beta_min": {"step": 0.05},
+    "beta_max": {"step": 0.05},
+    "risk_ema": {"step": 0.1},
+    "harmful_percent": {"step": 1.0},
+    "lr": {"step": 1e-5, "format": "%.6f"},
+}
 
 cfg = settings.page_setup()
 queue = Queue(cfg.runs, cfg.experiments)
@@ -131,7 +149,10 @@ with tab_exp:
         except (SpecError, LaunchError) as err:
             st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(f"Queued experiment {safe_text.code(job['target'])} (job {safe_text.code(job['id'])}); results in {safe_text.code(cfg.experiments)}.")
+            st.success(
+                f"Queued experiment {safe_text.code(job['target'])} (job {safe_text.code(job['id'])}); "
+                f"results in {safe_text.code(cfg.experiments)}."
+            )
 
 # ----------------------------------------------------------------------------------------------- the queue
 
@@ -170,8 +191,11 @@ def _cancel(job_id: str) -> None:
 def _running_job(job: dict) -> None:
     with st.container(border=True):
         top, btn = st.columns([5, 1], vertical_alignment="center")
-        top.markdown(f":material/hourglass_top: **{job['kind']}** {safe_text.code(job['target'])} · started {_ago(job.get('started'))} · pid "
-                     f"{(job.get('process') or {}).get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else ""))
+        top.markdown(
+            f":material/hourglass_top: **{job['kind']}** {safe_text.code(job['target'])} "
+            f"· started {_ago(job.get('started'))} · pid "
+            f"{(job.get('process') or {}).get('pid')}" + (" · cancelling…" if job.get("cancel_requested") else "")
+        )
         btn.button("Cancel", key=f"cancel_{job['id']}", on_click=_cancel, args=(job["id"],),
                    disabled=bool(job.get("cancel_requested")))
         if job["kind"] == "train":

@@ -11,9 +11,9 @@ from plotly.subplots import make_subplots
 
 import charts
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
 from staysafe.methods import regularised
 
 cfg = settings.page_setup()
@@ -29,8 +29,11 @@ if ex.empty:
     st.stop()
 method = charts.method_label(run.config)
 if not regularised(run.config):
-    st.info(f"This is a **{safe_text.md(method)}** run: β is 0 for every example, nothing was regularized. Pick a constant-kl or "
-            "adaptive run to see where the KL pull went.")
+    st.info(
+        f"This is a **{safe_text.md(method)}** run: "
+        "β is 0 for every example, nothing was regularized. Pick a constant-kl or "
+        "adaptive run to see where the KL pull went."
+    )
 
 risk_cols = ["risk"] + sorted(c for c in ex.columns if c.startswith("risk_"))
 risk_cols = [c for c in risk_cols if ex[c].astype(float).notna().any()] or ["risk"]  # sft: no batch risk

@@ -8,9 +8,9 @@ from plotly.subplots import make_subplots
 
 import charts
 import loaders
+import safe_text
 import settings
 import widgets
-import safe_text
 from staysafe.methods import regularised
 
 cfg = settings.page_setup()

@@ -18,7 +18,6 @@ from staysafe.judges.openai_compat import OpenAICompatibleJudge
 from staysafe.options import JUDGES, SpecError
 
 
-
 def make_judge(name: str, **options) -> Judge:
     """A judge by name: keyword | embedding | embedding-response | local-lm | openai.
 

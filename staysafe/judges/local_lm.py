@@ -13,8 +13,8 @@ import hashlib
 
 import numpy as np
 
-from staysafe.options import SpecError
 from staysafe.judges.base import RUBRIC_VERSION, Judge, JudgeScore, check_inputs, rating_to_score, rubric_text
+from staysafe.options import ALIGNED, SpecError
 
 SYSTEM = "You are a careful content-safety judge. You answer with one digit."
 # Where the prompt stops, and how the digits then continue it: tried in order until one tokenises cleanly.
@@ -43,7 +43,7 @@ class LocalLMJudge(Judge):
 
     name = "local-lm"
 
-    def __init__(self, model="smollm2-135m-aligned", batch_size: int = 8, *, max_text_tokens: int = 256,
+    def __init__(self, model=ALIGNED, batch_size: int = 8, *, max_text_tokens: int = 256,
                  device: str | None = None):
         if batch_size < 1:
             raise SpecError(f"batch_size must be >= 1, got {batch_size}")

@@ -9,8 +9,8 @@ from staysafe.methods.base import Method, TrainingHooks, Variant
 class LisaHooks(TrainingHooks):
     def __init__(self, trainer):
         super().__init__(trainer)
-        from staysafe.lisa import LisaSchedule
         from staysafe.errors import SpecError
+        from staysafe.lisa import LisaSchedule
 
         args = trainer.args
         if trainer.processing_class is None:

@@ -15,8 +15,13 @@ class TokenWiseHooks(TrainingHooks):
         return torch.ones_like(risk), float("nan")
 
     def loss(self, nll_tok, kl_tok, rows, beta, labels, keep, ref_logits):
-        from staysafe.losses import (answer_token_losses, answer_token_positions, position_betas, regularised_loss,
-                                     tokenwise_loss)
+        from staysafe.losses import (
+            answer_token_losses,
+            answer_token_positions,
+            position_betas,
+            regularised_loss,
+            tokenwise_loss,
+        )
 
         pos = answer_token_positions(labels, keep)
         betas = position_betas(pos, self.trainer.args.position_betas()) * beta.to(nll_tok.device)[rows]

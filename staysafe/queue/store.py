@@ -205,10 +205,24 @@ class JobStore:
         if pid is not None:
             return pid
         with open_append(self.dir / "worker.log") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "queue", "work", "--runs-dir", str(self.root),
-                                     "--experiments-dir", str(self.experiments)],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "staysafe.cli",
+                    "queue",
+                    "work",
+                    "--runs-dir",
+                    str(self.root),
+                    "--experiments-dir",
+                    str(self.experiments),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         _STARTED.append(proc)
         reap_workers()
         return proc.pid
