@@ -12,7 +12,9 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "staysafe"
-LIGHT = ("staysafe.errors", "staysafe.paths", "staysafe.options", "staysafe.judges", "staysafe.traces")
+LIGHT = ("staysafe.errors", "staysafe.paths", "staysafe.options", "staysafe.judges", "staysafe.traces",
+         "staysafe.methods", "staysafe.records", "staysafe.files", "staysafe.endpoint", "staysafe.trace_names",
+         "staysafe.queue", "staysafe.cli")
 
 
 def module_names() -> list[str]:
@@ -120,3 +122,10 @@ def test_function_level_imports_close_no_cycle():
 def test_light_modules_do_not_load_torch(name):
     loaded = json.loads(fresh(f"import json, sys, {name}; print(json.dumps(sorted(sys.modules)))"))
     assert "torch" not in loaded and "transformers" not in loaded, name
+
+
+def test_the_cli_builds_its_parser_without_torch():
+    """`staysafe --help` and every subcommand's help start without loading torch or transformers."""
+    loaded = json.loads(fresh("import json, sys, staysafe.cli; staysafe.cli.build_parser(); "
+                              "print(json.dumps(sorted(sys.modules)))"))
+    assert "torch" not in loaded and "transformers" not in loaded
