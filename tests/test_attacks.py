@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -420,3 +421,116 @@ def test_the_dashboard_binds_loopback_from_any_directory():
     beside = tomllib.loads((repo / "dashboard" / ".streamlit" / "config.toml").read_text())
     assert beside["server"]["address"] == "127.0.0.1"
     assert beside == tomllib.loads((repo / ".streamlit" / "config.toml").read_text())
+
+
+parquet_columns = st.dictionaries(
+    st.sampled_from(["step", "slot", "prompt_id", "asr_keyword", "beta", "loss", "response", "other"]),
+    st.one_of(st.lists(st.integers(-5, 5), min_size=1, max_size=3), st.lists(st.text(max_size=5), min_size=1,
+                                                                                max_size=3),
+              st.lists(st.floats(allow_nan=True), min_size=1, max_size=3), st.lists(st.none(), min_size=1, max_size=3)),
+    min_size=1, max_size=4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(columns=parquet_columns, name=st.sampled_from(["steps", "evals", "examples", "generations"]))
+def test_any_foreign_parquet_part_is_read_or_skipped_and_named(tmp_path_factory, columns, name):
+    from staysafe.traces import TABLES
+
+    run = RunWriter.create(tmp_path_factory.mktemp("runs"), {"method": "sft"}, "r")
+    run.set_status("finished")
+    table = run.path / f"{name}.parquet"
+    table.mkdir()
+    n = min(len(v) for v in columns.values())
+    try:
+        pd.DataFrame({k: v[:n] for k, v in columns.items()}).to_parquet(table / "0001-00000000-00000000.parquet")
+    except Exception:  # pyarrow cannot write this mix: nothing to read
+        return
+    damaged: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a skipped part warns; what counts is that it is named in `damaged`
+        frame = read_table(table, TABLES[name], damaged)
+    assert damaged or all(k in frame for k in TABLES[name])
+    list_runs(run.path.parent)  # never raises
+
+
+npz_arrays = st.dictionaries(st.sampled_from(["mean", "scale", "coef", "other"]),
+                             st.one_of(st.lists(st.floats(allow_nan=True), max_size=6),
+                                       st.lists(st.text(max_size=3), max_size=6),
+                                       st.lists(st.integers(-3, 3), max_size=6)), max_size=4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(meta=field_values | json_values, arrays=npz_arrays)
+def test_any_foreign_probe_file_is_a_named_error(tmp_path_factory, meta, arrays):
+    from staysafe.probe import Probe, ProbeError
+
+    d = tmp_path_factory.mktemp("probe")
+    base = {"format": "staysafe-probe/1", "layers": [1], "hidden_size": 2, "intercept": 0.0, "weights": "w.npz"}
+    (d / "p.json").write_text(json.dumps({**base, **meta} if isinstance(meta, dict) else meta))
+    np.savez(d / "w.npz", **{k: np.array(v) for k, v in arrays.items()})
+    try:
+        probe = Probe.load(d / "p.json", hidden_size=2, num_layers=4)
+    except ProbeError:
+        return
+    assert all(np.isfinite(a).all() and a.dtype.kind == "f" for a in (probe.mean, probe.scale, probe.coef))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(desc=field_values | json_values)
+def test_any_foreign_experiment_description_is_read_or_named(tmp_path_factory, desc):
+    from staysafe.experiment import list_experiments, load_experiment
+
+    root = tmp_path_factory.mktemp("exps")
+    (root / "e").mkdir()
+    (root / "e" / "experiment.json").write_text(json.dumps(desc))
+    for path in list_experiments(root):
+        try:
+            load_experiment(path)
+        except StaySafeError:
+            pass
+
+
+def test_the_dashboard_server_listens_on_loopback_whatever_the_current_directory_says(tmp_path):
+    """Started from a directory whose .streamlit/config.toml says 0.0.0.0, the server binds 127.0.0.1 only (the
+    config beside the script wins), so no socket is ever open to the network that nobody asked for."""
+    import socket
+
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / ".streamlit").mkdir()
+    (tmp_path / ".streamlit" / "config.toml").write_text('[server]\naddress = "0.0.0.0"\nheadless = true\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(repo / "dashboard" / "app.py"),
+                             "--server.port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (found := _listeners(port)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
+            time.sleep(0.2)
+        assert found == {"127.0.0.1"}, found
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _listeners(port: int) -> set[str]:
+    """Local addresses listening on ``port`` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    out = set()
+    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # LISTEN
+                raw = bytes.fromhex(addr)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per-word little endian
+                out.add(str(ipaddress.ip_address(raw)))
+    return out
