@@ -4,7 +4,7 @@ come from the option's field, so the Launch form cannot drift from the CLI or co
 from __future__ import annotations
 
 import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pandas as pd
@@ -17,27 +17,32 @@ from staysafe.methods import regularised
 from staysafe.options import RunSpec, default_of
 from staysafe.traces import Run
 
-_FIELDS = {f.name: f for f in fields(RunSpec)}
-_HINTS = typing.get_type_hints(RunSpec)
+
+def option_label(name: str, schema=RunSpec) -> str:
+    return _field(schema, name).metadata.get("label") or name.replace("_", " ")
 
 
-def option_label(name: str) -> str:
-    return _FIELDS[name].metadata.get("label") or name.replace("_", " ")
+def _field(schema, name: str):
+    return next(f for f in fields(schema) if f.name == name)
 
 
-def option_kind(name: str):
-    hint = _HINTS[name]
+def option_kind(name: str, schema=RunSpec):
+    hint = typing.get_type_hints(schema)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args and typing.get_origin(hint) is not list else hint
 
 
-def option_input(name: str, where=st, *, extra_choices: tuple = (), **widget):
-    """The widget for option ``name`` (in container ``where``), with key ``launch_<name>``; ``widget``: extra
-    keyword arguments of the streamlit call (a step or format). Returns the value in the option's type."""
-    f = _FIELDS[name]
-    m, default, kind, key = f.metadata, default_of(f), option_kind(name), f"launch_{name}"
-    common = dict(label=option_label(name), help=m["help"], key=key, **widget)
-    if isinstance(default, list):
+def option_input(name: str, where=st, *, extra_choices: tuple = (), schema=RunSpec, prefix: str = "launch_",
+                 default=MISSING, **widget):
+    """The widget for option ``name`` of ``schema`` (RunSpec, or ExperimentSpec for the experiment form) in
+    container ``where``, with key ``<prefix><name>``; ``default`` overrides the schema's (the form's first
+    choice); ``widget``: extra keyword arguments of the streamlit call. Returns the value in the option's type."""
+    f = _field(schema, name)
+    m, kind, key = f.metadata, option_kind(name, schema), f"{prefix}{name}"
+    default = default_of(f) if default is MISSING else default
+    common = dict(label=option_label(name, schema), help=m["help"], key=key, **widget)
+    if isinstance(default, list) or typing.get_origin(kind) is list:
+        default = default or []
         options = list(dict.fromkeys([*(m.get("choices") or ()), *default]))
         return list(where.multiselect(options=options, default=default, accept_new_options=m["open_choices"],
                                       **common))
@@ -52,8 +57,9 @@ def option_input(name: str, where=st, *, extra_choices: tuple = (), **widget):
         low = m["low"] if m.get("low") is not None else m.get("above")
         high = m["high"] if m.get("high") is not None else (m["below"] - 0.01 if m.get("below") is not None else None)
         value = where.number_input(min_value=None if low is None else kind(low),
-                                   max_value=None if high is None else kind(high), value=kind(default), **common)
-        return kind(value)
+                                   max_value=None if high is None else kind(high),
+                                   value=None if default is None else kind(default), **common)
+        return None if value is None else kind(value)
     text = where.text_input(value=default or "", **common).strip()
     return text or None
 

@@ -8,37 +8,59 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 from staysafe.endpoint import add_endpoint_arguments, endpoint_for, endpoint_from_args
 from staysafe.errors import StaySafeError
 from staysafe.files import TraceError, read_json
-from staysafe.options import ALIGNED, DEFENSES, POSITIONS, SCENARIOS, RunSpec, SpecError, default_of, flag, help_text
+from staysafe.options import (
+    ALIGNED,
+    DEFENSES,
+    POSITIONS,
+    ExperimentSpec,
+    RunSpec,
+    SpecError,
+    default_of,
+    flag,
+    help_text,
+)
 
 
-def add_spec_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per RunSpec field, its help from the field's metadata: the CLI and config.json can never disagree.
-    Choices are not enforced by argparse, so that a bad value gets the same message as from a config file."""
-    for f in dataclasses.fields(RunSpec):
+def add_spec_arguments(p: argparse.ArgumentParser, schema=RunSpec) -> None:
+    """One flag per field of ``schema`` (RunSpec: ``staysafe train``; ExperimentSpec: ``staysafe experiment``),
+    its help from the field's metadata: the CLI, job files and config.json can never disagree. Choices are not
+    enforced by argparse, so that a bad value gets the same message as from a file."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if "help" not in f.metadata:
+            continue
         default = default_of(f)
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
         if isinstance(default, bool):
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text(f))
-        elif isinstance(default, list):
-            p.add_argument(flag(f.name), type=lambda s: [x for x in s.split(",") if x], default=default,
+            p.add_argument(flag(f.name, f), action=argparse.BooleanOptionalAction, default=default, help=help_text(f))
+        elif isinstance(default, list) or typing.get_origin(kind) is list:
+            p.add_argument(flag(f.name, f), type=lambda s: [x for x in s.split(",") if x], default=default,
                            help=help_text(f))
         else:
-            kind = type(default) if default is not None else str
             if f.name == "runs_dir":
-                default = None  # $STAYSAFE_RUNS, else ./runs (spec_from_args)
-            p.add_argument(flag(f.name), type=kind, default=default, help=help_text(f))
+                default = None  # $STAYSAFE_RUNS, else ./runs (schema_from_args)
+            p.add_argument(flag(f.name, f), type=kind if kind in (int, float) else str, default=default,
+                           dest=f.name, help=help_text(f))
+
+
+def schema_from_args(args, schema=RunSpec):
+    """The options parsed by :func:`add_spec_arguments` as a ``schema`` instance."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(schema) if "help" in f.metadata}
+    values["runs_dir"] = values["runs_dir"] or runs_root_default()
+    return schema(**values)
 
 
 def spec_from_args(args) -> RunSpec:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunSpec)}
-    values["runs_dir"] = values["runs_dir"] or runs_root_default()
-    if values.get("data"):
-        values["scenario"] = None
-    return RunSpec(**values)
+    spec = schema_from_args(args)
+    if spec.data:
+        spec.scenario = None
+    return spec
 
 
 def runs_root_default() -> str:
@@ -244,7 +266,7 @@ def parse_sweep(items: list[str]) -> dict:
 
 
 def cmd_experiment(args) -> int:
-    from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
+    from staysafe.experiment import resume_experiment, run_experiment
 
     endpoint = endpoint_from_args(args)
     if args.resume:
@@ -252,11 +274,8 @@ def cmd_experiment(args) -> int:
         print((path / "results.md").read_text())
         print(f"experiment written to {path}")
         return 0
-    spec = ExperimentSpec(scenario=args.scenario, methods=args.methods.split(",") if args.methods else None,
-                          seeds=args.seeds, quick=args.quick, preset=args.preset,
-                          model=args.model, steps=args.steps, out_dir=args.out_dir,
-                          runs_dir=args.runs_dir or runs_root_default(), experiment_id=args.id,
-                          overrides=parse_overrides(args.set), sweep=parse_sweep(args.sweep))
+    spec = dataclasses.replace(schema_from_args(args, ExperimentSpec), overrides=parse_overrides(args.set),
+                               sweep=parse_sweep(args.sweep))
     path = run_experiment(spec, endpoint=endpoint)
     print((path / "results.md").read_text())
     print(f"experiment written to {path}")
@@ -374,22 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compare_risk)
 
     e = sub.add_parser("experiment", help="run several methods under the same data order and seeds")
-    e.add_argument("--scenario", default="harmful", choices=SCENARIOS)
-    from staysafe.methods import VARIANTS as EXPERIMENT_METHODS
-    from staysafe.presets import DEFAULT_METHODS
-
-    e.add_argument("--methods", default=None,
-                   help=f"comma-separated, from {', '.join(EXPERIMENT_METHODS)} (default: the preset's, else "
-                        f"{','.join(DEFAULT_METHODS)})")
-    e.add_argument("--seeds", type=int, default=1)
-    e.add_argument("--quick", action="store_true", help="the same as --preset quick")
-    e.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
-    e.add_argument("--model", default=ALIGNED)
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--out-dir", default="experiments")
-    e.add_argument("--runs-dir", default=None, help="default: $STAYSAFE_RUNS, else ./runs")
-    e.add_argument("--id", default=None)
+    add_spec_arguments(e, ExperimentSpec)  # one flag per ExperimentSpec field (staysafe.options)
     e.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="a train option for every run, e.g. --set per_example_beta=true (repeatable)")
     e.add_argument("--sweep", action="append", default=[], metavar="OPTION=V1,V2,...",

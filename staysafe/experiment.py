@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -27,72 +27,13 @@ from staysafe import process, trace_names
 from staysafe.atomic import write_text
 from staysafe.endpoint import JudgeEndpoint, endpoint_for
 from staysafe.methods import VARIANTS, is_kl_weight, method_named, method_options
-from staysafe.options import ALIGNED, MODELS, SCENARIOS, check_fields, option
-from staysafe.presets import DEFAULT_METHODS, PRESETS, preset_options
+from staysafe.options import ExperimentSpec
+from staysafe.presets import preset_options
 from staysafe.runner import RunSpec, SpecError, check_before_work, latest_checkpoint, run_training
 from staysafe.stats import run_intervals
 from staysafe.traces import RUN_ID, TraceError, load_run, new_run_id, read_json, run_state, write_json, write_parquet
 
-NOT_PER_RUN = {"seed", "run_id", "runs_dir", "experiment"}  # set by the experiment for each run
-
 METHODS = VARIANTS  # the experiment's method names: the registry's variants (staysafe.methods)
-
-
-@dataclass
-class ExperimentSpec:
-    """The options of ``staysafe experiment`` (checked like a run's: type, choices and range per field)."""
-
-    scenario: str = option("harmful", "the training data of every run", choices=SCENARIOS)
-    methods: list[str] | None = option(None, "the methods to compare (default: the preset's, else "
-                                       + ",".join(DEFAULT_METHODS) + ")")
-    seeds: int = option(1, "seeds per method (0, 1, ...)", low=1, high=100)
-    quick: bool = option(False, "the same as preset quick")
-    preset: str | None = option(None, "defaults for a common use", choices=tuple(PRESETS))
-    model: str = option(ALIGNED, "the starting (reference) model", choices=MODELS, open_choices=True)
-    steps: int | None = option(None, "optimizer steps of every run (default: the preset's)", low=1)
-    constant_beta: float = option(0.5, "constant-kl's beta when no adaptive method sets it", low=0.0, high=1.0)
-    out_dir: str = option("experiments", "where experiment directories go")
-    runs_dir: str = option("runs", "where the runs go")
-    experiment_id: str | None = option(None, "the experiment directory's name")
-    overrides: dict = field(default_factory=dict)  # any RunSpec field, e.g. smaller evaluations in tests
-    sweep: dict = field(default_factory=dict)  # RunSpec field -> the values to run (typed, as --set parses them)
-
-    def validate(self) -> "ExperimentSpec":
-        check_fields(self)
-        for name, value in (("overrides", self.overrides), ("sweep", self.sweep)):
-            if not isinstance(value, dict):
-                raise SpecError(f"experiment option {name} = {value!r:.60} is invalid: expected an object")
-        bad = sorted(set(self.overrides) - {f.name for f in fields(RunSpec)} | set(self.overrides) & NOT_PER_RUN)
-        if bad:
-            raise SpecError(f"experiment option overrides: {', '.join(map(str, bad))} not a run option an "
-                            "experiment may set (see staysafe train --help; where runs go is the command line's)")
-        if self.experiment_id is not None and not RUN_ID.match(self.experiment_id):
-            raise SpecError(f"experiment id {self.experiment_id!r} is not allowed: use letters, digits, '.', '_' "
-                            "and '-' (max 128)")
-        if self.quick and self.preset not in (None, "quick"):
-            raise SpecError(f"--quick and --preset {self.preset} contradict each other: give one")
-        if self.quick:
-            self.preset = "quick"
-        preset_options(self.preset)  # an unknown preset is named before any work
-        if self.methods is None:
-            self.methods = list(PRESETS[self.preset].methods) if self.preset and PRESETS[self.preset].methods else list(
-                DEFAULT_METHODS)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise SpecError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
-        if self.seeds < 1:
-            raise SpecError(f"seeds = {self.seeds} is invalid: expected a whole number >= 1")
-        known = {f.name for f in fields(RunSpec)}
-        for name, values in self.sweep.items():
-            if name not in known or name in NOT_PER_RUN:
-                raise SpecError(f"--sweep {name}: not an option an experiment can vary (see staysafe train --help)")
-            fixed = [m for m in self.methods if name in METHODS[m].options]
-            if fixed:
-                raise SpecError(f"--sweep {name}: the method(s) {', '.join(fixed)} set {name} themselves; list the "
-                                "variants as methods instead")
-            if not isinstance(values, list) or not values:
-                raise SpecError(f"--sweep {name}: expected at least one value")
-        return self
 
 
 def sweep_points(spec: ExperimentSpec, method: str) -> list[dict]:

@@ -19,8 +19,9 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from staysafe.errors import SpecError, StaySafeError  # noqa: F401  (SpecError re-exported)
 from staysafe.methods import METHODS as REGISTRY
-from staysafe.methods import method_named
+from staysafe.methods import VARIANTS, method_named
 from staysafe.model_names import ALIGNED, ALIGNED_VACCINE, INSTRUCT, MODELS, TINY  # noqa: F401
+from staysafe.presets import DEFAULT_METHODS, PRESETS, preset_options
 
 
 class _Registered:
@@ -70,12 +71,12 @@ REPORTERS = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_
 
 
 def option(default, help: str, *, choices: tuple | None = None, open_choices: bool = False, low=None, high=None,
-           above=None, below=None, label: str | None = None):
+           above=None, below=None, label: str | None = None, flag: str | None = None):
     """A dataclass field of the schema. ``choices``: the allowed values (``open_choices``: only suggestions, other
     values allowed); ``low`` / ``high``: inclusive bounds, ``above`` / ``below``: exclusive ones; ``label``: the
-    Launch form's short label (default: the field's name)."""
+    Launch form's short label (default: the field's name); ``flag``: the command-line flag (default: --<name>)."""
     meta = {"help": help, "choices": choices, "open_choices": open_choices, "low": low, "high": high,
-            "above": above, "below": below, "label": label}
+            "above": above, "below": below, "label": label, "flag": flag}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -337,32 +338,96 @@ class RunSpec(SafetyOptions):
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(d, f.name)}
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+NOT_PER_RUN = {"seed", "run_id", "runs_dir", "experiment"}  # an experiment sets these for each of its runs
 
 
-def spec_flags(spec: RunSpec, only_changed: bool = False, skip=("runs_dir", "run_id")) -> list[str]:
-    """``spec`` as ``staysafe train`` flags (the inverse of the CLI's parsing). ``only_changed``: only the options
-    that differ from the defaults (what a person types); otherwise all of them, so that a recorded command reruns
-    the run even after a default changes."""
-    changed = spec.changed() if only_changed else None
+@dataclass
+class ExperimentSpec:
+    """The options of ``staysafe experiment`` (checked like a run's: type, choices and range per field)."""
+
+    scenario: str = option("harmful", "the training data of every run", choices=SCENARIOS)
+    methods: list[str] | None = option(None, "the methods to compare, comma-separated, from "
+                                       + ", ".join(VARIANTS) + " (default: the preset's, else "
+                                       + ",".join(DEFAULT_METHODS) + ")")
+    seeds: int = option(1, "seeds per method (0, 1, ...)", low=1, high=100)
+    quick: bool = option(False, "the same as --preset quick")
+    preset: str | None = option(None, "defaults for a common use: " + "; ".join(f"{k}: {v.about}" for k, v in
+                                                                             PRESETS.items()), choices=tuple(PRESETS))
+    model: str = option(ALIGNED, "the starting (reference) model", choices=MODELS, open_choices=True)
+    steps: int | None = option(None, "optimizer steps of every run (default: the preset's)", low=1)
+    constant_beta: float = option(0.5, "constant-kl's beta when no adaptive method sets it", low=0.0, high=1.0)
+    out_dir: str = option("experiments", "where experiment directories go")
+    runs_dir: str = option("runs", "where the runs go (default: $STAYSAFE_RUNS, else ./runs)")
+    experiment_id: str | None = option(None, "the experiment directory's name (default: time + scenario)",
+                                       flag="--id")
+    overrides: dict = field(default_factory=dict)  # any RunSpec field, e.g. smaller evaluations in tests
+    sweep: dict = field(default_factory=dict)  # RunSpec field -> the values to run (typed, as --set parses them)
+
+    def validate(self) -> "ExperimentSpec":
+        check_fields(self)
+        for name, value in (("overrides", self.overrides), ("sweep", self.sweep)):
+            if not isinstance(value, dict):
+                raise SpecError(f"experiment option {name} = {value!r:.60} is invalid: expected an object")
+        bad = sorted(set(self.overrides) - {f.name for f in fields(RunSpec)} | set(self.overrides) & NOT_PER_RUN)
+        if bad:
+            raise SpecError(f"experiment option overrides: {', '.join(map(str, bad))} not a run option an "
+                            "experiment may set (see staysafe train --help; where runs go is the command line's)")
+        if self.experiment_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.experiment_id):
+            raise SpecError(f"experiment id {self.experiment_id!r} is not allowed: use letters, digits, '.', '_' "
+                            "and '-' (max 128)")
+        if self.quick and self.preset not in (None, "quick"):
+            raise SpecError(f"--quick and --preset {self.preset} contradict each other: give one")
+        if self.quick:
+            self.preset = "quick"
+        preset_options(self.preset)  # an unknown preset is named before any work
+        if self.methods is None:
+            self.methods = list(PRESETS[self.preset].methods) if self.preset and PRESETS[self.preset].methods else list(
+                DEFAULT_METHODS)
+        unknown = [m for m in self.methods if m not in VARIANTS]
+        if unknown or not self.methods:
+            raise SpecError(f"unknown method(s) {unknown}: choose from {', '.join(VARIANTS)}")
+        if self.seeds < 1:
+            raise SpecError(f"seeds = {self.seeds} is invalid: expected a whole number >= 1")
+        known = {f.name for f in fields(RunSpec)}
+        for name, values in self.sweep.items():
+            if name not in known or name in NOT_PER_RUN:
+                raise SpecError(f"--sweep {name}: not an option an experiment can vary (see staysafe train --help)")
+            fixed = [m for m in self.methods if name in VARIANTS[m].options]
+            if fixed:
+                raise SpecError(f"--sweep {name}: the method(s) {', '.join(fixed)} set {name} themselves; list the "
+                                "variants as methods instead")
+            if not isinstance(values, list) or not values:
+                raise SpecError(f"--sweep {name}: expected at least one value")
+        return self
+
+
+def flag(name: str, f=None) -> str:
+    """A field's command-line flag: its ``flag`` metadata, else ``--<name>`` with dashes."""
+    return (f.metadata.get("flag") if f is not None else None) or "--" + name.replace("_", "-")
+
+
+def spec_flags(spec, only_changed: bool = False, skip=("runs_dir", "run_id")) -> list[str]:
+    """``spec`` (a RunSpec or an ExperimentSpec) as command-line flags, the inverse of the CLI's parsing.
+    ``only_changed``: only the options that differ from the defaults (what a person types); otherwise all of
+    them, so that a recorded command reruns the run even after a default changes."""
+    default = type(spec)()
     args: list[str] = []
     for f in fields(spec):
         value = getattr(spec, f.name)
-        if f.name in skip or (changed is not None and f.name not in changed):
+        if "help" not in f.metadata or f.name in skip or (only_changed and value == getattr(default, f.name)):
             continue
-        if f.name == "scenario" and spec.data:
+        if f.name == "scenario" and getattr(spec, "data", None):
             continue  # --data replaces the scenario
         if value is None:
             continue
         if isinstance(value, bool):
-            args.append(flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+            args.append(flag(f.name, f) if value else "--no-" + flag(f.name, f)[2:])
         elif isinstance(value, (list, tuple)):
-            args += [flag(f.name), ",".join(str(v) for v in value)]
+            args += [flag(f.name, f), ",".join(str(v) for v in value)]
         elif isinstance(value, float):
-            args += [flag(f.name), repr(value)]
+            args += [flag(f.name, f), repr(value)]
         else:
-            args += [flag(f.name), str(value)]
+            args += [flag(f.name, f), str(value)]
     return args
 
 

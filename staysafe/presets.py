@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from staysafe.errors import SpecError
+
 DEFAULT_METHODS = ("sft", "constant-kl", "adaptive-probe", "adaptive-judge")  # an experiment without a preset's
 
 
@@ -46,7 +48,5 @@ def preset_options(name: str | None) -> dict:
     if name is None:
         return {}
     if name not in PRESETS:
-        from staysafe.options import SpecError
-
         raise SpecError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name].options)

@@ -19,9 +19,7 @@ import loaders
 import safe_text
 import settings
 import widgets
-from staysafe.methods import VARIANTS as EXPERIMENT_METHODS
-from staysafe.options import MODELS, SCENARIOS, RunSpec, SpecError, spec_flags
-from staysafe.presets import PRESETS
+from staysafe.options import ExperimentSpec, RunSpec, SpecError, spec_flags
 from staysafe.queue import ACTIVE, LaunchError, Queue
 from widgets import option_input
 
@@ -129,23 +127,15 @@ with tab_exp:
                 "15-20 minutes per method on a 2-core CPU without bf16).")
     with st.form("experiment_form"):
         x1, x2, x3 = st.columns(3)
-        exp_scenario = x1.selectbox("scenario", SCENARIOS, key="exp_scenario")
-        exp_methods = x1.multiselect("methods (empty: the preset's, else all four)", list(EXPERIMENT_METHODS),
-                                     default=[], key="exp_methods")
-        exp_seeds = x2.number_input("seeds", 1, 20, 1, key="exp_seeds")
-        exp_preset = x2.selectbox("preset", [*PRESETS, "none"], key="exp_preset",
-                                  help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
-        exp_model = x3.selectbox("model", MODELS, accept_new_options=True, key="exp_model")
-        exp_steps = x3.number_input("steps (0 = preset)", 0, 100_000, 0, key="exp_steps")
+        exp = {name: widgets.option_input(name, where, schema=ExperimentSpec, prefix="exp_", **extra)
+               for name, where, extra in (("scenario", x1, {}), ("methods", x1, {}), ("seeds", x2, {}),
+                                          ("preset", x2, {"default": "live"}), ("model", x3, {}),
+                                          ("steps", x3, {"placeholder": "the preset's"}))}
         exp_id = st.text_input("experiment id (optional)", key="exp_id")
         exp_submit = st.form_submit_button("Validate and queue the experiment")
     if exp_submit:
         try:
-            job = queue.submit_experiment(exp_id.strip() or None, scenario=exp_scenario,
-                                          methods=list(exp_methods) or None, seeds=int(exp_seeds),
-                                          quick=False, preset=None if exp_preset == "none" else exp_preset,
-                                          model=str(exp_model or "").strip() or None,
-                                          steps=int(exp_steps) or None)
+            job = queue.submit_experiment(exp_id.strip() or None, **{k: v for k, v in exp.items() if v is not None})
         except (SpecError, LaunchError) as err:
             st.error(f"Not queued: {safe_text.md(err)}")
         else:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from staysafe.endpoint import endpoint_for
 from staysafe.methods import variant_of
+from staysafe.options import ExperimentSpec
 from staysafe.queue.store import ACTIVE, JobStore, LaunchError
 from staysafe.traces import RUN_ID, TraceError, new_run_id, safe_run_path
 
-EXPERIMENT_OPTIONS = ("scenario", "methods", "seeds", "quick", "preset", "model", "steps")
+EXPERIMENT_OPTIONS = tuple(f.name for f in dataclasses.fields(ExperimentSpec) if "help" in f.metadata
+                           and f.name not in ("out_dir", "runs_dir", "experiment_id"))  # where output goes: not a job's
 
 
 def train_argv(spec, run_id: str, runs_root: Path) -> list[str]:
@@ -32,38 +34,20 @@ def train_argv(spec, run_id: str, runs_root: Path) -> list[str]:
             "--runs-dir", str(Path(runs_root).resolve())]
 
 
-def experiment_argv(experiment_id: str, runs_root: Path, experiments_root: Path, *, scenario: str = "harmful",
-                    methods: list[str] | None = None, seeds: int = 1, quick: bool = True, model: str | None = None,
-                    steps: int | None = None, preset: str | None = None) -> list[str]:
-    """The argument list of ``staysafe experiment`` (only what its CLI exposes); options are checked first."""
-    from staysafe.experiment import ExperimentSpec
-    from staysafe.options import SpecError
+def experiment_argv(experiment_id: str, runs_root: Path, experiments_root: Path, **options) -> list[str]:
+    """The argument list of ``staysafe experiment`` for ``options`` (fields of ExperimentSpec, checked as every
+    experiment's options are, then written back as flags by the same schema)."""
+    from staysafe.options import SpecError, spec_flags
 
-    types = {"scenario": str, "seeds": int, "quick": bool, "model": (str, type(None)), "steps": (int, type(None)),
-             "preset": (str, type(None))}
-    if preset is not None:
-        quick = False  # a named preset replaces the quick one
-    for name, value in (("scenario", scenario), ("seeds", seeds), ("quick", quick), ("model", model),
-                        ("steps", steps), ("preset", preset)):
-        if not isinstance(value, types[name]) or (isinstance(value, bool) and types[name] is not bool):
-            raise SpecError(f"experiment option {name} = {value!r} is invalid: expected {types[name]}")
-    if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
-        raise SpecError(f"experiment option methods = {methods!r} is invalid: expected a list of method names")
-    exp = ExperimentSpec(scenario=scenario, seeds=seeds, quick=quick, steps=steps, preset=preset,
-                         **({"methods": list(methods)} if methods else {}), **({"model": model} if model else {}))
-    try:
-        exp.validate()
-    except ValueError as err:
-        raise SpecError(str(err)) from None
-    argv = [sys.executable, "-m", "staysafe.cli", "experiment", f"--scenario={exp.scenario}",
-            "--methods", ",".join(exp.methods), "--seeds", str(exp.seeds), f"--model={exp.model}",
-            "--out-dir", str(Path(experiments_root).resolve()), "--runs-dir", str(Path(runs_root).resolve()),
-            "--id", experiment_id]
-    if exp.preset:  # validate() turned --quick into the quick preset
-        argv += ["--preset", exp.preset]
-    if exp.steps:
-        argv += ["--steps", str(exp.steps)]
-    return argv
+    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS))
+    if unknown:
+        raise SpecError(f"experiment option(s) {', '.join(map(str, unknown))} cannot be queued; known: "
+                        f"{', '.join(EXPERIMENT_OPTIONS)}")
+    if options.get("preset") is not None:
+        options = {**options, "quick": False}  # a named preset replaces the quick one
+    exp = ExperimentSpec(**options, experiment_id=experiment_id, out_dir=str(Path(experiments_root).resolve()),
+                         runs_dir=str(Path(runs_root).resolve())).validate()
+    return [sys.executable, "-m", "staysafe.cli", "experiment", *spec_flags(exp, skip=())]
 
 
 def train_spec(values, runs_root: Path):
