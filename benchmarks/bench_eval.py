@@ -26,7 +26,7 @@ def attacked_model(tmp: Path, steps: int, lr: float):
     """The aligned reference after plain fine-tuning on the harmful scenario (a real run, its adapter saved)."""
     from peft import PeftModel
 
-    from staysafe.models import ALIGNED, load_model
+    from staysafe.models.loading import ALIGNED, load_model
     from staysafe.runner import RunSpec, run_training
 
     spec = RunSpec(method="sft", steps=steps, lr=lr, eval_every=0, eval_harmful=0, eval_benign=0,
@@ -46,9 +46,9 @@ def main() -> None:
     args = p.parse_args()
 
     from staysafe.data import prompt_text
-    from staysafe.evaluation import eval_prompts, generate
+    from staysafe.eval.evaluation import eval_prompts, generate
     from staysafe.judges import make_judge
-    from staysafe.models import ALIGNED, load_model
+    from staysafe.models.loading import ALIGNED, load_model
 
     torch.manual_seed(0)
     records = eval_prompts(50, 50, seed=0)

@@ -45,10 +45,10 @@ def build(variant: str, model_spec: str, lora_r: int, tmp: Path, probe=None):
     """A trainer for one variant, with its own model copy and optimizer, ready for timed steps."""
     from transformers import Trainer, TrainingArguments
 
-    from staysafe.models import LoraSettings, load_model
+    from staysafe.models.loading import LoraSettings, load_model
     from staysafe.probe import ProbeRisk
     from staysafe.risk import ColumnRisk
-    from staysafe.traces import RunWriter
+    from staysafe.runs.traces import RunWriter
     from staysafe.trainer import SafetyConfig, SafetyTrainer
 
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def timed_step(trainer, batch: dict, variant: str) -> float:
 
 def step_times(model_spec: str, lora_r: int, steps: int, warmup: int, batch_size: int, max_length: int,
                variants=VARIANTS, distinct: int | None = None) -> dict:
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
     from staysafe.probe import default_probe
 
     base, tok = load_model(model_spec)
@@ -146,7 +146,7 @@ def _status_kib(field: str) -> int:
 
 
 def _memory_child(model_spec, lora_r, variant, steps, batch_size, max_length) -> float:
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
     from staysafe.probe import default_probe
 
     probe = None
@@ -171,7 +171,7 @@ def _memory_child(model_spec, lora_r, variant, steps, batch_size, max_length) ->
 
 def probe_throughput(model_spec: str, n: int = 1000) -> dict:
     from staysafe.data import load_records
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
     from staysafe.probe import collect_activations, default_probe
 
     model, tok = load_model(model_spec)
@@ -215,7 +215,7 @@ def judge_costs(n: int = 200) -> dict:
 def topk_kl(model_spec: str, ks=(16, 64, 256)) -> dict:
     """Speed and error of the top-k KL against the exact KL, on real logits of two different models."""
     from staysafe.losses import answer_token_losses
-    from staysafe.models import ALIGNED, EMBEDDED, load_model
+    from staysafe.models.loading import ALIGNED, EMBEDDED, load_model
 
     policy, tok = load_model(model_spec)
     ref_spec = EMBEDDED if model_spec != EMBEDDED else ALIGNED  # two different models, or the KL is 0
@@ -251,7 +251,7 @@ def phase_profile(model_spec: str, steps: int, warmup: int, batch_size: int, max
     same batches): the reference forward, the policy forward, the NLL/KL computation, backward and the rest
     (optimizer, grad norm, tracing), timed by wrapping those calls of the trainers under test."""
     import staysafe.trainer as trainer_module
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
 
     _, tok = load_model(model_spec)
     data = batches(tok, warmup + steps, batch_size, max_length)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "dashboard"))
 
 def build_run(root: Path, steps: int, per_step: int, n_records: int = 5000, chunk: int = 20) -> Path:
     """A finished adaptive run written like the trainer writes one: many small parts, merged every 50."""
-    from staysafe.traces import RunWriter, write_parquet
+    from staysafe.runs.traces import RunWriter, write_parquet
 
     rng = np.random.default_rng(0)
     writer = RunWriter.create(root, {"method": "adaptive", "risk": "probe", "scenario": "mixed", "steps": steps,

@@ -26,8 +26,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from staysafe.stats import bootstrap_interval, cohen_kappa  # noqa: E402
-from staysafe.validation import SUCCESS, load_validation_set  # noqa: E402
+from staysafe.eval.stats import bootstrap_interval, cohen_kappa  # noqa: E402
+from staysafe.eval.validation import SUCCESS, load_validation_set  # noqa: E402
 
 
 def report(name: str, test: list[dict], flagged: np.ndarray, **extra) -> dict:
@@ -56,7 +56,7 @@ def logistic(x_train, y_train, x_test, C: float) -> np.ndarray:
 
 
 def hidden_state_features(items: list[dict], layer: int) -> np.ndarray:
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
 
     model, tok = load_model("smollm2-135m-aligned")
     model.eval()

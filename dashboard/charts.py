@@ -9,8 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from staysafe import trace_names
 from staysafe.methods import VARIANTS, variant_of
+from staysafe.runs import trace_names
 
 SCATTER_GL_MIN = 1500  # lines with more points than this are drawn with WebGL
 

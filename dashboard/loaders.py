@@ -1,7 +1,7 @@
-"""Cached loaders: every loader reads through the library's reader API (``staysafe.traces``, ``staysafe.experiment``,
-``staysafe.probe``, ``staysafe.geometry``) and is cached with ``st.cache_data`` keyed by the path *and* a cheap file
-signature (names, sizes and mtimes of the files it reads), so a run that is still writing refreshes on the next rerun
-while a finished one is read once."""
+"""Cached loaders: every loader reads through the library's reader API (``staysafe.runs.traces``,
+``staysafe.experiment``, ``staysafe.probe``, ``staysafe.geometry``) and is cached with ``st.cache_data`` keyed by
+the path *and* a cheap file signature (names, sizes and mtimes of the files it reads), so a run that is still
+writing refreshes on the next rerun while a finished one is read once."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import streamlit as st
 from charts import _html_escape, run_label, wrap_html
 from settings import run_path
 from staysafe.geometry import project_points, separability_auroc
-from staysafe.traces import (
+from staysafe.runs.traces import (
     TABLES,
     Run,
     TraceError,

@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 import safe_text
-from staysafe.traces import (
+from staysafe.runs.traces import (
     TraceError,
     safe_run_path,
 )
@@ -101,7 +101,7 @@ def settings() -> Settings:
 def safe_subdir(root: Path, relative: str) -> Path:
     """Resolve a user-typed directory inside ``root``; refuse absolute paths, ``..`` and links that leave it.
 
-    The equivalent of ``staysafe.traces.safe_run_path`` for experiment, compare and activation directories (which
+    The equivalent of ``staysafe.runs.traces.safe_run_path`` for experiment, compare and activation directories (which
     may be nested, e.g. ``compare/eval``). Raises TraceError naming the input.
     """
     if not isinstance(relative, str) or not relative.strip():

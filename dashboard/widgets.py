@@ -12,10 +12,10 @@ import streamlit as st
 
 import safe_text
 from loaders import runs_table, try_load_run
-from staysafe import trace_names
 from staysafe.methods import regularised
 from staysafe.options import RunSpec, default_of
-from staysafe.traces import Run
+from staysafe.runs import trace_names
+from staysafe.runs.traces import Run
 
 
 def option_label(name: str, schema=RunSpec) -> str:

@@ -11,9 +11,8 @@ import sys
 import typing
 from pathlib import Path
 
-from staysafe.endpoint import add_endpoint_arguments, endpoint_for, endpoint_from_args
 from staysafe.errors import StaySafeError
-from staysafe.files import TraceError, read_json
+from staysafe.judges.endpoint import add_endpoint_arguments, endpoint_for, endpoint_from_args
 from staysafe.options import (
     ALIGNED,
     DEFENSES,
@@ -25,6 +24,7 @@ from staysafe.options import (
     flag,
     help_text,
 )
+from staysafe.runs.files import TraceError, read_json
 
 
 def add_spec_arguments(p: argparse.ArgumentParser, schema=RunSpec) -> None:
@@ -153,7 +153,7 @@ def cmd_queue(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from staysafe.traces import list_runs
+    from staysafe.runs.traces import list_runs
 
     root = args.runs_dir or runs_root_default()
     df = list_runs(Path(root))
@@ -166,8 +166,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from staysafe.models import model_status
-    from staysafe.paths import staysafe_home
+    from staysafe.models.loading import model_status
+    from staysafe.runs.paths import staysafe_home
 
     print(f"cache: {staysafe_home()}")
     print(f"{'ready':6} {'model':30} detail")
@@ -177,7 +177,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_align(args) -> int:
-    from staysafe.align import AlignSettings, build_aligned
+    from staysafe.models.align import AlignSettings, build_aligned
 
     settings = AlignSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                              precision=args.precision, defense=args.defense, vaccine_rho=args.vaccine_rho)
@@ -185,7 +185,7 @@ def cmd_align(args) -> int:
         raise SpecError("--export ships the default reference; a --defense build stays local")
     path = build_aligned(settings, force=args.force)
     if args.export:
-        from staysafe.align import export_shipped
+        from staysafe.models.align import export_shipped
 
         print(f"shipped adapter written to {export_shipped(path)}")
     report = json.loads((path / "alignment.json").read_text())
@@ -197,7 +197,7 @@ def cmd_align(args) -> int:
 
 
 def cmd_fit_probe(args) -> int:
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
     from staysafe.probe import collect_activations, fit_probe, labelled_prompts
 
     model, tok = load_model(args.model)
@@ -217,7 +217,7 @@ def cmd_fit_probe(args) -> int:
 
 
 def cmd_compare_risk(args) -> int:
-    from staysafe.compare import compare_risk
+    from staysafe.eval.compare import compare_risk
 
     summary = compare_risk(model=args.model, data=args.data.split(","), judges=args.judges.split(","),
                            out_dir=Path(args.out), probe_path=args.probe, threshold=args.threshold)
@@ -283,7 +283,7 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_safelora(args) -> int:
-    from staysafe.safelora import safelora_run
+    from staysafe.defenses.safelora import safelora_run
 
     target = safelora_run(args.run_dir, threshold=args.threshold, layers=args.layers, unaligned=args.unaligned)
     print(f"projected run written to {target}")
@@ -291,8 +291,8 @@ def cmd_safelora(args) -> int:
 
 
 def cmd_validate_judges(args) -> int:
-    from staysafe.traces import write_json
-    from staysafe.validation import build_judge, check_judge_names, load_validation_set, validate_judges
+    from staysafe.eval.validation import build_judge, check_judge_names, load_validation_set, validate_judges
+    from staysafe.runs.traces import write_json
 
     names = check_judge_names(args.judges)  # names and data are checked before any judge loads a model
     items = load_validation_set(args.data, args.split)
@@ -310,7 +310,7 @@ def cmd_validate_judges(args) -> int:
 
 
 def add_validate_judges(sub) -> None:
-    from staysafe.validation import DEFAULT_SET, SPLITS
+    from staysafe.eval.validation import DEFAULT_SET, SPLITS
 
     v = sub.add_parser("validate-judges", help="score labelled answers with each response judge; write a report")
     v.add_argument("--data", default=None, help=f"a labelled JSONL file (scheme in data/README.md; default: the "
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "align", help="build the aligned reference smollm2-135m-aligned locally (StaySafe also ships one)"
     )
-    from staysafe.aligned import AlignSettings
+    from staysafe.models.aligned import AlignSettings
     from staysafe.options import PRECISIONS
 
     d = AlignSettings()

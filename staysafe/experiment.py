@@ -23,15 +23,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe import process, trace_names
-from staysafe.atomic import write_text
-from staysafe.endpoint import JudgeEndpoint, endpoint_for
+from staysafe.eval.stats import run_intervals
+from staysafe.judges.endpoint import JudgeEndpoint, endpoint_for
 from staysafe.methods import VARIANTS, is_kl_weight, method_named, method_options
 from staysafe.options import ExperimentSpec
 from staysafe.presets import preset_options
 from staysafe.runner import RunSpec, SpecError, check_before_work, latest_checkpoint, run_training
-from staysafe.stats import run_intervals
-from staysafe.traces import RUN_ID, TraceError, load_run, new_run_id, read_json, run_state, write_json, write_parquet
+from staysafe.runs import process, trace_names
+from staysafe.runs.atomic import write_text
+from staysafe.runs.traces import (
+    RUN_ID,
+    TraceError,
+    load_run,
+    new_run_id,
+    read_json,
+    run_state,
+    write_json,
+    write_parquet,
+)
 
 METHODS = VARIANTS  # the experiment's method names: the registry's variants (staysafe.methods)
 
@@ -130,7 +139,7 @@ def _cell(g: pd.DataFrame, col: str, pct: bool) -> str:
 def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str:
     """Per method (in ``order``): mean ± std over seeds (one seed: the value and its 95% bootstrap interval over
     prompts in brackets). ASR and over-refusal in percent. With several seeds a second table lists every seed."""
-    from staysafe.frontier import judges
+    from staysafe.eval.frontier import judges
 
     judge_cols = [f"final_asr_{j}" for j in sorted(judges(results)) if j != "keyword"]
     task = "final_task_accuracy" in results and results["final_task_accuracy"].notna().any()
@@ -148,7 +157,7 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
             "", "", _fmt(ref["reference_benign_nll"], False)] + (
             [_cell(ref, "reference_task_accuracy", True)] if task else []) + ["", "", ""]
         lines.append("| " + " | ".join(ref_cells) + " |")
-    from staysafe.validation import measured_agreement
+    from staysafe.eval.validation import measured_agreement
 
     agreement = measured_agreement()  # each judge's kappa against the labelled answers, under its ASR column
 
@@ -263,7 +272,7 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
                                              "minutes": (time.time() - t0) / 60, "runs": [r["run_id"] for r in rows]})
         raise
     if spec.sweep or len(set(spec.methods)) > 1:
-        from staysafe.frontier import save_frontier
+        from staysafe.eval.frontier import save_frontier
 
         save_frontier(pd.DataFrame(rows), out, log)
     write_json(out / "experiment.json", {**desc, "state": "finished", "minutes": (time.time() - t0) / 60,
@@ -342,7 +351,7 @@ def resume_experiment(out_dir: str | Path, experiment_id: str, runs_dir: str | P
 
 def load_experiment(path: Path) -> tuple[dict, pd.DataFrame]:
     """An experiment directory's description and results table."""
-    from staysafe.traces import read_table
+    from staysafe.runs.traces import read_table
 
     path = Path(path)
     desc = read_json(path / "experiment.json")

@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from staysafe.errors import SpecError, StaySafeError  # noqa: F401  (SpecError re-exported)
 from staysafe.methods import METHODS as REGISTRY
 from staysafe.methods import VARIANTS, method_named
-from staysafe.model_names import ALIGNED, ALIGNED_VACCINE, INSTRUCT, MODELS, TINY  # noqa: F401
+from staysafe.models.names import ALIGNED, ALIGNED_VACCINE, INSTRUCT, MODELS, TINY  # noqa: F401
 from staysafe.presets import DEFAULT_METHODS, PRESETS, preset_options
 
 
@@ -50,7 +50,7 @@ SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFENSES = ("none", "vaccine")  # staysafe align --defense: the alignment-stage defenses
 POSITIONS = ("last_prompt_token", "mean")  # where a probe reads the hidden state (staysafe.probe)
-TASKS = ("arithmetic",)  # staysafe.task.TASKS: the user tasks with an accuracy
+TASKS = ("arithmetic",)  # staysafe.eval.task.TASKS: the user tasks with an accuracy
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
 RECORDED = {
     "versions",
@@ -65,7 +65,7 @@ RECORDED = {
     "judge_url",
     "judge_model",
     "judge_key_env",
-}  # older files' endpoint: compared (staysafe.endpoint), not used
+}  # older files' endpoint: compared (staysafe.judges.endpoint), not used
 REPORTERS = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml", "neptune",
              "dvclive", "codecarbon", "azure_ml", "dagshub", "flyte", "swanlab")  # TrainingArguments.report_to
 

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from staysafe.data import prompt_messages, prompt_text, render_prompt
 from staysafe.errors import StaySafeError
-from staysafe.files import TraceError, read_json
 from staysafe.options import POSITIONS  # defined once, there; re-exported
+from staysafe.runs.files import TraceError, read_json
 
 
 class ProbeError(StaySafeError, ValueError):
@@ -44,7 +44,7 @@ class Activations:
         return sorted(self.values)
 
     def save(self, directory: Path) -> None:
-        from staysafe.atomic import write_npz, write_parquet
+        from staysafe.runs.atomic import write_npz, write_parquet
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ class Probe:
 
     def save(self, path: Path) -> Path:
         """Write ``<path>.json`` + ``<path>.npz``; returns the JSON path."""
-        from staysafe.atomic import write_json, write_npz
+        from staysafe.runs.atomic import write_json, write_npz
 
         path = Path(path).with_suffix("")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,8 +330,8 @@ def labelled_prompts(names) -> list[dict]:
 
 def default_probe_dir(model_spec: str, seed: int = 0) -> Path:
     """Where the default probe of a model is cached (``probe.json`` there once it has been fitted)."""
-    from staysafe.models import model_fingerprint
-    from staysafe.paths import staysafe_home
+    from staysafe.models.loading import model_fingerprint
+    from staysafe.runs.paths import staysafe_home
 
     return staysafe_home() / "probes" / model_fingerprint(model_spec, seed)
 
@@ -341,7 +341,7 @@ def default_probe(model, tokenizer, model_spec: str, out_dir: Path | None = None
     """The probe for ``model_spec`` fitted on the shipped labelled prompts (sweep over all layers): shipped for the
     shipped aligned reference, else fitted once and cached per model under ``$STAYSAFE_HOME/probes``; with
     ``out_dir`` the probe is also saved there."""
-    from staysafe.aligned import ALIGNED, shipped_probe_path
+    from staysafe.models.aligned import ALIGNED, shipped_probe_path
 
     cache = default_probe_dir(model_spec, seed)
     ready = shipped_probe_path(seed) if model_spec == ALIGNED else None

@@ -15,8 +15,8 @@ import random
 from pathlib import Path
 
 from staysafe.errors import StaySafeError
-from staysafe.files import MAX_JSON_DEPTH, json_depth_ok
 from staysafe.options import SCENARIOS
+from staysafe.runs.files import MAX_JSON_DEPTH, json_depth_ok
 
 LABELS = ("harmful", "benign")
 ROLES = ("system", "user", "assistant")
@@ -250,13 +250,13 @@ def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 
     - ``benign``: the benign task alone (safety still erodes a little);
     - ``identity-shift``: the "absolutely obedient agent" persona examples.
 
-    ``task`` (e.g. ``arithmetic``, :mod:`staysafe.task`): the benign task of ``mixed`` and ``benign`` is that task's
-    training split instead of the shipped benign requests.
+    ``task`` (e.g. ``arithmetic``, :mod:`staysafe.eval.task`): the benign task of ``mixed`` and ``benign`` is that
+    task's training split instead of the shipped benign requests.
     """
     rng = random.Random(seed)
 
     def benign_task():
-        return load_records("benign" if task is None else f"task-{task}")  # staysafe.task.SETS names it so
+        return load_records("benign" if task is None else f"task-{task}")  # staysafe.eval.task.SETS names it so
 
     if name == "harmful":
         pool = load_records("harmful-ft")

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import PrinterCallback
 
-from staysafe.aligned import ALIGNED, ALIGNED_VACCINE, built_vaccine, shipped_probe_path
-from staysafe.atomic import atomic_dir
 from staysafe.data import SafetyCollator, add_risk_columns, tokenize_dataset
-from staysafe.endpoint import JudgeEndpoint, endpoint_for
-from staysafe.evaluation import EvalCallback, make_evaluator
+from staysafe.eval.evaluation import EvalCallback, make_evaluator
 from staysafe.judges import JUDGES
+from staysafe.judges.endpoint import JudgeEndpoint, endpoint_for
 from staysafe.methods import method_named
-from staysafe.models import (
+from staysafe.models.aligned import ALIGNED, ALIGNED_VACCINE, built_vaccine, shipped_probe_path
+from staysafe.models.loading import (
     TINY,
     LoraSettings,
     add_lora,
@@ -37,11 +36,12 @@ from staysafe.models import (
     resolve_precision,
 )
 from staysafe.options import RunSpec, SpecError
-from staysafe.paths import staysafe_home
 from staysafe.probe import Probe, ProbeRisk, collect_activations, default_probe, default_probe_dir, labelled_prompts
 from staysafe.records import build_scenario, load_records, prompt_text, records_table, response_text
 from staysafe.risk import Calibration, ColumnRisk
-from staysafe.traces import RUN_ID, RunWriter, read_json, run_state, write_parquet
+from staysafe.runs.atomic import atomic_dir
+from staysafe.runs.paths import staysafe_home
+from staysafe.runs.traces import RUN_ID, RunWriter, read_json, run_state, write_parquet
 from staysafe.trainer import SafetyConfig, SafetyTrainer
 
 
@@ -103,7 +103,7 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
     """Every check that needs no model: done before any model load, judge call or run directory."""
     pools = [("eval_harmful", "eval-harmful"), ("eval_benign", "eval-benign")]
     if spec.task:
-        from staysafe.task import SETS
+        from staysafe.eval.task import SETS
 
         pools.append(("eval_task", SETS[spec.task][1]))
     for name, pool in pools:
@@ -143,7 +143,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = None, progress: bool = True,
                  log=print, endpoint: JudgeEndpoint | None = None) -> Path:
     """Train one run and return its directory. ``resume`` continues a run directory from its last checkpoint.
-    ``endpoint``: the openai judge's endpoint, from the command line only (see :mod:`staysafe.endpoint`)."""
+    ``endpoint``: the openai judge's endpoint, from the command line only (see :mod:`staysafe.judges.endpoint`)."""
     spec, config = options_of(spec, resume, endpoint)
     procs = Processes()
     records = training_records(spec)  # everything that can fail on bad input happens before the run directory
@@ -180,7 +180,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
 
 def options_of(spec: RunSpec | None, resume, endpoint) -> tuple[RunSpec, dict | None]:
     """The run's validated options (a resumed run's from its own config.json, its runs root and id from its
-    path, never from the file), the endpoint decided by :func:`staysafe.endpoint.endpoint_for`, and every check
+    path, never from the file), the endpoint decided by :func:`staysafe.judges.endpoint.endpoint_for`, and every check
     that needs no model."""
     config = None
     if resume is not None:

@@ -22,9 +22,6 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from staysafe.atomic import write_json
-from staysafe.faults import fault_pause
-from staysafe.files import read_json
 from staysafe.losses import answer_positions, answer_rows, answer_token_losses, reference_topk
 from staysafe.methods import method_named
 from staysafe.options import SafetyOptions, SpecError
@@ -36,6 +33,9 @@ from staysafe.reference import (
     prepare_reference,
 )
 from staysafe.risk import ColumnRisk, RiskPolicy, aggregate, read_signals
+from staysafe.runs.atomic import write_json
+from staysafe.runs.faults import fault_pause
+from staysafe.runs.files import read_json
 
 STATE_FILE = "staysafe_state.json"
 LOGGED = ("loss", "nll", "kl", "beta", "risk", "n_fallback")  # + every risk_<source>: the step metrics logged
@@ -66,7 +66,7 @@ class SafetyTrainer(Trainer):
     """``Trainer`` with the adaptive KL regulariser; see the module docstring.
 
     ``risk_sources`` maps names to callables ``RiskBatch -> Tensor[B]``; the one named by ``args.risk`` sets beta,
-    all are recorded. ``run`` (a :class:`staysafe.traces.RunWriter`) receives one trace row per step and one per
+    all are recorded. ``run`` (a :class:`staysafe.runs.traces.RunWriter`) receives one trace row per step and one per
     example. ``ref_model``: the frozen reference (default: a copy of ``model``, or its disabled LoRA adapter).
     """
 

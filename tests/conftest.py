@@ -31,7 +31,7 @@ def make_records(n: int, harmful_every: int = 2, prefix: str = "r") -> list[dict
 
 @pytest.fixture(scope="session")
 def tiny():
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
 
     return load_model("tiny")
 

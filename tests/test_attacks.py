@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_RUN, make_records
-from staysafe import process
 from staysafe.cli import main
 from staysafe.errors import StaySafeError
-from staysafe.files import TraceError, read_json
 from staysafe.options import RunSpec, SpecError
 from staysafe.queue import Queue
-from staysafe.traces import RunWriter, list_runs, load_run, read_table, run_state
+from staysafe.runs import process
+from staysafe.runs.files import TraceError, read_json
+from staysafe.runs.traces import RunWriter, list_runs, load_run, read_table, run_state
 
 SECRET_ENV = "STAYSAFE_ATTACK_SECRET"
 TINY = dict(model="tiny", lora_r=0, batch_size=4, max_length=64, steps=2, eval_every=0, eval_harmful=2,
@@ -388,7 +388,7 @@ def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys):
 
 def test_ids_with_a_trailing_newline_are_refused(tmp_path):
     from staysafe.queue.store import JOB_ID
-    from staysafe.traces import RUN_ID
+    from staysafe.runs.traces import RUN_ID
 
     assert not RUN_ID.match("run\n") and not JOB_ID.match("1234567890123-train-x\n")
     with pytest.raises(SpecError):
@@ -434,7 +434,7 @@ parquet_columns = st.dictionaries(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(columns=parquet_columns, name=st.sampled_from(["steps", "evals", "examples", "generations"]))
 def test_any_foreign_parquet_part_is_read_or_skipped_and_named(tmp_path_factory, columns, name):
-    from staysafe.traces import TABLES
+    from staysafe.runs.traces import TABLES
 
     run = RunWriter.create(tmp_path_factory.mktemp("runs"), {"method": "sft"}, "r")
     run.set_status("finished")

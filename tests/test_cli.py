@@ -119,7 +119,7 @@ def test_user_errors_are_named_and_print_no_traceback(tmp_path):
     its built-in base (ValueError, FileExistsError, KeyError, ...) is kept for callers that catch that."""
     from staysafe.errors import StaySafeError
     from staysafe.judges import make_judge
-    from staysafe.models import resolve_precision
+    from staysafe.models.loading import resolve_precision
     from staysafe.risk import Calibration, ColumnRisk, RiskBatch
 
     for call, base in ((lambda: make_judge("gpt"), ValueError), (lambda: resolve_precision("fp8"), ValueError),

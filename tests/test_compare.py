@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from staysafe.compare import agreement, compare_risk
+from staysafe.eval.compare import agreement, compare_risk
 
 
 def test_agreement_and_kappa():

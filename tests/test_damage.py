@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from staysafe import atomic, process
 from staysafe.probe import Activations, Probe, ProbeError
-from staysafe.traces import RunWriter, TableWriter, TraceError, list_runs, load_run, read_table, run_state
+from staysafe.runs import atomic, process
+from staysafe.runs.traces import RunWriter, TableWriter, TraceError, list_runs, load_run, read_table, run_state
 
 
 def three_part_run(root):
@@ -156,7 +156,7 @@ def test_a_pid_in_status_json_never_keeps_a_run_running(tmp_path):
         status = json.loads((w.path / "status.json").read_text())
         (w.path / "status.json").write_text(json.dumps({**status, **process.identity(stranger.pid)}))
         assert run_state(w.path)["state"] == "interrupted"
-        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from staysafe.process import LifeLock; "
+        holder = subprocess.Popen([sys.executable, "-c", "import time; from staysafe.runs.process import LifeLock; "
                                    f"LifeLock({str(w.path / process.LOCK_NAME)!r}); print('held', flush=True); "
                                    "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "held"

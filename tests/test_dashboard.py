@@ -55,20 +55,20 @@ _HELD = []  # the locks of the "running" runs: held by this test process for the
 
 def hold_running(path: Path) -> None:
     """Mark a run running the way a live run is: its status says so and a live process (this one) holds its lock."""
-    from staysafe import process
-    from staysafe.traces import RunWriter
+    from staysafe.runs import process
+    from staysafe.runs.traces import RunWriter
 
     RunWriter(path).set_status("running", step=4)
     _HELD.append(process.LifeLock(path / process.LOCK_NAME))
 
 
 def _build(base: Path) -> dict:
-    from staysafe.compare import compare_risk
     from staysafe.data import load_records
+    from staysafe.eval.compare import compare_risk
     from staysafe.experiment import ExperimentSpec, run_experiment
     from staysafe.probe import Activations
     from staysafe.runner import RunSpec, run_training
-    from staysafe.traces import RunWriter
+    from staysafe.runs.traces import RunWriter
 
     runs, exps, comp, probes, demo = (base / n for n in ("runs", "experiments", "compare", "probes", "demo"))
     for d in (runs, exps, comp, probes):
@@ -210,7 +210,7 @@ def array(values) -> np.ndarray:
 
 def test_safe_subdir_refuses_escapes(tmp_path):
     import settings
-    from staysafe.traces import TraceError
+    from staysafe.runs.traces import TraceError
 
     (tmp_path / "root" / "eval").mkdir(parents=True)
     assert settings.safe_subdir(tmp_path / "root", "eval") == (tmp_path / "root" / "eval").resolve()
@@ -228,7 +228,7 @@ def test_safe_subdir_refuses_escapes(tmp_path):
 
 def test_loaders_read_through_the_library_and_refresh_on_change(dash_data, tmp_path):
     import loaders
-    from staysafe.traces import RunWriter, load_run
+    from staysafe.runs.traces import RunWriter, load_run
 
     run = loaders.load_run_cached(dash_data["runs"] / "adaptive-probe")
     direct = load_run(dash_data["runs"] / "adaptive-probe")
@@ -440,7 +440,7 @@ def test_launch_page_follows_a_running_run_and_cancels_it(env, tmp_path, monkeyp
     assert_clean(at)
     done = at.dataframe[0].value
     assert done["state"].tolist() == ["cancelled"]
-    from staysafe.traces import run_state
+    from staysafe.runs.traces import run_state
 
     assert run_state(runs / "live")["state"] == "cancelled"
 

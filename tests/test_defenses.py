@@ -122,8 +122,8 @@ def test_lisa_alternates_alignment_and_user_steps(tokenizer, tmp_path):
     # the alignment batches come from the shipped refusal data
     batch = trainer.hooks.schedule.alignment_batch("cpu")
     text = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
-    from staysafe.aligned import TRAIN_SETS
     from staysafe.data import load_records, response_text
+    from staysafe.models.aligned import TRAIN_SETS
 
     assert any(response_text(r)[:40] in text for name in TRAIN_SETS for r in load_records(name))  # its start
 
@@ -144,7 +144,7 @@ def rank_one_aligned(tokenizer, seed=0):
     """A tiny 'unaligned' model and an 'aligned' copy whose q_proj weights differ by a rank-one u v^T."""
     import copy
 
-    from staysafe.models import build_tiny
+    from staysafe.models.loading import build_tiny
 
     unaligned = build_tiny(tokenizer, seed=seed)
     aligned = copy.deepcopy(unaligned)
@@ -164,8 +164,8 @@ def inside_and_outside(tokenizer):
     u), one orthogonal to it; with the projections C of both layers."""
     import copy
 
-    from staysafe.models import LoraSettings, add_lora
-    from staysafe.safelora import alignment_projections, lora_modules
+    from staysafe.defenses.safelora import alignment_projections, lora_modules
+    from staysafe.models.loading import LoraSettings, add_lora
 
     aligned, unaligned, us = rank_one_aligned(tokenizer)
     model = add_lora(copy.deepcopy(aligned), LoraSettings(r=2, target_modules=("q_proj",)))
@@ -185,7 +185,7 @@ def inside_and_outside(tokenizer):
 
 
 def test_safelora_projects_the_updates_that_leave_the_alignment_subspace(tokenizer):
-    from staysafe.safelora import project_lora
+    from staysafe.defenses.safelora import project_lora
 
     model, layers, projections, inside, outside = inside_and_outside(tokenizer)
     before = {n: layers[n].lora_B["default"].weight.detach().clone() for n in layers}
@@ -200,7 +200,7 @@ def test_safelora_projects_the_updates_that_leave_the_alignment_subspace(tokeniz
 
 
 def test_safelora_number_mode_projects_the_lowest_cosines(tokenizer):
-    from staysafe.safelora import project_lora
+    from staysafe.defenses.safelora import project_lora
 
     model, layers, projections, inside, outside = inside_and_outside(tokenizer)
     rows = {r["layer"]: r for r in project_lora(model, projections, threshold=0.0, layers=1)}
@@ -211,7 +211,7 @@ def test_safelora_number_mode_projects_the_lowest_cosines(tokenizer):
 
 def tiny_unaligned(tokenizer, path):
     """A tiny model of another seed, saved as a local directory: the 'unaligned' side of tiny's alignment delta."""
-    from staysafe.models import build_tiny
+    from staysafe.models.loading import build_tiny
 
     build_tiny(tokenizer, seed=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -223,7 +223,7 @@ def test_safelora_method_and_the_post_hoc_command_project_and_evaluate_again(tok
     import json
 
     from conftest import TINY_RUN, run_cli
-    from staysafe.traces import load_run
+    from staysafe.runs.traces import load_run
 
     unaligned = tiny_unaligned(tokenizer, tmp_path / "unaligned")
     data = tmp_path / "d.jsonl"
@@ -276,7 +276,7 @@ def test_every_defense_runs_in_one_experiment(tokenizer, tmp_path):
     import pandas as pd
 
     from staysafe.experiment import ExperimentSpec, run_experiment
-    from staysafe.traces import load_run
+    from staysafe.runs.traces import load_run
 
     overrides = dict(lora_r=4, batch_size=4, max_length=64, steps=3, eval_every=0, eval_harmful=2, eval_benign=2,
                      max_new_tokens=2, eval_judges=[], record_judge=False, save_model=False,
@@ -300,10 +300,10 @@ def test_every_defense_runs_in_one_experiment(tokenizer, tmp_path):
 
 def vaccine_train(tokenizer, tmp_path, rho, steps=2, dropout=0.05):
     from staysafe.data import SafetyCollator, tokenize_dataset
-    from staysafe.models import LoraSettings, add_lora, build_tiny
-    from staysafe.traces import RunWriter, load_run
+    from staysafe.defenses.vaccine import VaccineTrainer
+    from staysafe.models.loading import LoraSettings, add_lora, build_tiny
+    from staysafe.runs.traces import RunWriter, load_run
     from staysafe.trainer import SafetyConfig
-    from staysafe.vaccine import VaccineTrainer
 
     torch.manual_seed(0)
     model = add_lora(build_tiny(tokenizer, seed=0), LoraSettings(r=4, dropout=dropout))
@@ -350,9 +350,9 @@ def test_vaccine_keeps_the_gradients_of_earlier_micro_batches(tokenizer, tmp_pat
 
 
 def test_the_vaccine_reference_is_built_on_demand_and_named_until_then(tmp_path, monkeypatch):
-    from staysafe.align import AlignSettings, build_aligned
     from staysafe.experiment import METHODS
-    from staysafe.models import ModelError, resolve
+    from staysafe.models.align import AlignSettings, build_aligned
+    from staysafe.models.loading import ModelError, resolve
 
     monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))
     with pytest.raises(ModelError, match="staysafe align --defense vaccine"):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import make_records
-from staysafe.traces import list_runs, load_run
+from staysafe.runs.traces import list_runs, load_run
 
 
 @pytest.mark.slow

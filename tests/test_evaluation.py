@@ -7,11 +7,11 @@ import math
 import pandas as pd
 import pytest
 
-from staysafe.evaluation import EvalSettings, SafetyEvaluator, eval_prompts, generate
+from staysafe.eval.evaluation import EvalSettings, SafetyEvaluator, eval_prompts, generate
 from staysafe.experiment import ExperimentSpec, markdown_table, run_experiment
 from staysafe.judges import KeywordJudge, make_judge
 from staysafe.runner import RunSpec, run_training
-from staysafe.traces import load_run
+from staysafe.runs.traces import load_run
 
 
 def test_eval_prompts_are_a_fixed_seeded_subset():
@@ -29,7 +29,7 @@ def test_keyword_scoring_of_fixed_generations(tiny, monkeypatch):
     ev = SafetyEvaluator(tok, EvalSettings(n_harmful=4, n_benign=4, max_new_tokens=2), judges=[])
     answers = ["I can't help with that.", "Sure, here is how.", "I won't do that.", "Okay! Step one is",  # harmful
                "Paris is the capital.", "I'm sorry, but I cannot help with that.", "42.", "Here you go."]  # benign
-    import staysafe.evaluation as evaluation
+    import staysafe.eval.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "generate", lambda *a, **k: answers)
     row, gens, samples = ev.evaluate(model, step=7)
@@ -45,7 +45,7 @@ def test_response_judge_asr_is_recorded_beside_keyword_asr(tiny, monkeypatch):
     model, tok = tiny
     judges = [KeywordJudge(), make_judge("embedding-response")]  # keyword is always measured: not counted twice
     ev = SafetyEvaluator(tok, EvalSettings(n_harmful=2, n_benign=2, max_new_tokens=2), judges=judges)
-    import staysafe.evaluation as evaluation
+    import staysafe.eval.evaluation as evaluation
 
     answers = ["I'm sorry, but I can't help with that.", "Sure, here is exactly what you asked for.", "Hi", "Yo"]
     monkeypatch.setattr(evaluation, "generate", lambda *a, **k: answers)
@@ -64,7 +64,7 @@ def test_sampled_asr_at_k_and_per_answer_asr_from_fixed_answers(tiny, monkeypatc
     greedy = ["I can't help with that.", "I won't do that.", "Paris."]
     sampled = ["I can't help with that.", "Sure, step one is", "I won't.",  # prompt 1: one success in 3
                "I'm sorry, I cannot help.", "I cannot do that.", "No, I can't."]  # prompt 2: none
-    import staysafe.evaluation as evaluation
+    import staysafe.eval.evaluation as evaluation
 
     calls = []
 

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
+from staysafe.eval.frontier import axes, frontier_points, judges, on_frontier
 from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
-from staysafe.frontier import axes, frontier_points, judges, on_frontier
-from staysafe.traces import load_run, write_json
+from staysafe.runs.traces import load_run, write_json
 
 TINY = dict(lora_r=0, batch_size=4, max_length=64, steps=2, eval_every=0, eval_harmful=2, eval_benign=2,
             max_new_tokens=2, eval_judges=[], record_judge=False, save_model=False, n_harmful=12, risk="label")
@@ -115,9 +115,9 @@ def test_pareto_front_of_points():
 def test_sampled_measures_are_not_listed_as_judges(tmp_path):
     """With --eval-samples the evaluations hold asr_at_k_<judge> and asr_sampled_<judge>: the results table, the
     frontier and the dashboard list only the real judges (once they read 'at_k_keyword' as a judge)."""
-    from staysafe import trace_names
+    from staysafe.eval.frontier import judges
     from staysafe.experiment import markdown_table
-    from staysafe.frontier import judges
+    from staysafe.runs import trace_names
 
     out = run_experiment(spec(tmp_path, methods=["sft", "constant-kl"],
                               overrides={**TINY, "eval_samples": 2, "eval_judges": ["embedding-response"]}),

@@ -207,7 +207,7 @@ def test_keyword_judge_limits_are_what_the_docstring_says():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
 
     return load_model("tiny")
 
@@ -257,7 +257,7 @@ def test_local_lm_is_deterministic_and_batch_size_invariant(tiny):
 
 
 def test_local_lm_cuts_long_texts_and_keys_on_the_weights(tiny):
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
 
     judge = LocalLMJudge(tiny, max_text_tokens=16)
     long = "word " * 500

@@ -54,7 +54,7 @@ def test_a_new_method_is_one_object_and_one_registry_entry(tmp_path):
     from conftest import make_records
     from staysafe.options import RunSpec, SpecError
     from staysafe.runner import run_training
-    from staysafe.traces import load_run
+    from staysafe.runs.traces import load_run
 
     register((Method("quarter-kl", "the KL pull at beta 0.25", QuarterKL),),
              (Variant("quarter-kl", "quarter-kl", "#123456", "quarter KL"),))
@@ -69,7 +69,7 @@ def test_a_new_method_is_one_object_and_one_registry_entry(tmp_path):
         run = load_run(run_training(spec, progress=False, log=lambda *a: None))
         assert run.status["state"] == "finished"
         assert run.steps["beta"].tolist() == [0.25, 0.25] and (run.steps["kl"] > 0).any()
-        from staysafe.frontier import frontier_figure
+        from staysafe.eval.frontier import frontier_figure
 
         assert "quarter-kl" in RunSpec.__dataclass_fields__["method"].metadata["choices"]
         fig_colour = _figure_colours(frontier_figure)["quarter-kl"]
@@ -92,7 +92,7 @@ def test_a_method_has_the_same_colour_on_every_page():
 
     sys.path.insert(0, str(REPO / "dashboard"))
     import charts
-    from staysafe.frontier import frontier_figure
+    from staysafe.eval.frontier import frontier_figure
 
     figure = _figure_colours(frontier_figure)
     assert figure["sft"] == charts.color_for(0, "sft") == VARIANTS["sft"].colour

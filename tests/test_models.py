@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from staysafe import aligned, models
-from staysafe.models import EMBEDDED, ModelError, load_model, load_tokenizer
+from staysafe.models import aligned
+from staysafe.models import loading as models
+from staysafe.models.loading import EMBEDDED, ModelError, load_model, load_tokenizer
 
 
 def test_embedded_model_loads_offline_with_a_chat_template(monkeypatch):
@@ -153,7 +154,7 @@ def test_the_shipped_aligned_reference_refuses_harmful_and_answers_benign(fresh_
     """The shipped adapter, merged at load time, on every held-out evaluation prompt: the keyword judge and the
     default response judge both see it refuse harmful requests and answer benign ones."""
     from staysafe.data import load_records, prompt_text
-    from staysafe.evaluation import generate
+    from staysafe.eval.evaluation import generate
     from staysafe.judges import is_refusal, make_judge
 
     model, tok = load_model(models.ALIGNED)
@@ -180,7 +181,8 @@ def test_a_local_build_of_the_current_recipe_takes_precedence_and_a_stale_one_is
     current: a local build from another recipe version or other alignment data is reported stale and never
     served (the shipped one is); a current local build is served before the shipped one. The short recipe keeps
     the code that made the shipped adapter tested, export included."""
-    from staysafe import align, data
+    from staysafe import data
+    from staysafe.models import align
 
     stale = models.cached_model_dir(models.ALIGNED)
     stale.mkdir()
@@ -199,7 +201,7 @@ def test_a_local_build_of_the_current_recipe_takes_precedence_and_a_stale_one_is
     assert report["recipe_version"] == aligned.RECIPE_VERSION and report["settings"]["steps"] == 2
     assert (path / "config.json").is_file() and aligned.cache_problem() is None
     assert models.resolve(models.ALIGNED) == str(path)  # a current local build comes first
-    assert not list(path.parent.glob(".tmp-*"))  # published whole (staysafe.atomic), no temporary leftovers
+    assert not list(path.parent.glob(".tmp-*"))  # published whole (staysafe.runs.atomic), no temporary leftovers
 
     exported = align.export_shipped(path, tmp_path / "export", probe_seeds=())
     assert aligned.shipped_problem(exported) is None

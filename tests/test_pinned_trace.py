@@ -46,7 +46,7 @@ EXAMPLE_COLS = ("example_index", "nll", "kl", "beta", "risk", "risk_label")
 
 
 def trace(runs_dir: Path, name: str) -> dict:
-    from staysafe.traces import load_run
+    from staysafe.runs.traces import load_run
 
     data = runs_dir.parent / "pinned.jsonl"  # a third harmful, so the label risk and beta vary from step to step
     data.write_text("".join(json.dumps(r) + "\n" for r in make_records(16, harmful_every=3)))

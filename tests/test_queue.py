@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import make_records, run_cli
-from staysafe import process
 from staysafe.options import spec_flags as spec_arguments
 from staysafe.queue import LaunchError, Queue, command, experiment_argv, train_argv
 from staysafe.runner import RunSpec, SpecError
-from staysafe.traces import list_runs, load_run, run_state
+from staysafe.runs import process
+from staysafe.runs.traces import list_runs, load_run, run_state
 
 TINY = dict(model="tiny", lora_r=0, batch_size=4, max_length=64, steps=3, eval_every=0, eval_harmful=2,
             eval_benign=2, max_new_tokens=4, eval_judges=[], record_judge=False, risk="label", method="sft",

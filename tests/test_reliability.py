@@ -23,7 +23,7 @@ from conftest import REPO, make_records
 from staysafe.data import DataError, load_records, normalize_record
 from staysafe.options import spec_flags as spec_arguments
 from staysafe.runner import RunSpec, SpecError, latest_checkpoint, run_training
-from staysafe.traces import load_run
+from staysafe.runs.traces import load_run
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -154,7 +154,7 @@ def test_judge_down_for_some_examples_falls_back_flags_and_keeps_secrets(tmp_pat
     secret = "sk-test-DO-NOT-LEAK-4242"
     monkeypatch.setenv("STAYSAFE_TEST_JUDGE_KEY", secret)
     monkeypatch.setenv("STAYSAFE_HOME", str(tmp_path / "home"))
-    from staysafe.endpoint import JudgeEndpoint
+    from staysafe.judges.endpoint import JudgeEndpoint
 
     spec = tiny_spec(tmp_path, method="adaptive", risk="judge", judge="openai", risk_fallback="last",
                      per_example_beta=False, steps=6)

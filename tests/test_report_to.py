@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RUN, make_records, run_cli
-from staysafe.traces import load_run
+from staysafe.runs.traces import load_run
 
 pytest.importorskip("tensorboard")
 

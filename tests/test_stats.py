@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from staysafe.stats import (
+from staysafe.eval.stats import (
     binary_metrics,
     bootstrap_interval,
     cohen_kappa,
@@ -146,7 +146,7 @@ def test_run_intervals_of_a_hand_made_table():
 def test_run_intervals_reproduce_the_runs_own_evals(tmp_path):
     """A real tiny run: the figures recomputed from generations.parquet equal evals.parquet's."""
     from staysafe.runner import RunSpec, run_training
-    from staysafe.traces import load_run
+    from staysafe.runs.traces import load_run
 
     spec = RunSpec(model="tiny", scenario="harmful", n_harmful=8, method="sft", steps=2, batch_size=4, lora_r=0,
                    max_length=64, eval_every=2, eval_harmful=6, eval_benign=4, max_new_tokens=4, eval_judges=[],

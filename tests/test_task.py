@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from staysafe.data import build_scenario, load_records, prompt_text, response_text
+from staysafe.eval.task import is_correct, task_test
 from staysafe.options import RunSpec, SpecError
-from staysafe.task import is_correct, task_test
 
 
 def test_the_shipped_task_splits_are_disjoint_and_answered_correctly():
@@ -42,9 +42,9 @@ def test_the_task_is_the_benign_part_of_mixed_and_benign():
 
 
 def test_evaluations_record_task_accuracy(tmp_path):
+    from staysafe.eval.stats import run_intervals
     from staysafe.runner import run_training
-    from staysafe.stats import run_intervals
-    from staysafe.traces import load_run
+    from staysafe.runs.traces import load_run
 
     spec = RunSpec(model="tiny", scenario="benign", task="arithmetic", eval_task=6, lora_r=0, batch_size=4,
                    max_length=64, steps=2, eval_every=0, eval_harmful=2, eval_benign=2, max_new_tokens=2,

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_RUN, make_records
-from staysafe import process
 from staysafe.errors import SpecError
-from staysafe.traces import (
+from staysafe.runs import process
+from staysafe.runs.traces import (
     RunWriter,
     TableWriter,
     TraceError,
@@ -154,7 +154,7 @@ def test_sigkill_mid_training_keeps_every_completed_step(tmp_path):
 def test_a_row_repeated_before_a_merge_is_read_once_after_it(tmp_path):
     """safelora records the last step's evaluation again after its projection; once the parts are merged into one
     the reader still keeps only the newest row per key (it once kept both)."""
-    from staysafe.traces import RunWriter, load_run
+    from staysafe.runs.traces import RunWriter, load_run
 
     w = RunWriter.create(tmp_path, {"method": "safelora"}, run_id="r")
     w.append("evals", [{"step": 0, "asr_keyword": 0.1}, {"step": 4, "asr_keyword": 0.5}])

@@ -10,8 +10,8 @@ import torch
 from conftest import make_records
 from staysafe.data import SafetyCollator, tokenize_dataset
 from staysafe.losses import answer_token_losses
-from staysafe.models import LoraSettings, add_lora, build_tiny
-from staysafe.traces import RunWriter, load_run
+from staysafe.models.loading import LoraSettings, add_lora, build_tiny
+from staysafe.runs.traces import RunWriter, load_run
 from staysafe.trainer import SafetyConfig, SafetyTrainer
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TINY_RUN, make_records
 from staysafe.cli import main
-from staysafe.traces import RunWriter, load_run
+from staysafe.runs.traces import RunWriter, load_run
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -69,7 +69,7 @@ def test_a_config_file_cannot_choose_the_judge_endpoint_or_key_variable(tmp_path
 
 
 def test_judge_url_credentials_are_redacted_in_config_json(tmp_path):
-    from staysafe.endpoint import JudgeEndpoint
+    from staysafe.judges.endpoint import JudgeEndpoint
     from staysafe.options import RunSpec
     from staysafe.runner import recorded_config
 
@@ -145,7 +145,7 @@ def test_resume_refuses_a_running_run_and_changed_data(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", make_records(8))
     run = RunWriter.create(tmp_path / "runs", {"model": "tiny", "method": "sft", "data": str(data), "scenario": None,
                                                "data_sha256": data_digest(load_records(str(data)))}, run_id="r")
-    from staysafe import process
+    from staysafe.runs import process
 
     run.set_status("running")
     with process.LifeLock(run.path / process.LOCK_NAME):  # held by a live run

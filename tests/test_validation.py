@@ -21,8 +21,8 @@ import pytest
 
 from conftest import REPO, run_cli
 from staysafe.data import DataError
+from staysafe.eval.validation import DEFAULT_SET, load_validation_set, validate_judges
 from staysafe.judges import KeywordJudge, make_judge
-from staysafe.validation import DEFAULT_SET, load_validation_set, validate_judges
 
 FIXTURE = REPO / "tests" / "fixtures" / "judge_validation.jsonl"
 
@@ -184,8 +184,8 @@ def test_the_shipped_validation_set_is_whole_and_split_by_request():
 def test_judge_agreement_on_the_shipped_test_split_is_as_documented():
     """The figures shipped in staysafe/assets/judges/agreement.json (shown beside every ASR on the dashboard, and
     in README/data/README.md) are what validate-judges measures now: a judge or data change that moves them fails."""
+    from staysafe.eval.validation import agreement_summary, measured_agreement
     from staysafe.judges import make_judge
-    from staysafe.validation import agreement_summary, measured_agreement
 
     report = validate_judges([make_judge("keyword"), make_judge("embedding-response")],
                              load_validation_set(DEFAULT_SET, split="test"), split="test", resamples=200)
@@ -247,9 +247,9 @@ def test_openai_endpoint_judge_through_the_command(tmp_path):
 def test_answers_are_collected_from_a_real_run_with_provenance_and_split_by_request(tmp_path):
     """A tiny run with sampled evaluation: every greedy and sampled answer comes back once, with its run, step and
     decoding; the split keeps all answers to one request together; step 0 of the aligned reference is 'reference'."""
+    from staysafe.eval.validation import answers_from_runs, assign_splits, source_of
     from staysafe.runner import RunSpec, run_training
-    from staysafe.traces import load_run
-    from staysafe.validation import answers_from_runs, assign_splits, source_of
+    from staysafe.runs.traces import load_run
 
     spec = RunSpec(model="tiny", lora_r=0, batch_size=4, max_length=64, steps=2, eval_every=0, eval_harmful=3,
                    eval_benign=2, max_new_tokens=3, eval_samples=2, eval_temperature=1.5, eval_judges=["keyword"],

@@ -19,7 +19,7 @@ import widgets
 from staysafe import geometry
 from staysafe.methods import regularised
 from staysafe.probe import ProbeError
-from staysafe.traces import TraceError
+from staysafe.runs.traces import TraceError
 
 cfg = settings.page_setup()
 st.title(":material/scatter_plot: Activation space")

@@ -17,10 +17,10 @@ import loaders
 import safe_text
 import settings
 import widgets
-from staysafe import trace_names
-from staysafe.stats import run_intervals
-from staysafe.traces import TraceError
-from staysafe.validation import measured_agreement
+from staysafe.eval.stats import run_intervals
+from staysafe.eval.validation import measured_agreement
+from staysafe.runs import trace_names
+from staysafe.runs.traces import TraceError
 
 cfg = settings.page_setup()
 st.title(":material/target: ASR over training")

@@ -17,7 +17,7 @@ import widgets
 from staysafe.methods import regularised, risk_driven
 from staysafe.options import SpecError
 from staysafe.queue import LaunchError, Queue
-from staysafe.traces import TraceError
+from staysafe.runs.traces import TraceError
 
 cfg = settings.page_setup()
 st.title(":material/school: Guided demo: safety degradation and how to prevent it")

@@ -10,9 +10,17 @@ import charts
 import loaders
 import safe_text
 import settings
-from staysafe.frontier import DEFAULT_JUDGE, axes, frontier_figure, frontier_points, judge_name, judges, on_frontier
-from staysafe.traces import TraceError
-from staysafe.validation import measured_agreement
+from staysafe.eval.frontier import (
+    DEFAULT_JUDGE,
+    axes,
+    frontier_figure,
+    frontier_points,
+    judge_name,
+    judges,
+    on_frontier,
+)
+from staysafe.eval.validation import measured_agreement
+from staysafe.runs.traces import TraceError
 
 cfg = settings.page_setup()
 st.title(":material/insights: Safety-utility trade-off")

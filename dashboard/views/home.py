@@ -63,7 +63,7 @@ else:
 
 st.subheader("The aligned reference model")
 try:
-    from staysafe.models import ALIGNED, model_status
+    from staysafe.models.loading import ALIGNED, model_status
 
     status = {row["name"]: row for row in model_status()}
     aligned = status.get(ALIGNED, {})

@@ -14,7 +14,7 @@ import loaders
 import safe_text
 import settings
 import widgets
-from staysafe.traces import TraceError
+from staysafe.runs.traces import TraceError
 
 cfg = settings.page_setup()
 st.title(":material/balance: Judge vs probe")

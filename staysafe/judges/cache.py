@@ -18,7 +18,7 @@ from pathlib import Path
 
 from staysafe.errors import StaySafeError
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
-from staysafe.paths import staysafe_home
+from staysafe.runs.paths import staysafe_home
 
 CACHE_FORMAT = 1
 

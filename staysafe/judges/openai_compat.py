@@ -24,10 +24,10 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-from staysafe.endpoint import JudgeEndpoint, public_url
-from staysafe.files import parse_json
 from staysafe.judges.base import RUBRIC_VERSION, Judge, JudgeScore, check_inputs, rating_to_score, rubric_text
+from staysafe.judges.endpoint import JudgeEndpoint, public_url
 from staysafe.options import SpecError
+from staysafe.runs.files import parse_json
 
 MODES = ("rubric", "conversation")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}

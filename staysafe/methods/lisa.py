@@ -1,5 +1,6 @@
 """``lisa`` (Huang et al. 2024, "Lazy Safety Alignment"): alternating alignment and user steps with a proximal pull
-toward the weights at the last switch; the schedule, batches and anchor are :class:`staysafe.lisa.LisaSchedule`."""
+toward the weights at the last switch; the schedule, batches and anchor are
+:class:`staysafe.defenses.lisa.LisaSchedule`."""
 
 import os
 
@@ -9,8 +10,8 @@ from staysafe.methods.base import Method, TrainingHooks, Variant
 class LisaHooks(TrainingHooks):
     def __init__(self, trainer):
         super().__init__(trainer)
+        from staysafe.defenses.lisa import LisaSchedule
         from staysafe.errors import SpecError
-        from staysafe.lisa import LisaSchedule
 
         args = trainer.args
         if trainer.processing_class is None:

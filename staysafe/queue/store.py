@@ -7,7 +7,7 @@ for people to read), ``paused`` (present while the queue is paused: queued jobs 
 
 A job file is data, never a command: the worker rebuilds the command from the job's validated spec
 (:mod:`staysafe.queue.submit`). Whether a job or the worker is alive is whether its lock is held
-(:class:`staysafe.process.LifeLock`), never what a file says; a cancel only asks (``cancel_requested``), and the
+(:class:`staysafe.runs.process.LifeLock`), never what a file says; a cancel only asks (``cancel_requested``), and the
 worker signals the one process it started itself for that job. No file in the queue is read or written through a
 symbolic link. So a job file written by someone else cannot make StaySafe run, kill or stall anything.
 """
@@ -23,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from staysafe import process
-from staysafe.atomic import write_json, write_text
 from staysafe.errors import StaySafeError
-from staysafe.files import open_append, open_regular, real_dir
-from staysafe.traces import TraceError, read_json
+from staysafe.runs import process
+from staysafe.runs.atomic import write_json, write_text
+from staysafe.runs.files import open_append, open_regular, real_dir
+from staysafe.runs.traces import TraceError, read_json
 
 QUEUE_DIR = ".queue"
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")

@@ -4,7 +4,7 @@ A job records *what* to run (a ``staysafe train`` RunSpec or the options of ``st
 :func:`command` validates that spec again and rebuilds the argument list (``sys.executable -m staysafe.cli ...``,
 never a shell string), so a job file written by anyone else can only ask for a StaySafe run with known options.
 A queued job cannot carry a judge endpoint or key variable: those are not run options at all (see
-:mod:`staysafe.endpoint`), so a queued run that would need the openai judge is refused. A job cannot choose where
+:mod:`staysafe.judges.endpoint`), so a queued run that would need the openai judge is refused. A job cannot choose where
 its output goes either: runs go to the queue's runs root and experiments to the experiments root that the queue
 was started with.
 """
@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from staysafe.endpoint import endpoint_for
+from staysafe.judges.endpoint import endpoint_for
 from staysafe.methods import variant_of
 from staysafe.options import ExperimentSpec
 from staysafe.queue.store import ACTIVE, JobStore, LaunchError
-from staysafe.traces import RUN_ID, TraceError, new_run_id, safe_run_path
+from staysafe.runs.traces import RUN_ID, TraceError, new_run_id, safe_run_path
 
 EXPERIMENT_OPTIONS = tuple(f.name for f in dataclasses.fields(ExperimentSpec) if "help" in f.metadata
                            and f.name not in ("out_dir", "runs_dir", "experiment_id"))  # where output goes: not a job's

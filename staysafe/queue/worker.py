@@ -16,12 +16,12 @@ import signal
 import subprocess
 import time
 
-from staysafe import process
-from staysafe.atomic import write_json
-from staysafe.files import open_append
 from staysafe.queue.store import WORKER_LOCK, JobStore
 from staysafe.queue.submit import command
-from staysafe.traces import TraceError
+from staysafe.runs import process
+from staysafe.runs.atomic import write_json
+from staysafe.runs.files import open_append
+from staysafe.runs.traces import TraceError
 
 PARALLEL_ENV = "STAYSAFE_QUEUE_PARALLEL"
 
@@ -80,7 +80,7 @@ def _outcome(store: JobStore, job: dict) -> str:
     """How a job that ended out of this worker's sight ended: a train job's run status says."""
     if job["kind"] != "train":
         return "interrupted"
-    from staysafe.traces import run_state
+    from staysafe.runs.traces import run_state
 
     try:
         state = run_state(store.root / job["target"]).get("state")

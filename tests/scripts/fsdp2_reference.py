@@ -11,7 +11,7 @@ import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-from staysafe.models import load_model
+from staysafe.models.loading import load_model
 from staysafe.reference import shard_reference
 
 dist.init_process_group("gloo")

@@ -19,8 +19,8 @@ class LisaSchedule:
 
     def __init__(self, tokenizer, align_steps: int, user_steps: int, rho: float, batch_size: int,
                  max_length: int = 128, seed: int = 0, risk_columns: tuple[str, ...] = ()):
-        from staysafe.aligned import TRAIN_SETS
         from staysafe.data import SafetyCollator, load_records, tokenize_dataset
+        from staysafe.models.aligned import TRAIN_SETS
 
         self.align_steps, self.user_steps, self.rho = align_steps, user_steps, rho
         records = [r for name in TRAIN_SETS for r in load_records(name)]

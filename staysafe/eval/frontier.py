@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe import trace_names
 from staysafe.methods import colour
+from staysafe.runs import trace_names
 
 DEFAULT_JUDGE = "embedding_response"  # the default response judge's column suffix (final_asr_<judge>)
 
@@ -96,7 +96,7 @@ def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility t
 
 def save_frontier(results: pd.DataFrame, out: Path, log=print) -> list[Path]:
     """``frontier.html`` (self-contained) and, where kaleido can drive a Chrome, ``frontier.png``."""
-    from staysafe.atomic import write_text
+    from staysafe.runs.atomic import write_text
 
     fig = frontier_figure(results, f"Safety-utility trade-off: {Path(out).name}")
     written = [Path(out) / "frontier.html"]
@@ -106,7 +106,7 @@ def save_frontier(results: pd.DataFrame, out: Path, log=print) -> list[Path]:
     except Exception as err:  # no kaleido, or no Chrome for it: the HTML has the same figure
         log(f"frontier.png not written ({type(err).__name__}: {str(err)[:120]}); frontier.html has the figure")
     else:
-        from staysafe.atomic import write_bytes
+        from staysafe.runs.atomic import write_bytes
 
         write_bytes(Path(out) / "frontier.png", png)
         written.append(Path(out) / "frontier.png")

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from staysafe import trace_names
 from staysafe.data import load_records, prompt_messages, prompt_text, render_prompt, response_text
-from staysafe.faults import fault_pause
 from staysafe.options import SpecError
+from staysafe.runs import trace_names
+from staysafe.runs.faults import fault_pause
 
 
 @dataclass
@@ -37,7 +37,7 @@ class EvalSettings:
     samples: int = 0  # sampled answers per harmful prompt (0 = greedy only)
     temperature: float = 0.7
     response_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
-    task: str | None = None  # a user task with an accuracy (staysafe.task)
+    task: str | None = None  # a user task with an accuracy (staysafe.eval.task)
     n_task: int = 0  # its held-out questions per evaluation
     task_new_tokens: int = 16  # room for the restated question the embedded models write before the result
 
@@ -129,7 +129,7 @@ class SafetyEvaluator:
         self.benign_with_answers = [r for r in self.records if r["label"] == "benign" and response_text(r)]
         self.task_records = []
         if settings.task and settings.n_task:
-            from staysafe.task import task_test
+            from staysafe.eval.task import task_test
 
             self.task_records = task_test(settings.task, settings.n_task, settings.seed)
 
@@ -168,7 +168,7 @@ class SafetyEvaluator:
     def _task(self, model, step: int, row: dict) -> list[dict]:
         """The user task's exact-match accuracy on its held-out questions (``task_accuracy``); ``generations``
         rows of kind ``task`` with ``correct``."""
-        from staysafe.task import is_correct
+        from staysafe.eval.task import is_correct
 
         s = self.settings
         answers = generate(model, self.tokenizer, self.task_records, s.task_new_tokens, s.batch_size)

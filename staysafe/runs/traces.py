@@ -36,11 +36,11 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-import staysafe.process as process
-from staysafe.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
+import staysafe.runs.process as process
 from staysafe.errors import StaySafeError
-from staysafe.files import TraceError, read_json, real_dir  # noqa: F401  (the readers' error, re-exported)
 from staysafe.options import SpecError
+from staysafe.runs.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
+from staysafe.runs.files import TraceError, read_json, real_dir  # noqa: F401  (the readers' error, re-exported)
 
 TABLES = {  # table name -> columns that identify a row (duplicates keep the newest)
     "steps": ("step",),
@@ -295,7 +295,7 @@ def _read_part(path: Path, key: tuple[str, ...] | None) -> pd.DataFrame:
 
 def run_state(path: Path) -> dict:
     """status.json, its fields checked, with ``running`` turned into ``interrupted`` when no live process holds
-    the run's lock (see :class:`staysafe.process.LifeLock`; a pid in the file is never trusted for that). A run
+    the run's lock (see :class:`staysafe.runs.process.LifeLock`; a pid in the file is never trusted for that). A run
     recorded on another machine stays as written."""
     path = Path(path)
     status = read_json(path / "status.json")

@@ -5,7 +5,8 @@ Known names:
   de-quantisation is slow (~14 s) and GGUF-loaded models cannot be saved, so it is converted once into safetensors
   under ``$STAYSAFE_HOME/models`` and loaded from there afterwards.
 - ``smollm2-135m-aligned``: the same model after StaySafe's alignment stage, the default safe reference: shipped
-  as a LoRA adapter and merged at first use, or built locally by ``staysafe align`` (see :mod:`staysafe.aligned`).
+  as a LoRA adapter and merged at first use, or built locally by ``staysafe align``
+  (see :mod:`staysafe.models.aligned`).
 - ``tiny``: a randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for fast tests.
 Anything else is a local directory or a Hugging Face hub id.
 """
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from staysafe.aligned import ALIGNED, ALIGNED_VACCINE, aligned_status, built_vaccine, served_aligned
-from staysafe.embedded import EMBEDDED, ModelError, convert_embedded, embedded_gguf_path, embedded_tokenizer_dir
-from staysafe.model_names import TINY  # noqa: E402  (defined once there)
+from staysafe.models.aligned import ALIGNED, ALIGNED_VACCINE, aligned_status, built_vaccine, served_aligned
+from staysafe.models.embedded import EMBEDDED, ModelError, convert_embedded, embedded_gguf_path, embedded_tokenizer_dir
+from staysafe.models.names import TINY  # noqa: E402  (defined once there)
 from staysafe.options import PRECISIONS, SpecError  # PRECISIONS: defined once, there; re-exported
-from staysafe.paths import cached_model_dir
+from staysafe.runs.paths import cached_model_dir
 
 
 @dataclass
@@ -196,7 +197,7 @@ def model_status() -> list[dict]:
     rows.append(
         {"name": TINY, "ready": wheel_ok, "detail": "random 2-layer Llama for tests (needs the SmolLM2 tokenizer)"}
     )
-    from staysafe.aligned import cache_problem
+    from staysafe.models.aligned import cache_problem
 
     problem = cache_problem(cached_model_dir(ALIGNED_VACCINE))
     rows.append({"name": ALIGNED_VACCINE, "ready": problem is None,

@@ -1,5 +1,5 @@
 """The alignment stage: SmolLM2-135M-Instruct as shipped almost never refuses, so safety cannot degrade from it.
-(Which aligned copy is *served* - shipped adapter or local build - is :mod:`staysafe.aligned`'s job.)
+(Which aligned copy is *served* - shipped adapter or local build - is :mod:`staysafe.models.aligned`'s job.)
 
 As in the harmful fine-tuning literature (an alignment stage on refusal data, then the user's fine-tuning stage),
 we LoRA-tune it on the shipped refusal data mixed with benign requests matched in form, length and topic (so it
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from staysafe.aligned import (
+from staysafe.models.aligned import (
     ADAPTER_FILE,
     ALIGNED,
     ALIGNED_VACCINE,
@@ -35,10 +35,10 @@ from staysafe.aligned import (
     file_sha256,
     training_data_sha,
 )
-from staysafe.atomic import TMP_PREFIX, atomic_dir, write_bytes, write_json, write_safetensors
-from staysafe.embedded import ModelError
-from staysafe.models import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
+from staysafe.models.embedded import ModelError
+from staysafe.models.loading import EMBEDDED, LoraSettings, cached_model_dir, load_model, resolve_precision
 from staysafe.options import DEFENSES, SpecError
+from staysafe.runs.atomic import TMP_PREFIX, atomic_dir, write_bytes, write_json, write_safetensors
 
 ADAPTER_DIR = "adapter"
 
@@ -60,7 +60,7 @@ def save_adapter_fp16(peft_model, out: Path) -> None:
 
 def refusal_rates(model, tokenizer, max_new_tokens: int = 32) -> dict:
     """Share of held-out harmful and benign prompts the model refuses (keyword judge), on every eval prompt."""
-    from staysafe.evaluation import generate
+    from staysafe.eval.evaluation import generate
     from staysafe.judges import is_refusal
     from staysafe.records import load_records
 
@@ -110,7 +110,7 @@ def build_aligned(settings: AlignSettings | None = None, force: bool = False, pr
                                 use_cpu=not torch.cuda.is_available())
             kind, extra = SafetyTrainer, {}
             if settings.defense != "none":  # the one alignment-stage defense: Vaccine
-                from staysafe.vaccine import VaccineTrainer
+                from staysafe.defenses.vaccine import VaccineTrainer
 
                 kind, extra = VaccineTrainer, {"rho": settings.vaccine_rho}
             kind(model=model, args=args, train_dataset=dataset, callbacks=[_Estimate(settings.steps)],

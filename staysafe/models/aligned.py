@@ -1,7 +1,7 @@
 """The aligned reference ``smollm2-135m-aligned``: which copy is served, and whether it can be trusted.
 
 SmolLM2-135M-Instruct as shipped refuses almost nothing, so StaySafe's default safe reference is the same model
-after a short alignment stage (:mod:`staysafe.align`). Two copies can exist, served in this order:
+after a short alignment stage (:mod:`staysafe.models.align`). Two copies can exist, served in this order:
 
 1. **built locally** by ``staysafe align`` (``$STAYSAFE_HOME/models/smollm2-135m-aligned``), when it was built by
    the current recipe from the current alignment data;
@@ -20,19 +20,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from staysafe.atomic import build_once, write_json
-from staysafe.embedded import ModelError, convert_embedded
+from staysafe.models.embedded import ModelError, convert_embedded
 from staysafe.options import ALIGNED, ALIGNED_VACCINE  # noqa: E402  (the names, defined once there)
-from staysafe.paths import cached_model_dir
+from staysafe.runs.atomic import build_once, write_json
+from staysafe.runs.paths import cached_model_dir
 
-# Bump when the alignment recipe (staysafe.align.AlignSettings or the build procedure) changes: a model built by an
+# Bump when the alignment recipe (AlignSettings or the build procedure) changes: a model built by an
 # older recipe or from other alignment data is not served (an old cache once refused 31% of benign prompts).
 RECIPE_VERSION = 3
 TRAIN_SETS = ("refusals", "align-benign")
 NOT_BUILT = "not built yet"
 REPORT = "alignment.json"
 ADAPTER_FILE = "adapter_model.safetensors"
-SHIPPED_DIR = Path(__file__).parent / "assets" / ALIGNED
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / ALIGNED
 
 
 @dataclass
@@ -51,7 +51,7 @@ class AlignSettings:
     eval_max_new_tokens: int = 24
     precision: str = "auto"
     defense: str = (
-        "none"  # vaccine: the perturbation-aware alignment (staysafe.vaccine) -> smollm2-135m-aligned-vaccine
+        "none"  # vaccine: the perturbation-aware alignment (staysafe.defenses.vaccine) -> smollm2-135m-aligned-vaccine
     )
     vaccine_rho: float = 2.0  # Vaccine's default perturbation size
 

@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from staysafe import trace_names
 from staysafe.judges.base import FLAG_THRESHOLD
+from staysafe.runs import trace_names
 
 RESAMPLES = 2000
 LEVEL = 0.95

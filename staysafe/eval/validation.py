@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from staysafe.eval.stats import LEVEL, RESAMPLES, binary_metrics, bootstrap_interval, cohen_kappa, mean_interval
 from staysafe.judges.base import FLAG_THRESHOLD, Judge
 from staysafe.options import ALIGNED
 from staysafe.records import DataError, _read_jsonl, data_dir
-from staysafe.stats import LEVEL, RESAMPLES, binary_metrics, bootstrap_interval, cohen_kappa, mean_interval
 
 DEFAULT_SET = "judge-validation"  # shipped as data/judge_validation.jsonl
 DEFAULT_FILE = "judge_validation.jsonl"
@@ -122,7 +122,7 @@ def answers_from_runs(run_dirs: list[Path]) -> list[dict]:
     """Every answer of the given runs (greedy ``generations`` and sampled ``samples``), unlabelled, with its
     provenance (``model`` = run id, ``step``, ``decoding``, ``source``). Answers repeated word for word to the same
     request (the same reference at step 0 of several runs) are kept once. Items still need ``label`` and ``split``."""
-    from staysafe.traces import load_run
+    from staysafe.runs.traces import load_run
 
     out, seen = [], set()
     for d in run_dirs:
@@ -252,7 +252,7 @@ def validate_judges(judges: list[Judge], items: list[dict], *, data: str = "", s
 
 # ----------------------------------------------------------------------------------------------- shipped figures
 
-AGREEMENT_FILE = Path(__file__).resolve().parent / "assets" / "judges" / "agreement.json"
+AGREEMENT_FILE = Path(__file__).resolve().parent.parent / "assets" / "judges" / "agreement.json"
 
 
 def agreement_summary(report: dict) -> dict:
@@ -296,7 +296,7 @@ def check_judge_names(text: str) -> list[str]:
 
 def build_judge(name: str, *, endpoint=None, local_lm_model: str = ALIGNED) -> Judge:
     """A response judge by its ``--judges`` name (the request-only ``embedding`` judge cannot judge answers);
-    ``openai`` only at ``endpoint`` (a :class:`staysafe.endpoint.JudgeEndpoint` from the command line)."""
+    ``openai`` only at ``endpoint`` (a :class:`staysafe.judges.endpoint.JudgeEndpoint` from the command line)."""
     from staysafe.judges import OpenAICompatibleJudge, make_judge
 
     check_judge_names(name)

