@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from staysafe.eval.frontier import judges, save_frontier
 from staysafe.eval.stats import run_intervals
+from staysafe.eval.validation import measured_agreement
 from staysafe.judges.endpoint import JudgeEndpoint, endpoint_for
 from staysafe.methods import VARIANTS, is_kl_weight, method_named, method_options
 from staysafe.options import ExperimentSpec
@@ -37,6 +39,7 @@ from staysafe.runs.traces import (
     load_run,
     new_run_id,
     read_json,
+    read_table,
     run_state,
     write_json,
     write_parquet,
@@ -139,8 +142,6 @@ def _cell(g: pd.DataFrame, col: str, pct: bool) -> str:
 def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str:
     """Per method (in ``order``): mean ± std over seeds (one seed: the value and its 95% bootstrap interval over
     prompts in brackets). ASR and over-refusal in percent. With several seeds a second table lists every seed."""
-    from staysafe.eval.frontier import judges
-
     judge_cols = [f"final_asr_{j}" for j in sorted(judges(results)) if j != "keyword"]
     task = "final_task_accuracy" in results and results["final_task_accuracy"].notna().any()
     head = ["method", "seeds", "final ASR kw %"] + [f"final ASR {c[len('final_asr_'):]} %" for c in judge_cols] + [
@@ -157,7 +158,6 @@ def markdown_table(results: pd.DataFrame, order: list[str] | None = None) -> str
             "", "", _fmt(ref["reference_benign_nll"], False)] + (
             [_cell(ref, "reference_task_accuracy", True)] if task else []) + ["", "", ""]
         lines.append("| " + " | ".join(ref_cells) + " |")
-    from staysafe.eval.validation import measured_agreement
 
     agreement = measured_agreement()  # each judge's kappa against the labelled answers, under its ASR column
 
@@ -272,8 +272,6 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
                                              "minutes": (time.time() - t0) / 60, "runs": [r["run_id"] for r in rows]})
         raise
     if spec.sweep or len(set(spec.methods)) > 1:
-        from staysafe.eval.frontier import save_frontier
-
         save_frontier(pd.DataFrame(rows), out, log)
     write_json(out / "experiment.json", {**desc, "state": "finished", "minutes": (time.time() - t0) / 60,
                                          "runs": [r["run_id"] for r in rows]})
@@ -351,8 +349,6 @@ def resume_experiment(out_dir: str | Path, experiment_id: str, runs_dir: str | P
 
 def load_experiment(path: Path) -> tuple[dict, pd.DataFrame]:
     """An experiment directory's description and results table."""
-    from staysafe.runs.traces import read_table
-
     path = Path(path)
     desc = read_json(path / "experiment.json")
     if desc.get("state") == "running" and not process.elsewhere(desc) and not process.held(path / process.LOCK_NAME):

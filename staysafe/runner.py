@@ -22,7 +22,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from staysafe.data import SafetyCollator, add_risk_columns, tokenize_dataset
 from staysafe.eval.evaluation import EvalCallback, make_evaluator
-from staysafe.judges import JUDGES
+from staysafe.eval.task import SETS
+from staysafe.judges import JUDGES, OpenAICompatibleJudge, make_judge, score_cached
 from staysafe.judges.endpoint import JudgeEndpoint, endpoint_for
 from staysafe.methods import method_named
 from staysafe.models.aligned import ALIGNED, ALIGNED_VACCINE, built_vaccine, shipped_probe_path
@@ -42,7 +43,7 @@ from staysafe.risk import Calibration, ColumnRisk
 from staysafe.runs.atomic import atomic_dir
 from staysafe.runs.paths import staysafe_home
 from staysafe.runs.traces import RUN_ID, RunWriter, read_json, run_state, write_parquet
-from staysafe.trainer import SafetyConfig, SafetyTrainer
+from staysafe.trainer import STATE_FILE, SafetyConfig, SafetyTrainer
 
 
 def versions() -> dict:
@@ -65,8 +66,6 @@ def training_records(spec: RunSpec) -> list[dict]:
 
 def make_spec_judge(spec: RunSpec, endpoint: JudgeEndpoint | None = None):
     """The training-data judge a run uses; the openai judge only at the endpoint given on the command line."""
-    from staysafe.judges import OpenAICompatibleJudge, make_judge
-
     if spec.judge == "openai":
         return OpenAICompatibleJudge.at(endpoint_for(spec, endpoint, None, "this run"))
     return make_judge(spec.judge)
@@ -74,8 +73,6 @@ def make_spec_judge(spec: RunSpec, endpoint: JudgeEndpoint | None = None):
 
 def judge_risk(spec: RunSpec, records: list[dict], endpoint, log) -> tuple[list[float], dict]:
     """Score every training example once with the judge (cached on disk): free at training time."""
-    from staysafe.judges import score_cached
-
     judge = make_spec_judge(spec, endpoint)
     scores, stats = score_cached(judge, [prompt_text(r) for r in records], [response_text(r) for r in records])
     log(f"judge {judge.name}: {stats['hits']} cached, {stats['misses']} scored, {stats['failed']} failed "
@@ -103,8 +100,6 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
     """Every check that needs no model: done before any model load, judge call or run directory."""
     pools = [("eval_harmful", "eval-harmful"), ("eval_benign", "eval-benign")]
     if spec.task:
-        from staysafe.eval.task import SETS
-
         pools.append(("eval_task", SETS[spec.task][1]))
     for name, pool in pools:
         have = len(load_records(pool, need_response=False))
@@ -134,8 +129,6 @@ def check_before_work(spec: RunSpec, resuming: bool = False) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose write completed (its staysafe_state.json is written last)."""
-    from staysafe.trainer import STATE_FILE
-
     done = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*") if (p / STATE_FILE).is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 

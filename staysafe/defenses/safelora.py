@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from staysafe.options import ALIGNED, INSTRUCT, SpecError
+from staysafe.eval.evaluation import make_evaluator
+from staysafe.models.loading import load_model
+from staysafe.options import ALIGNED, INSTRUCT, RunSpec, SpecError
+from staysafe.runs.atomic import atomic_dir
+from staysafe.runs.traces import TABLES, RunWriter, load_run, read_table, run_state, write_json
 
 UNALIGNED = {ALIGNED: INSTRUCT}  # aligned model -> the model it was aligned from
 
@@ -95,8 +99,6 @@ def project_lora(peft_model, projections: dict[str, torch.Tensor], threshold: fl
 def apply_safelora(peft_model, model_name: str, threshold: float, unaligned: str | None = None,
                    seed: int = 0, layers: int = 0) -> list[dict]:
     """Project ``peft_model``'s adapter onto the alignment subspace of ``model_name`` (see the module docstring)."""
-    from staysafe.models.loading import load_model
-
     names = list(lora_modules(peft_model))
     if not names:
         raise SafeLoraError("safelora: the model has no LoRA adapter to project (it needs a LoRA run, lora_r > 0)")
@@ -110,9 +112,6 @@ def apply_safelora(peft_model, model_name: str, threshold: float, unaligned: str
 def project_and_record(peft_model, spec, tokenizer, writer, step: int) -> dict:
     """Project a finished run's adapter and evaluate it again at ``step``: the projected evaluation becomes the
     run's final one (``stage = safelora`` in ``evals``) and ``safelora.json`` keeps both, with every layer's cosine."""
-    from staysafe.eval.evaluation import make_evaluator
-    from staysafe.runs.traces import TABLES, read_table, write_json
-
     evals = read_table(writer.path / "evals.parquet", TABLES["evals"])
     at_step = evals[evals["step"] == step] if len(evals) else evals
     before = _plain(at_step.iloc[-1].to_dict()) if len(at_step) else None
@@ -157,10 +156,6 @@ def safelora_run(run_dir, threshold: float | None = None, layers: int | None = N
 
     from peft import PeftModel
 
-    from staysafe.models.loading import load_model
-    from staysafe.options import RunSpec, SpecError
-    from staysafe.runs.atomic import atomic_dir
-    from staysafe.runs.traces import RunWriter, load_run, run_state, write_json
 
     src = Path(run_dir)
     source = load_run(src, tables=("steps",))

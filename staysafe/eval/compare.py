@@ -14,8 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from staysafe.judges import make_judge
+from staysafe.models.loading import load_model
 from staysafe.options import ALIGNED
+from staysafe.probe import Probe, collect_activations, default_probe
 from staysafe.records import DataError, load_records, prompt_text, response_text
+from staysafe.runs.traces import read_json, read_table, write_json, write_parquet
 
 
 def _source_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -43,11 +47,6 @@ def agreement(a: np.ndarray, b: np.ndarray, threshold: float) -> dict:
 def compare_risk(model: str = ALIGNED, data=("eval-harmful", "eval-benign"),
                  judges=("embedding", "local-lm"), out_dir: Path = Path("compare"), probe_path: str | None = None,
                  threshold: float = 0.5) -> dict:
-    from staysafe.judges import make_judge
-    from staysafe.models.loading import load_model
-    from staysafe.probe import Probe, collect_activations, default_probe
-    from staysafe.runs.traces import write_json, write_parquet
-
     records = [r for name in data for r in load_records(name, need_response=False)]
     labels = np.array([1 if r["label"] == "harmful" else 0 if r["label"] == "benign" else -1 for r in records])
     if (labels < 0).any():
@@ -89,7 +88,5 @@ def compare_risk(model: str = ALIGNED, data=("eval-harmful", "eval-benign"),
 
 def load_compare(directory: Path) -> tuple[pd.DataFrame, dict]:
     """A compare directory's per-example table and summary (TraceError naming the file when damaged)."""
-    from staysafe.runs.traces import read_json, read_table
-
     directory = Path(directory)
     return read_table(directory / "compare.parquet"), read_json(directory / "summary.json")

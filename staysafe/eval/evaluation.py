@@ -21,8 +21,20 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from staysafe.data import load_records, prompt_messages, prompt_text, render_prompt, response_text
+from staysafe.data import (
+    SafetyCollator,
+    load_records,
+    prompt_messages,
+    prompt_text,
+    render_prompt,
+    response_text,
+    tokenize_record,
+)
+from staysafe.eval.task import is_correct, task_test
+from staysafe.judges import KeywordJudge, make_judge
+from staysafe.losses import answer_positions, answer_token_losses
 from staysafe.options import SpecError
+from staysafe.reference import lm_head_positions_supported
 from staysafe.runs import trace_names
 from staysafe.runs.faults import fault_pause
 
@@ -89,10 +101,6 @@ def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, ba
 @torch.no_grad()
 def answer_nll(model, tokenizer, records: list[dict], batch_size: int = 16, max_length: int = 256) -> float:
     """Token-mean NLL of the records' reference answers given their prompts."""
-    from staysafe.data import SafetyCollator, tokenize_record
-    from staysafe.losses import answer_positions, answer_token_losses
-    from staysafe.reference import lm_head_positions_supported
-
     device = next(model.parameters()).device
     collate = SafetyCollator(tokenizer.pad_token_id)
     head_positions = lm_head_positions_supported(model)
@@ -119,8 +127,6 @@ class SafetyEvaluator:
     rows (empty unless ``settings.samples``)."""
 
     def __init__(self, tokenizer, settings: EvalSettings, judges=None):
-        from staysafe.judges import KeywordJudge
-
         self.tokenizer = tokenizer
         self.settings = settings
         self.records = eval_prompts(settings.n_harmful, settings.n_benign, settings.seed)
@@ -129,8 +135,6 @@ class SafetyEvaluator:
         self.benign_with_answers = [r for r in self.records if r["label"] == "benign" and response_text(r)]
         self.task_records = []
         if settings.task and settings.n_task:
-            from staysafe.eval.task import task_test
-
             self.task_records = task_test(settings.task, settings.n_task, settings.seed)
 
     def evaluate(self, model, step: int) -> tuple[dict, list[dict], list[dict]]:
@@ -168,8 +172,6 @@ class SafetyEvaluator:
     def _task(self, model, step: int, row: dict) -> list[dict]:
         """The user task's exact-match accuracy on its held-out questions (``task_accuracy``); ``generations``
         rows of kind ``task`` with ``correct``."""
-        from staysafe.eval.task import is_correct
-
         s = self.settings
         answers = generate(model, self.tokenizer, self.task_records, s.task_new_tokens, s.batch_size)
         rows = [{"step": step, "prompt_id": r["id"], "kind": "task", "category": r["category"],
@@ -248,8 +250,6 @@ class EvalCallback(TrainerCallback):
 
 def make_evaluator(spec, tokenizer) -> "SafetyEvaluator":
     """The run's safety evaluation (held-out prompts, judges, sampling) from its options."""
-    from staysafe.judges import make_judge
-
     settings = EvalSettings(spec.eval_harmful, spec.eval_benign, spec.max_new_tokens, seed=spec.seed,
                             samples=spec.eval_samples, temperature=spec.eval_temperature, task=spec.task,
                             n_task=spec.eval_task if spec.task else 0)
