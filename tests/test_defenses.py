@@ -360,3 +360,47 @@ def test_the_vaccine_reference_is_built_on_demand_and_named_until_then(tmp_path,
     assert METHODS["vaccine"].options == {"method": "sft", "model": "smollm2-135m-aligned-vaccine"}
     with pytest.raises(ValueError, match="defense must be one of none, vaccine"):
         build_aligned(AlignSettings(defense="booster"))
+
+
+def test_safelora_records_failed_and_cancelled_through_the_run_lifecycle(tokenizer, tmp_path):
+    """The post-hoc projection is a run like any other: a failure inside it (an unaligned model without weights)
+    leaves it 'failed' with the error, and SIGTERM during its evaluation leaves it 'cancelled'."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY_RUN
+    from staysafe.cli import main
+    from staysafe.runs.traces import run_state
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(8)))
+    runs = tmp_path / "runs"
+    assert main(["train", *TINY_RUN, "--data", str(data), "--steps", "2", "--eval-every", "0", "--lora-r", "4",
+                 "--save-model", "--method", "sft", "--runs-dir", str(runs), "--run-id", "plain"]) == 0
+    hollow = tmp_path / "hollow"  # a model directory with its config and tokenizer but no weights
+    tokenizer.save_pretrained(hollow)
+    (hollow / "config.json").write_text((runs / "plain" / "final_model" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="model_type"):  # a library error: it keeps its traceback
+        main(["safelora", str(runs / "plain"), "--unaligned", str(hollow)])
+    status = run_state(runs / "plain-safelora")
+    assert status["state"] == "failed" and status["error"]
+    (runs / "plain-safelora").rename(runs / "failed-projection")
+
+    unaligned = tiny_unaligned(tokenizer, tmp_path / "unaligned")
+    log = tmp_path / "log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "safelora", str(runs / "plain"),
+                                 "--unaligned", unaligned], stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "STAYSAFE_TEST_PAUSE": "eval@2:300"})
+        deadline = time.time() + 600
+        while "STAYSAFE_PAUSED eval@2" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    status = run_state(runs / "plain-safelora")
+    assert status["state"] == "cancelled" and "SIGTERM" in status["error"]
