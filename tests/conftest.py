@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -70,3 +74,33 @@ TINY_RUN = [
     "label",
     "--no-record-judge",
 ]
+
+
+class RecordingJudge(BaseHTTPRequestHandler):
+    """A real OpenAI-compatible endpoint on 127.0.0.1 that answers every request with rating 1 and records each
+    request's Authorization header (``server.requests``)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.server.requests.append(self.headers.get("Authorization"))
+        body = json.dumps({"choices": [{"message": {"content": "1"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def recording_judge():
+    """A running :class:`RecordingJudge` server (``.url`` its base URL), shut down on exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingJudge)
+    server.requests = []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_RUN, make_records
+from conftest import TINY_RUN, make_records, recording_judge
 from staysafe.cli import main
 from staysafe.errors import StaySafeError
 from staysafe.options import RunSpec, SpecError
@@ -37,31 +37,12 @@ TINY = dict(model="tiny", lora_r=0, batch_size=4, max_length=64, steps=2, eval_e
             method="sft", scenario="harmful", n_harmful=8)
 
 
-class Trap(BaseHTTPRequestHandler):
-    """Records every request; a test fails if any arrives from a file-driven path."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.server.requests.append(dict(self.headers))
-        body = json.dumps({"choices": [{"message": {"content": "1"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture
 def trap(monkeypatch):
+    """The fake endpoint a planted file names: the test fails if it receives any request."""
     monkeypatch.setenv(SECRET_ENV, "sk-attack-DO-NOT-SEND")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Trap)
-    server.requests = []
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with recording_judge() as server:
+        yield server
     assert server.requests == [], "a file made StaySafe send a request to the endpoint it named"
 
 

@@ -8,14 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, make_records
+from conftest import TINY_RUN, make_records, recording_judge
 from staysafe.cli import main
 from staysafe.runs.traces import RunWriter, load_run
 
@@ -25,27 +23,10 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-class Recorder(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.server.requests.append(self.headers.get("Authorization"))
-        body = json.dumps({"choices": [{"message": {"content": "1"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    server.requests = []
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with recording_judge() as server:
+        yield server
 
 
 def test_a_config_file_cannot_choose_the_judge_endpoint_or_key_variable(tmp_path, endpoint, monkeypatch, capsys):
