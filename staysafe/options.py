@@ -25,22 +25,25 @@ from staysafe.presets import DEFAULT_METHODS, PRESETS, preset_options
 
 
 class _Registered:
-    """The registry's method names, read when asked (a method registered later, e.g. in a test, is a choice too)."""
+    """A registry's names, read when asked (a method registered later, e.g. in a test, is a choice too)."""
+
+    def __init__(self, registry: dict):
+        self.registry = registry
 
     def __iter__(self):
-        return iter(REGISTRY)
+        return iter(self.registry)
 
     def __contains__(self, name) -> bool:
-        return name in REGISTRY
+        return name in self.registry
 
     def __len__(self) -> int:
-        return len(REGISTRY)
+        return len(self.registry)
 
     def __repr__(self) -> str:
-        return repr(tuple(REGISTRY))
+        return repr(tuple(self.registry))
 
 
-METHODS = _Registered()  # the training methods (staysafe.methods: each defined once, there)
+METHODS = _Registered(REGISTRY)  # the training methods (staysafe.methods: each defined once, there)
 RISK_SOURCES = ("label", "probe", "judge")
 BATCH_RISKS = ("max", "mean")
 FALLBACKS = ("probe", "last", "max")
@@ -136,7 +139,8 @@ def check_fields(obj, names=None) -> None:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         if not ok:
             bad(f"a value of type {getattr(kind, '__name__', 'list of str')}")
-        if m.get("choices") and not m.get("open_choices") and value not in m["choices"]:
+        if m.get("choices") and not m.get("open_choices") and (
+                any(v not in m["choices"] for v in value) if isinstance(value, list) else value not in m["choices"]):
             bad()
         if kind in (int, float) and ((m.get("low") is not None and value < m["low"])
                                      or (m.get("high") is not None and value > m["high"])
@@ -346,9 +350,8 @@ class ExperimentSpec:
     """The options of ``staysafe experiment`` (checked like a run's: type, choices and range per field)."""
 
     scenario: str = option("harmful", "the training data of every run", choices=SCENARIOS)
-    methods: list[str] | None = option(None, "the methods to compare, comma-separated, from "
-                                       + ", ".join(VARIANTS) + " (default: the preset's, else "
-                                       + ",".join(DEFAULT_METHODS) + ")")
+    methods: list[str] | None = option(None, "the methods to compare, comma-separated (default: the preset's, else "
+                                       + ",".join(DEFAULT_METHODS) + ")", choices=_Registered(VARIANTS))
     seeds: int = option(1, "seeds per method (0, 1, ...)", low=1, high=100)
     quick: bool = option(False, "the same as --preset quick")
     preset: str | None = option(None, "defaults for a common use: " + "; ".join(f"{k}: {v.about}" for k, v in

@@ -77,7 +77,7 @@ def test_experiment_argv(tmp_path):
     assert live[live.index("--preset") + 1] == "live" and live[live.index("--methods") + 1] == "sft,adaptive-probe"
     with pytest.raises(SpecError, match="preset = .nope. is invalid"):
         experiment_argv("exp-4", tmp_path, tmp_path, preset="nope")
-    with pytest.raises(SpecError, match="unknown method"):
+    with pytest.raises(SpecError, match="methods = \\['dpo'\\] is invalid"):
         experiment_argv("exp-2", tmp_path, tmp_path, methods=["dpo"])
 
 
