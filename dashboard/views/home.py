@@ -10,6 +10,7 @@ import loaders
 import safe_text
 import settings
 import widgets
+from staysafe.options import ALIGNED
 
 cfg = settings.page_setup()
 st.title(":material/shield: StaySafe")
@@ -63,13 +64,12 @@ else:
 
 st.subheader("The aligned reference model")
 try:
-    from staysafe.models.loading import ALIGNED, model_status
+    from staysafe.models.loading import model_status  # loads torch: only here, where it is needed
 
     status = {row["name"]: row for row in model_status()}
     aligned = status.get(ALIGNED, {})
 except Exception as err:  # a missing model wheel must not take the home page down
     aligned = {"ready": False, "detail": f"model status unavailable: {err}"}
-    from staysafe.options import ALIGNED
 if aligned.get("ready"):
     a, b, d = st.columns([1, 1, 3])
     a.metric("held-out harmful refused", charts.fmt_pct(aligned.get("harmful_refusal_rate")))
