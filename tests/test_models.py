@@ -181,7 +181,7 @@ def test_a_local_build_of_the_current_recipe_takes_precedence_and_a_stale_one_is
     current: a local build from another recipe version or other alignment data is reported stale and never
     served (the shipped one is); a current local build is served before the shipped one. The short recipe keeps
     the code that made the shipped adapter tested, export included."""
-    from staysafe import data
+    from staysafe import data, records
     from staysafe.models import align
 
     stale = models.cached_model_dir(models.ALIGNED)
@@ -215,5 +215,5 @@ def test_a_local_build_of_the_current_recipe_takes_precedence_and_a_stale_one_is
     shutil.copytree(data.data_dir(), edited)
     with open(edited / data.SHIPPED["refusals"], "a") as f:
         f.write('{"prompt": "An extra harmful request.", "response": "I can\'t help with that.", "label": "harmful"}\n')
-    monkeypatch.setattr(data, "data_dir", lambda: edited)
+    monkeypatch.setattr(records, "data_dir", lambda: edited)  # where every reader of the shipped sets looks
     assert "other alignment data" in aligned.cache_problem()
