@@ -787,8 +787,7 @@ def test_every_page_in_a_real_browser(dash_data, monkeypatch):
             while q.get(job["id"])["state"] != "cancelled":
                 assert time.time() < deadline, q.get(job["id"])
                 time.sleep(0.5)
-            page.wait_for_timeout(4000)  # the queue view refreshes every 2 s
-            assert page.get_by_text("cancelled").count() >= 1
+            page.get_by_text("cancelled").first.wait_for(timeout=120_000)  # the queue view refreshes every 2 s
             _screenshot(page, SCREENSHOTS / "launch_after_cancel.png")
             browser.close()
     finally:
@@ -894,3 +893,60 @@ def test_sampled_asr_columns_are_their_own_measures_not_judges():
     assert widgets.sampled_columns(evals) == ["asr_at_k_keyword", "asr_sampled_embedding_response"]
     assert charts.metric_title("asr_at_k_keyword") == "sampled ASR@k (keyword)"
     assert charts.metric_title("asr_sampled_embedding_response") == "sampled per-answer ASR (embedding_response)"
+
+
+@pytest.mark.browser
+def test_clicking_a_point_on_the_asr_chart_opens_that_run_at_that_step(dash_data):
+    """A click on a run's line at a step opens that run's answers at that step (a click once opened the step of
+    whatever run the selectbox held)."""
+    from playwright.sync_api import sync_playwright
+
+    from staysafe.runs.traces import load_run
+
+    port = _free_port()
+    env = {**os.environ, "STAYSAFE_RUNS": str(dash_data["runs"]), "STAYSAFE_EXPERIMENTS": str(dash_data["experiments"]),
+           "STAYSAFE_DEMO_DIR": str(dash_data["demo"])}
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
+                               "--server.headless", "true"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the dashboard did not start"
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1440, "height": 1400})
+            page.goto(f"http://127.0.0.1:{port}/asr", wait_until="networkidle")
+            _wait_for_streamlit(page)
+            run_box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text("run", exact=True)).first
+            before = run_box.locator("input").input_value()
+            chart = page.get_by_test_id("stPlotlyChart").first
+            names = chart.locator("g.legend text.legendtext").all_text_contents()  # SVG: no inner text
+            assert len(names) >= 2, names
+            # the benign-NLL panel (asr_keyword, over_refusal, benign_nll): the tiny model's ASR is the same for every
+            # run, so points there overlap; its NLL after training differs between runs
+            layer = chart.locator("g.scatterlayer").nth(2)
+            lines = layer.locator("g.trace.scatter").filter(has=page.locator("path.point"))  # not the bands
+            # the last run's line, its last step: drawn on top, so the click is its own even where points overlap;
+            # the run box held the first run before the click
+            lines.last.locator("path.point").last.click(force=True)
+            last_step = int(load_run(dash_data["runs"] / names[-1]).evals["step"].max())
+            assert not before.startswith(names[-1] + " "), before
+            deadline = time.time() + 60
+            while not run_box.locator("input").input_value().startswith(names[-1] + " "):
+                assert time.time() < deadline, (names, run_box.locator("input").input_value())
+                time.sleep(0.3)
+            step_box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text("step", exact=True)).first
+            assert step_box.locator("input").input_value() == str(last_step)
+            browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

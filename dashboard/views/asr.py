@@ -146,6 +146,7 @@ nrows = math.ceil(len(metrics) / ncols)
 fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[titled(m) for m in metrics],
                     vertical_spacing=0.16 if nrows > 1 else 0.1, horizontal_spacing=0.08)
 groups = list(dict.fromkeys(group_of[r] for r in with_evals))
+curve_run: list[str | None] = []  # per trace drawn, in order: the run a click on it opens (None: a band)
 for gi, group in enumerate(groups):
     members = [r for r in with_evals if group_of[r] == group]
     color = charts.color_for(gi, group)
@@ -175,8 +176,9 @@ for gi, group in enumerate(groups):
                 steps_b, lo, hi = steps[keep], lo[keep], hi[keep]
         if lo is not None and len(lo):
             fig.add_trace(go.Scatter(x=np.concatenate([steps_b, steps_b[::-1]]), y=np.concatenate([hi, lo[::-1]]),
-                                     fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0),
+                                     fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0), mode="lines",
                                      hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
+            curve_run.append(None)
         name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
         pct = m.startswith("asr_") or m == "over_refusal"
         fig.add_trace(
@@ -192,10 +194,12 @@ for gi, group in enumerate(groups):
                 hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
                 + ("%{y:.0%}" if pct else "%{y:.3f}")
                 + "<extra></extra>",
+                customdata=[members[0]] * len(steps),  # a click opens this run (a group's first seed)
             ),
             row=row,
             col=col,
         )
+        curve_run.append(members[0])
 for k, m in enumerate(metrics):
     row, col = k // ncols + 1, k % ncols + 1
     if m.startswith("asr_") or m == "over_refusal":
@@ -206,7 +210,8 @@ fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.04 /
                   margin=dict(t=110), clickmode="event+select")
 event = st.plotly_chart(fig, key="asr_chart", on_select="rerun", selection_mode=("points",),
                         config={"displaylogo": False})
-st.caption("Click a point to read the answers at that step (or pick the step below). "
+st.caption("Click a point to read that run's answers at that step (a mean over seeds opens its first seed; or "
+           "pick the run and step below). "
            + ("Dotted: keyword ASR, the weak judge." if judge_cols else ""))
 
 # ----------------------------------------------------------------------------------------------- answers at a step
@@ -217,7 +222,17 @@ try:
 except AttributeError:
     points = []
 if points and "x" in points[0]:
-    st.session_state["asr_clicked_step"] = int(points[0]["x"])
+    clicked_at = (points[0].get("curve_number"), points[0].get("point_index"))
+    if st.session_state.get("asr_last_click") != clicked_at:  # a new click (the selection persists across reruns)
+        st.session_state["asr_last_click"] = clicked_at
+        st.session_state["asr_clicked_step"] = int(points[0]["x"])
+        curve = points[0].get("curve_number")
+        clicked_run = points[0].get("customdata") or (
+            curve_run[curve] if isinstance(curve, int) and 0 <= curve < len(curve_run) else None)
+        if isinstance(clicked_run, list):
+            clicked_run = clicked_run[0] if clicked_run else None
+        if clicked_run in with_evals:
+            st.session_state["asr_gen_run"] = clicked_run  # the run that was clicked, not the last one picked
 
 st.subheader("What the model answered")
 c1, c2, c3 = st.columns([2, 1, 1])
