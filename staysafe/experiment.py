@@ -36,6 +36,7 @@ from staysafe.runs.atomic import write_text
 from staysafe.runs.traces import (
     RUN_ID,
     TraceError,
+    lifecycle,
     load_run,
     new_run_id,
     read_json,
@@ -223,59 +224,49 @@ def run_experiment(spec: ExperimentSpec, log=print, resume: bool = False, endpoi
     if (out / "experiment.json").exists() and not resume:
         raise SpecError(f"experiment {out} already exists: continue it with --resume {exp_id}, or choose another id")
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = process.LifeLock(out / process.LOCK_NAME, wait=1.0)
-    except process.LockBusy:
-        raise SpecError(f"experiment {out} is running in another process; wait for it or cancel it") from None
-    try:
-        return _run_all(spec, base, exp_id, out, log, endpoint)
-    finally:
-        lock.release()
+    desc = {**asdict(spec), "experiment_id": exp_id, "id": exp_id, "base": asdict(base),
+            **({"judge_endpoint": endpoint.public()} if endpoint is not None else {})}
+
+    def record(state: str, **fields) -> None:  # experiment.json says how it stands
+        write_json(out / "experiment.json", {**desc, **fields, "state": state, **process.identity()})
+
+    with lifecycle(out, record) as done:  # running (locked), then finished / cancelled / failed
+        _run_all(spec, base, exp_id, out, log, endpoint, done)
+    return out
 
 
-def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, endpoint) -> Path:
+def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, endpoint, done: dict) -> None:
+    """Every method (x sweep point) for every seed; ``done`` keeps the runs so far and the minutes spent."""
     # risk-driven methods with a KL-weight beta first, so a fixed-beta method can be matched to their mean beta
     order = sorted(spec.methods, key=lambda m: (not _sets_matched_beta(m), spec.methods.index(m)))
     match_beta = "beta" not in spec.sweep
     rows, t0 = [], time.time()
-    desc = {**asdict(spec), "experiment_id": exp_id, "id": exp_id, "base": asdict(base),
-            **({"judge_endpoint": endpoint.public()} if endpoint is not None else {})}
-    write_json(out / "experiment.json", {**desc, "state": "running", **process.identity()})
-    try:
-        for seed in range(spec.seeds):
-            matched_beta = None
-            for name in order:
-                for point in sweep_points(spec, name):
-                    run_spec = replace(base, seed=seed, experiment=exp_id, run_id=run_name(exp_id, name, point, seed),
-                                       **METHODS[name].options, **point)
-                    fixed_beta = "beta" in method_named(METHODS[name].method).options  # constant-kl
-                    if fixed_beta and match_beta:
-                        run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
-                                           else spec.constant_beta)
-                    run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}",
-                                                   endpoint))
-                    row = {"method": name, "seed": seed, "beta": run_spec.beta if fixed_beta else math.nan,
-                           **{f"sweep_{k}": v for k, v in point.items()},
-                           **run_summary(run, (base.beta_min + base.beta_max) / 2)}
-                    if _sets_matched_beta(name) and matched_beta is None:  # a KL weight (token-wise
-                        # methods' beta is the level that scales their schedule, not a KL weight)
-                        matched_beta = row["mean_beta"]
-                    rows.append(row)
-                    results = pd.DataFrame(rows)
-                    write_parquet(
-                        out / "results.parquet", results
-                    )  # after every run: a killed experiment keeps its rows
-                    write_text(out / "results.md", markdown_table(results, spec.methods))
-    except BaseException as err:  # the experiment says how it ended, then the error goes on
-        state = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
-        write_json(out / "experiment.json", {**desc, "state": state, "error": f"{type(err).__name__}: {err}",
-                                             "minutes": (time.time() - t0) / 60, "runs": [r["run_id"] for r in rows]})
-        raise
+    for seed in range(spec.seeds):
+        matched_beta = None
+        for name in order:
+            for point in sweep_points(spec, name):
+                run_spec = replace(base, seed=seed, experiment=exp_id, run_id=run_name(exp_id, name, point, seed),
+                                   **METHODS[name].options, **point)
+                fixed_beta = "beta" in method_named(METHODS[name].method).options  # constant-kl
+                if fixed_beta and match_beta:
+                    run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
+                                       else spec.constant_beta)
+                run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}",
+                                               endpoint))
+                row = {"method": name, "seed": seed, "beta": run_spec.beta if fixed_beta else math.nan,
+                       **{f"sweep_{k}": v for k, v in point.items()},
+                       **run_summary(run, (base.beta_min + base.beta_max) / 2)}
+                if _sets_matched_beta(name) and matched_beta is None:  # a KL weight (token-wise
+                    # methods' beta is the level that scales their schedule, not a KL weight)
+                    matched_beta = row["mean_beta"]
+                rows.append(row)
+                done.update(runs=[r["run_id"] for r in rows], minutes=(time.time() - t0) / 60)
+                results = pd.DataFrame(rows)
+                write_parquet(out / "results.parquet", results)  # after every run: a killed experiment keeps its rows
+                write_text(out / "results.md", markdown_table(results, spec.methods))
     if spec.sweep or len(set(spec.methods)) > 1:
         save_frontier(pd.DataFrame(rows), out, log)
-    write_json(out / "experiment.json", {**desc, "state": "finished", "minutes": (time.time() - t0) / 60,
-                                         "runs": [r["run_id"] for r in rows]})
-    return out
+    done.update(runs=[r["run_id"] for r in rows], minutes=(time.time() - t0) / 60)
 
 
 def _sets_matched_beta(name: str) -> bool:

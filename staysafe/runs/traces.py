@@ -181,44 +181,51 @@ class RunWriter:
             log(f"warning: could not merge the trace parts of {self.path} ({type(err).__name__}: {err}); "
                 "the unmerged parts stay readable")
 
-    @contextlib.contextmanager
     def lifecycle(self, main: bool = True, log=print, **info):
-        """The run's states, in one place: ``running`` (holding the run's lock, so readers can tell it is alive
-        without trusting a pid), then ``finished``, ``cancelled`` (SIGTERM or Ctrl-C) or ``failed`` with the
-        error. The final state is written before the trace parts are merged, so nothing on the way out can lose
-        it. ``main``: False on the other processes of a distributed run (they write no status). Yields a dict
-        whose items go into the ``finished`` status (e.g. the last step)."""
-        lock = None
-        if main:
-            try:
-                lock = process.LifeLock(self.path / process.LOCK_NAME)
-            except process.LockBusy:
-                raise SpecError(f"{self.path} is still running in another process; cancel it first or wait for "
-                                "it to end") from None
-            except OSError as err:
-                raise TraceError(f"cannot lock {self.path / process.LOCK_NAME} ({err.strerror or err})") from None
-            self.set_status("running", started=time.time(), **info)
-        previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
-        done: dict = {}
+        """The run's states (see :func:`lifecycle`), its trace parts merged on the way out; ``main``: False on
+        the other processes of a distributed run (they write no status)."""
+        return lifecycle(self.path, self.set_status if main else None, on_exit=lambda: self.close(log), **info)
+
+
+@contextlib.contextmanager
+def lifecycle(directory: Path, record, on_exit=None, **info):
+    """A run's or an experiment's states, in one place: ``running`` (holding ``<directory>/.lock``, so readers
+    can tell it is alive without trusting a pid), then ``finished``, ``cancelled`` (SIGTERM or Ctrl-C) or
+    ``failed`` with the error. ``record(state, **fields)`` writes a state (None: this process records nothing).
+    The final state is written before ``on_exit`` (merging trace parts), so nothing on the way out can lose it.
+    Yields a dict whose items go into the final state (the last step; an experiment's runs and minutes)."""
+    lock = None
+    if record is not None:
         try:
-            yield done
-            if main:
-                self.set_status("finished", ended=time.time(), **done)
-        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into one
-            if main:
-                self.set_status("cancelled", ended=time.time(), error=str(err) or "cancelled")
-            raise
-        except BaseException as err:
-            if main:
-                self.set_status("failed", ended=time.time(), error=f"{type(err).__name__}: {err}"[:2000],
-                                traceback=traceback.format_exc(limit=8))
-            raise
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-            self.close(log)
-            if lock is not None:
-                lock.release()
+            lock = process.LifeLock(Path(directory) / process.LOCK_NAME)
+        except process.LockBusy:
+            raise SpecError(f"{directory} is still running in another process; cancel it first or wait for it to "
+                            "end") from None
+        except OSError as err:
+            raise TraceError(f"cannot lock {Path(directory) / process.LOCK_NAME} ({err.strerror or err})") from None
+        record("running", started=time.time(), **info)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    done: dict = {}
+    try:
+        yield done
+        if record is not None:
+            record("finished", ended=time.time(), **done)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into one
+        if record is not None:
+            record("cancelled", ended=time.time(), error=str(err) or "cancelled", **done)
+        raise
+    except BaseException as err:
+        if record is not None:
+            record("failed", ended=time.time(), error=f"{type(err).__name__}: {err}"[:2000],
+                   traceback=traceback.format_exc(limit=8), **done)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if on_exit is not None:
+            on_exit()
+        if lock is not None:
+            lock.release()
 
 
 class Cancelled(KeyboardInterrupt):
