@@ -4,6 +4,7 @@ checks, and one real-browser pass in headless Chromium that screenshots every pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -715,12 +716,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.browser
-def test_every_page_in_a_real_browser(dash_data, monkeypatch):
-    from playwright.sync_api import sync_playwright
-
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the live training subprocess: see build_dashboard_data
+@contextlib.contextmanager
+def _dashboard_server(dash_data):
+    """A real dashboard server on a free port over the test data (every root set by environment): its URL."""
     port = _free_port()
     env = {**os.environ, "STAYSAFE_RUNS": str(dash_data["runs"]), "STAYSAFE_EXPERIMENTS": str(dash_data["experiments"]),
            "STAYSAFE_COMPARE": str(dash_data["compare"]), "STAYSAFE_PROBES": str(dash_data["probes"]),
@@ -728,16 +726,32 @@ def test_every_page_in_a_real_browser(dash_data, monkeypatch):
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
                                "--server.headless", "true"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
                     break
             except OSError:
                 assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "the dashboard did not start"
                 time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.mark.browser
+def test_every_page_in_a_real_browser(dash_data, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the live training subprocess: see build_dashboard_data
+    with _dashboard_server(dash_data) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -793,12 +807,6 @@ def test_every_page_in_a_real_browser(dash_data, monkeypatch):
                 page.wait_for_timeout(300)
             _screenshot(page, SCREENSHOTS / "launch_after_cancel.png")
             browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def _screenshot(page, path: Path) -> None:
@@ -906,25 +914,11 @@ def test_clicking_a_point_on_the_asr_chart_opens_that_run_at_that_step(dash_data
 
     from staysafe.runs.traces import load_run
 
-    port = _free_port()
-    env = {**os.environ, "STAYSAFE_RUNS": str(dash_data["runs"]), "STAYSAFE_EXPERIMENTS": str(dash_data["experiments"]),
-           "STAYSAFE_DEMO_DIR": str(dash_data["demo"])}
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-                               "--server.headless", "true"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "the dashboard did not start"
-                time.sleep(0.5)
+    with _dashboard_server(dash_data) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1440, "height": 1400})
-            page.goto(f"http://127.0.0.1:{port}/asr", wait_until="networkidle")
+            page.goto(f"{url}/asr", wait_until="networkidle")
             _wait_for_streamlit(page)
             run_box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text("run", exact=True)).first
             before = run_box.locator("input").input_value()
@@ -947,9 +941,3 @@ def test_clicking_a_point_on_the_asr_chart_opens_that_run_at_that_step(dash_data
             step_box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text("step", exact=True)).first
             assert step_box.locator("input").input_value() == str(last_step)
             browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
