@@ -306,7 +306,7 @@ class RunSpec(SafetyOptions):
             bad("report_to", f"names from {', '.join(REPORTERS)}, comma-separated (unknown: {', '.join(unknown)})")
         for name in ("run_id", "experiment"):
             value = getattr(self, name)
-            if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+            if value is not None and not RUN_ID.match(value):
                 bad(name, "letters, digits, '.', '_' and '-' (max 128, no other character)")
         return self
 
@@ -342,6 +342,8 @@ class RunSpec(SafetyOptions):
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(d, f.name)}
 
 
+ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # a run, experiment or job target id: letters, digits, '.', '_', '-'
+RUN_ID = re.compile(rf"^{ID}\Z")  # \Z: "$" would let a trailing newline through
 NOT_PER_RUN = {"seed", "run_id", "runs_dir", "experiment"}  # an experiment sets these for each of its runs
 
 
@@ -375,7 +377,7 @@ class ExperimentSpec:
         if bad:
             raise SpecError(f"experiment option overrides: {', '.join(map(str, bad))} not a run option an "
                             "experiment may set (see staysafe train --help; where runs go is the command line's)")
-        if self.experiment_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.experiment_id):
+        if self.experiment_id is not None and not RUN_ID.match(self.experiment_id):
             raise SpecError(f"experiment id {self.experiment_id!r} is not allowed: use letters, digits, '.', '_' "
                             "and '-' (max 128)")
         if self.quick and self.preset not in (None, "quick"):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from staysafe.errors import StaySafeError
+from staysafe.options import ID
 from staysafe.runs import process
 from staysafe.runs.atomic import write_json, write_text
 from staysafe.runs.files import open_append, open_regular, real_dir
@@ -33,7 +34,7 @@ QUEUE_DIR = ".queue"
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
 KINDS = ("train", "experiment")
-JOB_ID = re.compile(r"^[0-9]{13}-(train|experiment)-[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+JOB_ID = re.compile(rf"^[0-9]{{13}}-(train|experiment)-{ID}\Z")
 WORKER_LOCK = "worker.lock"
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 import staysafe.runs.process as process
 from staysafe.errors import StaySafeError
-from staysafe.options import SpecError
+from staysafe.options import RUN_ID, SpecError  # noqa: F401  (RUN_ID re-exported: the id rule, defined once)
 from staysafe.runs.atomic import fsync_dir, write_json, write_parquet  # noqa: F401  (writers re-exported)
 from staysafe.runs.files import TraceError, read_json, real_dir  # noqa: F401  (the readers' error, re-exported)
 
@@ -51,7 +51,6 @@ TABLES = {  # table name -> columns that identify a row (duplicates keep the new
     "positions": ("step", "position"),
 }
 STATES = ("created", "running", "finished", "failed", "cancelled", "interrupted")
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline through
 INTEGER_KEYS = ("step", "slot", "sample", "position")
 NUMERIC = ("asr_", "over_refusal", "benign_nll", "task_accuracy", "beta", "loss", "nll", "kl", "risk", "score_",
            "wall_time", "n_harmful", "n_benign")  # column name prefixes that must hold numbers
