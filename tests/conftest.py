@@ -104,3 +104,19 @@ def recording_judge():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def paused_cli(args: list[str], point: str, log: Path, timeout: float = 600, pause: float = 300):
+    """``staysafe <args>`` in a subprocess, returned once it announces the fault-injection ``point`` (where it
+    then sleeps ``pause`` s): a test signals it at that exact moment. Its stderr goes to ``log``."""
+    import time
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", *args], stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "STAYSAFE_TEST_PAUSE": f"{point}:{pause:g}"})
+    deadline = time.time() + timeout
+    while f"STAYSAFE_PAUSED {point}" not in log.read_text():
+        assert proc.poll() is None, f"exited before {point}: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"never reached {point}"
+        time.sleep(0.05)
+    return proc

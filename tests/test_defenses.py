@@ -366,13 +366,9 @@ def test_safelora_records_failed_and_cancelled_through_the_run_lifecycle(tokeniz
     """The post-hoc projection is a run like any other: a failure inside it (an unaligned model without weights)
     leaves it 'failed' with the error, and SIGTERM during its evaluation leaves it 'cancelled'."""
     import json
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from conftest import TINY_RUN
+    from conftest import TINY_RUN, paused_cli
     from staysafe.cli import main
     from staysafe.runs.traces import run_state
 
@@ -391,16 +387,8 @@ def test_safelora_records_failed_and_cancelled_through_the_run_lifecycle(tokeniz
     (runs / "plain-safelora").rename(runs / "failed-projection")
 
     unaligned = tiny_unaligned(tokenizer, tmp_path / "unaligned")
-    log = tmp_path / "log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "safelora", str(runs / "plain"),
-                                 "--unaligned", unaligned], stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "STAYSAFE_TEST_PAUSE": "eval@2:300"})
-        deadline = time.time() + 600
-        while "STAYSAFE_PAUSED eval@2" not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 130
+    proc = paused_cli(["safelora", str(runs / "plain"), "--unaligned", unaligned], "eval@2", tmp_path / "log")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
     status = run_state(runs / "plain-safelora")
     assert status["state"] == "cancelled" and "SIGTERM" in status["error"]

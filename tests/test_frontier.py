@@ -133,25 +133,15 @@ def test_sampled_measures_are_not_listed_as_judges(tmp_path):
 def test_an_experiment_goes_through_the_run_lifecycle_when_cancelled(tmp_path):
     """SIGTERM during one of its runs: that run and the experiment both end 'cancelled' (the experiment's own
     description says so, with the runs so far), through the same lifecycle as a run."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from conftest import paused_cli
 
     sets = [f"--set={k}={','.join(v) if isinstance(v, list) else v}" for k, v in TINY.items()]
-    log = tmp_path / "log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "experiment", "--model", "tiny", "--methods",
-                                 "sft,constant-kl", "--id", "e", "--out-dir", str(tmp_path / "exp"), "--runs-dir",
-                                 str(tmp_path / "runs"), *sets], stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "STAYSAFE_TEST_PAUSE": "step@1:300"})
-        deadline = time.time() + 600
-        while "STAYSAFE_PAUSED step@1" not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 130
+    proc = paused_cli(["experiment", "--model", "tiny", "--methods", "sft,constant-kl", "--id", "e", "--out-dir",
+                       str(tmp_path / "exp"), "--runs-dir", str(tmp_path / "runs"), *sets], "step@1", tmp_path / "log")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
     desc = json.loads((tmp_path / "exp" / "e" / "experiment.json").read_text())
     assert desc["state"] == "cancelled" and "SIGTERM" in desc["error"]
     assert load_run(tmp_path / "runs" / "e-sft-s0").status["state"] == "cancelled"

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, make_records
+from conftest import REPO, make_records, paused_cli
 from staysafe.data import DataError, load_records, normalize_record
 from staysafe.options import spec_flags as spec_arguments
 from staysafe.runner import RunSpec, SpecError, latest_checkpoint, run_training
@@ -76,17 +75,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, lora_r, method, more):
 
 def kill_at(spec: RunSpec, point: str, log: Path, timeout: float = 300) -> None:
     """Run ``staysafe train`` in a subprocess and SIGKILL it while it pauses at a fault-injection point."""
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "train", *spec_flags(spec)],
-                                stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "STAYSAFE_TEST_PAUSE": f"{point}:120"})
-        deadline = time.time() + timeout
-        while f"STAYSAFE_PAUSED {point}" not in log.read_text():
-            assert proc.poll() is None, f"exited before {point}: {log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"never reached {point}"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = paused_cli(["train", *spec_flags(spec)], point, log, timeout, pause=120)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.mark.parametrize("point", ["checkpoint@4", "eval@3"])

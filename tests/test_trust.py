@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, make_records, recording_judge
+from conftest import TINY_RUN, make_records, paused_cli, recording_judge
 from staysafe.cli import main
 from staysafe.runs.traces import RunWriter, load_run
 
@@ -144,19 +142,12 @@ def test_the_final_status_is_written_before_the_way_out_can_fail(tmp_path):
     recorded as cancelled (a second signal once cut the cancel path before status.json was written)."""
     data = write_jsonl(tmp_path / "d.jsonl", make_records(40))
     log = tmp_path / "log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "staysafe.cli", "train", *TINY_RUN, "--data", str(data),
-                                 "--steps", "20", "--eval-every", "0", "--run-id", "victim", "--runs-dir",
-                                 str(tmp_path / "runs")], stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "STAYSAFE_TEST_PAUSE": "step@3:300"})
-        deadline = time.time() + 900
-        while "STAYSAFE_PAUSED step@3" not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        while proc.poll() is None:
-            with __import__("contextlib").suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            time.sleep(0.01)
+    proc = paused_cli(["train", *TINY_RUN, "--data", str(data), "--steps", "20", "--eval-every", "0", "--run-id",
+                       "victim", "--runs-dir", str(tmp_path / "runs")], "step@3", log, timeout=900)
+    while proc.poll() is None:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.01)
     run = load_run(tmp_path / "runs" / "victim")
     assert run.status["state"] == "cancelled", (run.status, log.read_text()[-2000:])
     assert run.steps["step"].tolist() == [1, 2, 3]
