@@ -9,17 +9,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from staysafe.methods import VARIANTS, variant_of
+from staysafe.methods import PALETTE, colour, variant_of  # noqa: F401  (PALETTE: the pages' one palette)
 from staysafe.runs import trace_names
 
 SCATTER_GL_MIN = 1500  # lines with more points than this are drawn with WebGL
 
-
-METHOD_COLORS = {name: v.colour for name, v in VARIANTS.items()}  # one colour per method, from the registry
-
-
-PALETTE = ["#2a7f7a", "#c8553d", "#3f6fb5", "#d4a72c", "#7a5ea8", "#5b8c3a", "#b0487a", "#6b6b6b", "#1f9bb0",
-           "#a0522d"]
 
 
 LABEL_COLORS = {"harmful": "#c8553d", "benign": "#2a7f7a"}
@@ -42,9 +36,8 @@ def line_trace(x, y, name: str, color: str | None = None, **kw):
 
 
 def color_for(i: int, name: str | None = None) -> str:
-    if name in METHOD_COLORS:
-        return METHOD_COLORS[name]
-    return PALETTE[i % len(PALETTE)]
+    """A method's own colour (the registry's), else the ``i``-th of the palette."""
+    return colour(name, i)
 
 
 def plotly(fig: go.Figure, key: str | None = None, **kw):

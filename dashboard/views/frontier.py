@@ -53,10 +53,7 @@ judge = st.radio("ASR by", judges(results), horizontal=True, key="frontier_judge
 x, xlabel, y = axes(results, judge)
 points = frontier_points(results, judge)
 points["on frontier"] = on_frontier(points, higher_x_is_better=x == "final_task_accuracy")
-fig = frontier_figure(results, title=None, judge=judge)
-for trace in fig.data:
-    trace.marker.color = charts.METHOD_COLORS.get(trace.name)
-    trace.line.color = charts.METHOD_COLORS.get(trace.name)
+fig = frontier_figure(results, title=None, judge=judge)  # coloured by the registry, as on every page
 charts.style(fig, height=520)
 agreement = measured_agreement().get(judge)
 note = (f"ASR by the {judge_name(judge)} judge (κ = {agreement['kappa']:.2f} against labelled answers)" if agreement

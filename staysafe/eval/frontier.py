@@ -77,12 +77,12 @@ def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility t
     x, xlabel, y = axes(results, judge)
     points = frontier_points(results, judge)
     fig = go.Figure()
-    for method, g in points.groupby("method", sort=False):
+    for k, (method, g) in enumerate(points.groupby("method", sort=False)):
         g = g.sort_values("x")
         curve = len(g) > 1  # a sweep (constant-kl's beta): its points joined as a curve
         fig.add_trace(go.Scatter(
             x=g["x"], y=g["y"] * 100, mode="lines+markers" if curve else "markers", name=method,
-            line={"color": colour(method)}, marker_color=colour(method),
+            line={"color": colour(method, k)}, marker_color=colour(method, k),
             error_x={"type": "data", "array": g["x_std"], "visible": True},
             error_y={"type": "data", "array": g["y_std"] * 100, "visible": True},
             marker_size=11, text=g["label"], customdata=g[["runs", "seeds"]].to_numpy(),

@@ -61,12 +61,16 @@ def method_options() -> dict[str, tuple[str, ...]]:
     return out
 
 
-def colour(name: str, i: int = 0) -> str:
-    """One colour per variant (or method) name, the same on every page; others from a palette."""
+PALETTE = ["#2a7f7a", "#c8553d", "#3f6fb5", "#d4a72c", "#7a5ea8", "#5b8c3a", "#b0487a", "#6b6b6b", "#1f9bb0",
+           "#a0522d"]  # for anything that is not a registered method (runs by name, risk sources, layers)
+
+
+def colour(name: str | None, i: int = 0) -> str:
+    """One colour per variant (or method) name, the same on every page; anything else the ``i``-th of the
+    palette."""
     if name in VARIANTS:
         return VARIANTS[name].colour
-    palette = ["#2a7f7a", "#c8553d", "#3f6fb5", "#d4a72c", "#7a5ea8", "#5b8c3a", "#b0487a", "#6b6b6b"]
-    return palette[i % len(palette)]
+    return PALETTE[i % len(PALETTE)]
 
 
 def regularised(config: dict) -> bool:
