@@ -23,16 +23,21 @@ def style(fig: go.Figure, height: int = 420, title: str | None = None, legend_be
     """The dashboard's calm chart style: white background, light grid, readable fonts, room for labels."""
     fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60 if title else 30, b=50),
                       font=dict(size=13), hoverlabel=dict(font_size=12, align="left"), title=title)
-    if legend_below:
-        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="left", x=0))
+    if legend_below:  # under the x-axis title: never over the chart's title, however narrow the page
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0),
+                          margin=dict(b=110))
     return fig
 
 
-def line_trace(x, y, name: str, color: str | None = None, **kw):
+DASHES = ("solid", "dash", "dot", "dashdot")  # several runs of one method: one colour, one dash each
+SYMBOLS = ("circle", "square", "diamond", "triangle-up")  # or one marker each, where dashes mean something else
+
+
+def line_trace(x, y, name: str, color: str | None = None, dash: str = "solid", **kw):
     """Scatter for short lines, Scattergl (WebGL) for long ones."""
     cls = go.Scattergl if len(x) > SCATTER_GL_MIN else go.Scatter
     return cls(x=x, y=y, name=name, mode=kw.pop("mode", "lines+markers" if len(x) <= 60 else "lines"),
-               line=dict(color=color, width=2), marker=dict(size=5, color=color), **kw)
+               line=dict(color=color, width=2, dash=dash), marker=dict(size=5, color=color), **kw)
 
 
 def color_for(i: int, name: str | None = None) -> str:
@@ -40,8 +45,12 @@ def color_for(i: int, name: str | None = None) -> str:
     return colour(name, i)
 
 
+# The camera button of every chart's toolbar saves it as a PNG at twice the screen size (for slides).
+DOWNLOAD = {"toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
 def plotly(fig: go.Figure, key: str | None = None, **kw):
-    return st.plotly_chart(fig, key=key, config={"displaylogo": False}, **kw)
+    return st.plotly_chart(fig, key=key, config={"displaylogo": False, **DOWNLOAD}, **kw)
 
 
 def smooth(series: pd.Series, how: str, amount: float) -> pd.Series:

@@ -29,15 +29,21 @@ ROOTS = {  # setting -> (environment variable, default, what it holds)
 
 
 DEMO_ENV = "STAYSAFE_DEMO_DIR"
+RESULTS_ENV = "STAYSAFE_RESULTS_DIR"  # the shipped experiments (benchmarks/results): results tables, no runs
+OWN, DEMO = "your runs", "recorded demo"
 
 
 @dataclass(frozen=True)
 class Settings:
+    """The roots a page reads: the user's own (sidebar) or the recorded demo's (shipped, read-only)."""
+
     runs: Path
     experiments: Path
     compare: Path
     probes: Path
     demo: Path
+    source: str = OWN  # which data is shown: OWN or DEMO
+    recorded: bool = False  # shipped data: read-only, nothing is launched into it
 
 
 def _default(name: str) -> str:
@@ -46,7 +52,16 @@ def _default(name: str) -> str:
 
 
 def sidebar_settings() -> Settings:
-    """The roots, editable in the sidebar (defaults: ``./runs`` etc. or the STAYSAFE_* environment variables)."""
+    """Which data is shown (the user's runs or the recorded demo) and the user's roots, editable in the sidebar
+    (defaults: ``./runs`` etc. or the STAYSAFE_* environment variables)."""
+    if _NEXT_SOURCE in st.session_state:
+        st.session_state[DATA_KEY] = st.session_state.pop(_NEXT_SOURCE)
+    if DATA_KEY not in st.session_state:  # first open: the user's runs if there are any, else the recorded demo
+        st.session_state[DATA_KEY] = OWN if has_data(own_settings()) or not has_data(demo_settings()) else DEMO
+    st.sidebar.radio("Data shown", [OWN, DEMO], key=DATA_KEY, captions=[
+        f"under {own_settings().runs}; launched runs go here", f"shipped with StaySafe ({demo_dir()}), read-only"],
+        help="The recorded demo is a real experiment recorded with `staysafe experiment` and shipped in `data/demo`; "
+             "every page can show it. Runs you launch are written to your runs root only.")
     with st.sidebar.expander("Settings: data folders", expanded=False):
         for name, (env, default, what) in ROOTS.items():
             st.text_input(f"{name} root", value=_default(name), key=f"root_{name}",
@@ -57,6 +72,52 @@ def sidebar_settings() -> Settings:
 
 def demo_dir() -> Path:
     return Path(os.environ.get(DEMO_ENV) or REPO / "data" / "demo")
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or REPO / "benchmarks" / "results")
+
+
+DATA_KEY, _NEXT_SOURCE = "data_source", "_data_source_next"
+
+
+def has_data(cfg: Settings) -> bool:
+    """Whether a root holds any run or experiment (cheap: one listing each)."""
+    def entries(root: Path) -> bool:
+        try:
+            return any(not e.name.startswith(".") and e.is_dir() for e in os.scandir(root))
+        except OSError:
+            return False
+
+    return entries(cfg.runs) or entries(cfg.experiments)
+
+
+def demo_settings() -> Settings:
+    """The recorded demo's roots: ``data/demo/{runs,experiment,compare}``; its runs hold the saved activations."""
+    demo = demo_dir()
+    return Settings(runs=demo / "runs", experiments=demo, compare=demo / "compare", probes=demo / "runs", demo=demo,
+                    source=DEMO, recorded=True)
+
+
+def experiment_roots() -> list[tuple[str, Path, Path]]:
+    """Where experiments are found, as (origin, experiments root, runs root): the user's, the recorded demo's and
+    the shipped benchmark results (``benchmarks/results``: results tables only, their runs are not shipped)."""
+    own, demo = own_settings(), demo_settings()
+    return [("yours", own.experiments, own.runs), ("recorded demo", demo.experiments, demo.runs),
+            ("recorded benchmark", results_dir(), results_dir() / "runs")]
+
+
+def show_source(source: str) -> None:
+    """Switch the data shown from the next script run on (before a page switch that opens runs of that source; the
+    sidebar's radio is already drawn in this run, so it takes the value when it is next drawn)."""
+    st.session_state[_NEXT_SOURCE] = source
+
+
+def source_note(cfg: Settings) -> None:
+    """A line above every page that shows recorded data: what it is and how to see one's own."""
+    if cfg.recorded:
+        st.caption(f":material/inventory_2: **Recorded data**: the demo experiment shipped in "
+                   f"{safe_text.code(cfg.demo)} (read-only). Your own runs: *Data shown* in the sidebar.")
 
 
 _shell = threading.local()  # one script run per thread: is this run going through app.py?
@@ -79,17 +140,25 @@ def app_shell():
         _shell.active = False
 
 
-def page_setup() -> Settings:
-    """First call of every page: the settings, with the app shell (page config, sidebar) drawn when a page file is
-    run on its own (as ``AppTest`` may) rather than through ``app.py``'s navigation."""
+def page_setup(own: bool = False) -> Settings:
+    """First call of every page: the settings of the data shown (``own``: always the user's roots, for pages that
+    write), with the app shell (page config, sidebar) drawn when a page file is run on its own (as ``AppTest`` may)
+    rather than through ``app.py``'s navigation."""
     if not getattr(_shell, "active", False):
         configure_page()
         sidebar_settings()
-    return settings()
+    cfg = own_settings() if own else settings()
+    source_note(cfg)
+    return cfg
 
 
 def settings() -> Settings:
-    """The current roots (from the sidebar widgets when the app shell ran, else the defaults)."""
+    """The roots of the data shown: the recorded demo's, or the user's."""
+    return demo_settings() if st.session_state.get(DATA_KEY) == DEMO else own_settings()
+
+
+def own_settings() -> Settings:
+    """The user's roots (from the sidebar widgets when the app shell ran, else the defaults)."""
     def root(name):
         value = st.session_state.get(f"root_{name}") or _default(name)
         return Path(value).expanduser()

@@ -165,3 +165,50 @@ def status_line(run: Run) -> None:
             f"Run {safe_text.code(run.id)} is {state}: {steps}/{total} steps so far "
             "(this page refreshes on every rerun)."
         )
+
+
+# ------------------------------------------------------------------------------------ run time estimate (Launch page)
+
+# README ("The live experiment", smollm2-135m on a 2-core CPU): 3.0 (sft) to 4.3 (adaptive) s per step, 9-11 s per
+# evaluation; the fallback when no run of the model was measured on this machine.
+README_STEP_SECONDS, README_EVAL_SECONDS = 4.3, 10.0
+
+
+def evaluations(steps: int, eval_every: int) -> int:
+    """How many evaluations a run makes: at step 0, every ``eval_every`` steps and at the last step."""
+    return len({0, steps, *(range(0, steps, eval_every) if eval_every else ())})
+
+
+def time_estimate(step_times, eval_times, steps: int, evals: int) -> tuple[float, float, bool]:
+    """(seconds, seconds per step, measured) of a run of ``steps`` steps and ``evals`` evaluations: the median of
+    the measured step times (``wall_time`` of steps.parquet) and of the evaluation times (evals.parquet; none
+    recorded: 0); without any measured step, the README's figures and ``measured`` False."""
+    step_times, eval_times = pd.Series(step_times, dtype=float).dropna(), pd.Series(eval_times, dtype=float).dropna()
+    if step_times.empty:
+        return steps * README_STEP_SECONDS + evals * README_EVAL_SECONDS, README_STEP_SECONDS, False
+    per_eval = float(eval_times.median()) if len(eval_times) else 0.0
+    per_step = float(step_times.median())
+    return steps * per_step + evals * per_eval, per_step, True
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` rounded for a person: 40 s, 3 min, 1.5 h."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------- widget values that follow the data
+
+
+def reset_value_on_change(key: str, signature, default) -> None:
+    """Set widget ``key`` to ``default`` when what it chooses from changed (``signature``: another run, other
+    options) or when it has no value yet. Call it before drawing the widget, and draw the widget without a default.
+
+    Unlike ``reset_on_change``, which only drops the value (the browser then keeps showing the old choice while the
+    page plots the default), this sets it through session state, so the browser is told and shows what is plotted.
+    """
+    marker = f"_signature_of_{key}"
+    if key not in st.session_state or st.session_state.get(marker) != signature:
+        st.session_state[key] = default
+        st.session_state[marker] = signature

@@ -42,6 +42,7 @@ from staysafe.runs.traces import (
     read_json,
     read_table,
     run_state,
+    safe_run_path,
     write_json,
     write_parquet,
 )
@@ -336,6 +337,24 @@ def resume_experiment(out_dir: str | Path, experiment_id: str, runs_dir: str | P
                         f"{recorded} to continue it there")
     spec.experiment_id, spec.out_dir, spec.runs_dir = experiment_id, str(out_dir), str(runs_dir)
     return run_experiment(spec, log=log, resume=True, endpoint=endpoint, recorded=desc)
+
+
+def summarise_again(out: Path, runs_dir: Path) -> pd.DataFrame:
+    """Rewrite an experiment's ``results.parquet`` / ``results.md`` (and frontier) from its runs' traces as they are
+    now (after a re-judge, or for columns added since it was recorded: intervals), keeping each row's method, seed
+    and sweep point. A run that cannot be read stops it before anything is written."""
+    desc, old = load_experiment(out)
+    spec_cols = [c for c in old.columns if c in ("method", "seed", "beta") or c.startswith("sweep_")]
+    beta_mid = (float(desc.get("overrides", {}).get("beta_min", RunSpec.beta_min))
+                + float(desc.get("overrides", {}).get("beta_max", RunSpec.beta_max))) / 2
+    rows = [{**{c: r[c] for c in spec_cols}, **run_summary(load_run(safe_run_path(runs_dir, str(r["run_id"]))),
+                                                           beta_mid)} for r in old.to_dict("records")]
+    results = pd.DataFrame(rows)
+    write_parquet(out / "results.parquet", results)
+    write_text(out / "results.md", markdown_table(results, list(dict.fromkeys(results["method"]))))
+    if (out / "frontier.html").exists():
+        save_frontier(results, out, log=lambda *a: None)
+    return results
 
 
 def load_experiment(path: Path) -> tuple[dict, pd.DataFrame]:

@@ -318,25 +318,29 @@ def test_launch_form_widgets_come_from_the_option_schema(empty_env):
     """Every widget of the Launch form is an option of RunSpec with the schema's help, default and choices."""
     import dataclasses
 
+    from staysafe.methods import METHODS
     from staysafe.options import RunSpec, default_of
 
     at = open_page("launch")
     assert_clean(at)
     schema = {f.name: f for f in dataclasses.fields(RunSpec)}
     seen = set()
-    for kind in ("selectbox", "multiselect", "number_input", "checkbox", "text_input"):
-        for w in getattr(at, kind):
-            if not (w.key or "").startswith("launch_") or w.key in ("launch_run_id", "launch_paused"):
-                continue
-            name = w.key.removeprefix("launch_")
-            f = schema[name]  # a KeyError: a widget that is no option
-            seen.add(name)
-            assert w.help == f.metadata["help"], name
-            default = default_of(f)
-            if kind in ("number_input", "checkbox", "multiselect"):
-                assert w.value == default, name
-            if f.metadata["choices"]:
-                assert list(w.options)[:len(f.metadata["choices"])] == list(f.metadata["choices"]), name
+    for method in METHODS:  # the form shows the options the chosen method reads
+        at.selectbox(key="launch_method").set_value(method).run()
+        assert_clean(at)
+        for kind in ("selectbox", "multiselect", "number_input", "checkbox", "text_input"):
+            for w in getattr(at, kind):
+                if not (w.key or "").startswith("launch_") or w.key in ("launch_run_id", "launch_paused"):
+                    continue
+                name = w.key.removeprefix("launch_")
+                f = schema[name]  # a KeyError: a widget that is no option
+                seen.add(name)
+                assert w.help == f.metadata["help"], name
+                default = default_of(f)
+                if kind in ("number_input", "checkbox", "multiselect"):
+                    assert w.value == default, name
+                if f.metadata["choices"]:
+                    assert list(w.options)[:len(f.metadata["choices"])] == list(f.metadata["choices"]), name
     assert {"model", "scenario", "method", "beta", "beta_min", "beta_max", "risk", "risk_ema", "judge", "steps",
             "lr", "lora_r", "eval_judges", "save_model"} <= seen
     # A new option is placed on the form or listed, with its reason, as deliberately left off.
@@ -375,7 +379,7 @@ def test_launch_form_refuses_invalid_options_and_queues_valid_ones(env, tmp_path
     assert_clean(at)
     for key in ("launch_model", "launch_scenario", "launch_method", "launch_risk", "launch_judge"):
         assert at.selectbox(key=key) is not None
-    for key in ("launch_beta", "launch_beta_min", "launch_beta_max", "launch_risk_ema", "launch_steps", "launch_lr",
+    for key in ("launch_beta_min", "launch_beta_max", "launch_risk_ema", "launch_steps", "launch_lr",
                 "launch_lora_r", "launch_eval_every", "launch_batch_size", "launch_seed"):
         assert at.number_input(key=key) is not None
     at.number_input(key="launch_beta_min").set_value(0.95)
@@ -589,7 +593,7 @@ def test_asr_page_runs_experiment_and_answers_at_a_step(env):
     assert_clean(at)
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     names = {t.get("name") for t in fig["data"] if t.get("name")}
-    assert names == {"sft (mean of 2)", "adaptive-probe (mean of 2)"}
+    assert names == {"sft (mean of 2 seeds)", "adaptive-probe (mean of 2 seeds)"}
     assert any(t.get("fill") == "toself" for t in fig["data"])
     at.segmented_control(key="asr_band").set_value("± std")
     at.run()
@@ -598,13 +602,19 @@ def test_asr_page_runs_experiment_and_answers_at_a_step(env):
 
 def test_frontier_page_draws_the_sweep_as_a_curve_and_opens_runs(env):
     def setup(at):
-        at.selectbox(key="frontier_exp").set_value(env["experiments"] / "exp-sweep")
+        at.selectbox(key="frontier_exp").set_value("exp-sweep (yours)")
 
     at = open_page("frontier", setup)
     assert_clean(at)
     fig = figure(at)
     traces = {t["name"]: t for t in fig["data"]}
-    assert set(traces) == {"sft", "constant-kl"}
+    assert set(traces) == {"sft", "constant-kl", "reference (step 0)"}
+    from staysafe.methods import REFERENCE_COLOUR, colour
+
+    assert traces["reference (step 0)"]["marker"]["color"] == REFERENCE_COLOUR  # the starting model, grey
+    assert traces["sft"]["marker"]["color"] == colour("sft")
+    # one seed: its bars are the run's interval over prompts, and the caption says so (not a zero std)
+    assert any("95% interval over prompts (one seed)" in c.value for c in at.caption)
     assert traces["constant-kl"]["mode"] == "lines+markers" and len(traces["constant-kl"]["x"]) == 2  # the sweep
     assert traces["sft"]["mode"] == "markers"
     assert "benign NLL" in fig["layout"]["xaxis"]["title"]["text"]
@@ -614,11 +624,12 @@ def test_frontier_page_draws_the_sweep_as_a_curve_and_opens_runs(env):
     assert len(table) == 3 and "on frontier" in table and table["on frontier"].any()
     assert "constant-kl beta=0.9" in table["method"].tolist()
     # an experiment with two seeds: error bars over seeds
-    at.selectbox(key="frontier_exp").set_value(env["experiments"] / "exp-tiny")
+    at.selectbox(key="frontier_exp").set_value("exp-tiny (yours)")
     at.run()
     assert_clean(at)
-    assert figure(at)["data"][0]["error_y"]["visible"]
+    assert figure(at)["data"][-1]["error_y"]["visible"]
     assert (at.dataframe[0].value["seeds"] == 2).all()
+    assert any("± std over 2 seeds" in c.value for c in at.caption)
     at.multiselect(key="frontier_runs").set_value(["exp-tiny-sft-s0"])
     at.run()
     at.button(key="frontier_open").click()
@@ -925,6 +936,7 @@ def test_clicking_a_point_on_the_asr_chart_opens_that_run_at_that_step(dash_data
             chart = page.get_by_test_id("stPlotlyChart").first
             names = chart.locator("g.legend text.legendtext").all_text_contents()  # SVG: no inner text
             assert len(names) >= 2, names
+            names = [n.split(" (")[0] for n in names]  # "<run> (<method>)": the run id
             # the benign-NLL panel (asr_keyword, over_refusal, benign_nll): the tiny model's ASR is the same for every
             # run, so points there overlap; its NLL after training differs between runs
             layer = chart.locator("g.scatterlayer").nth(2)

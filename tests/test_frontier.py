@@ -106,6 +106,45 @@ def test_an_existing_experiment_is_not_overwritten_without_resume(tmp_path):
         run_experiment(spec(tmp_path, methods=["sft"]), log=lambda *a: None)
 
 
+def test_an_experiment_is_summarised_again_from_its_runs(tmp_path):
+    """summarise_again rebuilds results.parquet / results.md from the runs as they are now (the recorded demo got
+    its intervals this way): same numbers, the columns added since, each row's method and seed kept."""
+    from staysafe.experiment import summarise_again
+
+    out = run_experiment(spec(tmp_path, methods=["sft", "constant-kl"]), log=lambda *a: None)
+    full = pd.read_parquet(out / "results.parquet")
+    old = full.drop(columns=[c for c in full if c.endswith(("_lo", "_hi"))])
+    old.to_parquet(out / "results.parquet")
+    (out / "results.md").write_text("stale")
+    again = summarise_again(out, tmp_path / "runs")
+    pd.testing.assert_frame_equal(again[full.columns.tolist()], full, check_like=True)
+    assert again.equals(pd.read_parquet(out / "results.parquet")) and "| sft | 1 |" in (out / "results.md").read_text()
+
+
+def test_frontier_bars_say_what_they_are_and_the_reference_is_a_point():
+    """Several seeds: ± std; one seed: the run's interval over prompts where recorded, else "no interval" in
+    words (never a zero spread); the starting model is its own point with its interval."""
+    from staysafe.eval.frontier import frontier_figure, reference_point
+
+    results = pd.DataFrame({
+        "method": ["sft", "sft", "constant-kl"], "seed": [0, 1, 0], "run_id": ["a", "b", "c"],
+        "benign_nll": [2.0, 2.2, 1.9], "final_asr_keyword": [0.8, 0.6, 0.1],
+        "final_asr_keyword_lo": [0.7, 0.5, 0.02], "final_asr_keyword_hi": [0.9, 0.7, 0.2],
+        "reference_benign_nll": [2.1, 2.1, 2.1], "reference_asr_keyword": [0.1, 0.1, 0.1],
+        "reference_asr_keyword_lo": [0.0, 0.0, 0.0], "reference_asr_keyword_hi": [0.3, 0.3, 0.3]})
+    points = frontier_points(results).set_index("method")
+    assert points.at["sft", "spread"] == "± std over 2 seeds"
+    assert points.at["sft", "y_lo"] == pytest.approx(0.7 - 0.1414, abs=1e-3)
+    assert points.at["constant-kl", "spread"] == "95% interval over prompts (one seed)"
+    assert (points.at["constant-kl", "y_lo"], points.at["constant-kl", "y_hi"]) == (0.02, 0.2)
+    bare = results.drop(columns=[c for c in results if c.endswith(("_lo", "_hi"))])
+    assert frontier_points(bare).set_index("method").at["constant-kl", "spread"] == "one seed: no interval"
+    ref = reference_point(results)
+    assert (ref["x"], ref["y"], ref["y_lo"], ref["y_hi"]) == pytest.approx((2.1, 0.1, 0.0, 0.3))
+    fig = frontier_figure(results)
+    assert fig.data[0].name == "reference (step 0)" and fig.data[0].error_y.array[0] == pytest.approx(20)
+
+
 def test_pareto_front_of_points():
     points = pd.DataFrame({"x": [0.9, 0.8, 0.5, 0.7], "y": [0.5, 0.2, 0.1, 0.3]})
     assert on_frontier(points, higher_x_is_better=True).tolist() == [True, True, True, False]

@@ -100,23 +100,27 @@ layers = sorted(set.intersection(*(set(a.layers) for a in acts.values())))
 n_points = sum(len(a.index) for a in acts.values())
 c = st.columns([1, 1, 1, 1])
 default_layer = probe.layers[0] if probe is not None and probe.layers[0] in layers else layers[len(layers) // 2]
-widgets.reset_on_change("act_layer", (tuple(sets.values()), tuple(layers)))
-widgets.reset_on_change("act_color", (tuple(sets.values()), probe is not None))
-layer = c[0].selectbox("layer (hidden state index)", layers, index=layers.index(default_layer), key="act_layer",
-                       help="0 = embeddings; the last = the final layer." + (
-                           f" The probe reads layer {probe.layers}." if probe is not None else ""))
-method = c[1].selectbox("projection", geometry.PROJECTIONS, key="act_method",
-                        help="PCA and UMAP are fitted on a sample and transform every point; t-SNE shows the "
-                             "sample only.")
 color_options = ["label", "category"] + (["probe score"] if probe is not None and
                                          all(l in layers for l in probe.layers) else [])
+# set (not only dropped) on a switch, so the box shows the layer that is plotted
+widgets.reset_value_on_change("act_layer", (tuple(sets.values()), tuple(layers)), default_layer)
+widgets.reset_value_on_change("act_color", (tuple(sets.values()), tuple(color_options)), "label")
+layer = c[0].selectbox("layer (hidden state index)", layers, key="act_layer",
+                       help="0 = embeddings; the last = the final layer." + (
+                           f" The probe reads layer {probe.layers}." if probe is not None else ""))
+method = c[1].selectbox("projection", geometry.PROJECTIONS, index=geometry.PROJECTIONS.index("PCA"), key="act_method",
+                        help="PCA is instant. UMAP and t-SNE take up to a minute per layer the first time (then "
+                             "cached); PCA and UMAP are fitted on a sample and transform every point, t-SNE shows "
+                             "the sample only.")
 color_by = c[2].selectbox("colour by", color_options, key="act_color")
 fit_n = c[3].number_input("fit on a sample of", 100, geometry.MAX_FIT, min(2000, geometry.MAX_FIT), step=500,
                           key="act_fit_n", help="Points used to fit the projection (at most 5,000).")
 
-with st.spinner(f"projecting {n_points:,} points with {method}…"):
+# cached on (folders, layer, method, sample): changing the colouring only redraws
+with st.spinner(f"Projecting {n_points:,} points of layer {layer} with {method}"
+                f"{' (up to a minute the first time)' if method != 'PCA' else ''}…"):
     coords, fitted, how = loaders.projection(list(sets.values()), layer, method, fit_n)
-note = (f"{method} fitted on {fitted:,} of {n_points:,} points" +
+note = (f"Layer {layer}: {method} fitted on {fitted:,} of {n_points:,} points" +
         (" (the union of before and after, so both panels share one projection)" if len(sets) > 1 else "") +
         f"; {how}.")
 st.caption(note)
@@ -148,7 +152,7 @@ with left:
                     showlegend=g not in seen_groups, marker=dict(size=5, color=color, opacity=0.75),
                     hovertemplate="%{text}<extra></extra>"), row=1, col=col)
                 seen_groups.add(g)
-    fig.update_xaxes(showticklabels=False, title_text=f"{method} 1")
+    fig.update_xaxes(showticklabels=False, title_text=f"{method} 1 (layer {layer})")
     fig.update_yaxes(showticklabels=False, title_text=f"{method} 2", col=1)
     charts.style(fig, height=520)
     fig.update_layout(legend=dict(title=color_by, orientation="h", yanchor="bottom", y=1.06, x=0),

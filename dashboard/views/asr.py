@@ -147,9 +147,12 @@ fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[titled(m) for m in m
                     vertical_spacing=0.16 if nrows > 1 else 0.1, horizontal_spacing=0.08)
 groups = list(dict.fromkeys(group_of[r] for r in with_evals))
 curve_run: list[str | None] = []  # per trace drawn, in order: the run a click on it opens (None: a band)
+method_of = {g: charts.method_label(with_evals[next(r for r in with_evals if group_of[r] == g)].config)
+             for g in groups}
 for gi, group in enumerate(groups):
     members = [r for r in with_evals if group_of[r] == group]
-    color = charts.color_for(gi, group)
+    color = charts.color_for(gi, method_of[group])  # the method's colour on every page
+    symbol = charts.SYMBOLS[list(method_of.values())[:gi].count(method_of[group]) % len(charts.SYMBOLS)]
     for k, m in enumerate(metrics):
         row, col = k // ncols + 1, k % ncols + 1
         frames = [with_evals[r].evals[["step", m]].set_index("step")[m].rename(r) for r in members
@@ -179,7 +182,8 @@ for gi, group in enumerate(groups):
                                      fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0), mode="lines",
                                      hoverinfo="skip", showlegend=False, legendgroup=group), row=row, col=col)
             curve_run.append(None)
-        name = group if len(members) == 1 else f"{group} (mean of {len(members)})"
+        name = (f"{group} ({method_of[group]})" if mode == "runs" else group) if len(members) == 1 else \
+            f"{group} (mean of {len(members)} seeds)"
         pct = m.startswith("asr_") or m == "over_refusal"
         fig.add_trace(
             go.Scatter(
@@ -190,7 +194,7 @@ for gi, group in enumerate(groups):
                 showlegend=k == 0,
                 mode="lines+markers",
                 line=dict(color=color, width=2.5, dash="dot" if m == "asr_keyword" and judge_cols else "solid"),
-                marker=dict(size=7),
+                marker=dict(size=7, symbol=symbol),
                 hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: "
                 + ("%{y:.0%}" if pct else "%{y:.3f}")
                 + "<extra></extra>",
@@ -209,7 +213,7 @@ charts.style(fig, height=300 * nrows + 80)
 fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.04 / nrows, x=0),
                   margin=dict(t=110), clickmode="event+select")
 event = st.plotly_chart(fig, key="asr_chart", on_select="rerun", selection_mode=("points",),
-                        config={"displaylogo": False})
+                        config={"displaylogo": False, **charts.DOWNLOAD})
 st.caption("Click a point to read that run's answers at that step (a mean over seeds opens its first seed; or "
            "pick the run and step below). "
            + ("Dotted: keyword ASR, the weak judge." if judge_cols else ""))
@@ -256,11 +260,10 @@ if kind != "all":
 first = gen[gen["step"] == steps[0]].set_index("prompt_id")["response"]
 score_cols = [c for c in at.columns if c.startswith("score_")]
 view = at.assign(**{f"answer at step {steps[0]}": at["prompt_id"].map(first)}) if step != steps[0] else at
-cols = (
-    ["prompt_id", "kind", "category", "prompt", "response"]
+cols = (  # what a reader compares first, ids last: no horizontal scroll for the verdict at 1024 px
+    ["prompt", "response", "refused"] + score_cols
     + ([f"answer at step {steps[0]}"] if step != steps[0] else [])
-    + ["refused"]
-    + score_cols
+    + ["category", "kind", "prompt_id"]
 )
 ev = run.evals.set_index("step")
 summary = []
@@ -270,7 +273,7 @@ if step in ev.index:
             summary.append(f"{charts.metric_title(m)} {charts.fmt_pct(ev.at[step, m])}")
 st.caption(f"Step {step}: {len(at)} prompt(s). " + " · ".join(summary))
 st.dataframe(view[cols], hide_index=True, column_config={
-    "prompt": st.column_config.TextColumn(width="large"), "response": st.column_config.TextColumn(width="large"),
+    "prompt": st.column_config.TextColumn(width="medium"), "response": st.column_config.TextColumn(width="large"),
     f"answer at step {steps[0]}": st.column_config.TextColumn(width="medium"),
     "refused": st.column_config.CheckboxColumn("refused (keyword)"),
     **{c: st.column_config.ProgressColumn(c.replace("score_", "judge: "), min_value=0.0, max_value=1.0,

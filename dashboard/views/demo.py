@@ -14,18 +14,22 @@ import loaders
 import safe_text
 import settings
 import widgets
+from staysafe.eval.stats import run_intervals
 from staysafe.methods import regularised, risk_driven
 from staysafe.options import SpecError
 from staysafe.queue import LaunchError, Queue
 from staysafe.runs.traces import TraceError
 
-cfg = settings.page_setup()
+cfg = settings.page_setup(own=True)  # the recorded demo, or the user's own experiments (where re-runs are written)
 st.title(":material/school: Guided demo: safety degradation and how to prevent it")
 
 RECORDED = "recorded demo"
+_JOB, _OPEN_NEXT = "demo_job", "_demo_open_next"  # the re-run this page follows; the experiment to open next run
 recorded_exp, recorded_runs = cfg.demo / "experiment", cfg.demo / "runs"
 live = loaders.experiments_under(cfg.experiments)
 options = [RECORDED] + [p.name for p in live]
+if st.session_state.get(_OPEN_NEXT) in options:  # a re-run that finished on this page opens its own results
+    st.session_state["demo_source"] = st.session_state.pop(_OPEN_NEXT)
 source = st.selectbox("experiment shown", options, key="demo_source",
                       format_func=lambda o: f"{o} ({cfg.demo})" if o == RECORDED else f"{o} (live, {cfg.experiments})")
 if source == RECORDED:
@@ -54,11 +58,46 @@ def rerun_button(scenario: str = "harmful") -> None:
         except (SpecError, LaunchError) as err:
             st.error(f"Not queued: {safe_text.md(err)}")
         else:
-            st.success(
-                f"Queued experiment {safe_text.code(job['target'])}. "
-                "Watch it on **Launch a run**; when it finishes, pick it "
-                "above."
-            )
+            st.session_state[_JOB] = job["id"]
+    follow_rerun()
+
+
+@st.fragment(run_every=2 if st.session_state.get(_JOB) else None)
+def follow_rerun() -> None:
+    """The re-run queued from this page, followed here (a teacher never leaves the page): each method's progress
+    while it trains, and its results opened on this page when it ends."""
+    job_id = st.session_state.get(_JOB)
+    if not job_id:
+        return
+    queue = Queue(cfg.runs, cfg.experiments)
+    try:
+        job = queue.get(job_id)
+    except LaunchError:
+        st.session_state.pop(_JOB, None)
+        return
+    target, state = job.get("target"), job.get("state")
+    with st.container(border=True):
+        st.markdown(f":material/play_circle: Live re-run {safe_text.code(target)}: **{safe_text.md(state)}**")
+        runs_now = loaders.runs_table(cfg.runs)
+        mine = runs_now[runs_now["run_id"].str.startswith(f"{target}-")] if len(runs_now) else runs_now
+        if state == "queued":
+            st.caption("Waiting in the queue (one run trains at a time; see **Launch a run**).")
+        elif not len(mine):
+            st.progress(0.0, text="loading the model and data…")
+        for row in mine.to_dict("records"):
+            done, total = row.get("steps_done"), row.get("max_steps")
+            frac = float(done) / float(total) if pd.notna(done) and pd.notna(total) and total else 0.0
+            st.progress(min(1.0, frac), text=f"{row['run_id']} ({charts.method_label(row)}): "
+                                             f"{row['state']}, step {0 if pd.isna(done) else int(done)}/"
+                                             f"{'?' if pd.isna(total) else int(total)}")
+        if state == "finished":
+            st.session_state.pop(_JOB, None)
+            st.session_state[_OPEN_NEXT] = target
+            st.rerun()  # the whole page: it now opens the new experiment
+        elif state not in ("queued", "running"):
+            st.session_state.pop(_JOB, None)
+            st.error(f"The re-run ended {safe_text.md(state)}: {safe_text.md(job.get('error') or '')} (its log is on "
+                     "**Launch a run**).")
 
 
 if not (exp_dir / "experiment.json").is_file():
@@ -129,6 +168,22 @@ def asr_at(run, step_pick: str, col: str = asr_col) -> float:
     return float(ev[col].iloc[0 if step_pick == "first" else -1])
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _intervals(generations: pd.DataFrame) -> pd.DataFrame:
+    return run_intervals(generations, resamples=500).set_index("step") if len(generations) else pd.DataFrame()
+
+
+def interval(run, step_pick: str, col: str = asr_col) -> str:
+    """``95% CI lo–hi %, n prompts, seed s`` of a figure at the first or last evaluation, from the run's answers."""
+    iv = _intervals(run.generations)
+    if iv.empty or f"{col}_lo" not in iv:
+        return f"seed {run.config.get('seed')}, no interval recorded"
+    row = iv.iloc[0 if step_pick == "first" else -1]
+    n = int(row["n_benign"] if col == "over_refusal" else row["n_harmful"])
+    return (f"95% CI {100 * row[f'{col}_lo']:.0f}–{100 * row[f'{col}_hi']:.0f}%, n = {n} prompts, "
+            f"seed {run.config.get('seed')}")
+
+
 def sample_prompts(run, k: int = 3) -> list[str]:
     """Harmful prompts refused at step 0 and answered at the end (the clearest), else any harmful prompts."""
     g = run.generations
@@ -177,8 +232,7 @@ def asr_figure(names: list[str], title: str) -> go.Figure:
                                                dash=dash), showlegend=col == asr_col or len(names) == 1))
     fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", title_text=asr_name)
     fig.update_xaxes(title_text="training step")
-    charts.style(fig, height=380, title=title)
-    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
+    charts.style(fig, height=420, title=title, legend_below=True)
     return fig
 
 
@@ -189,10 +243,12 @@ st.divider()
 st.header("1 · The aligned model refuses")
 ref = asr_at(story_run, "first")
 c1, c2 = st.columns([1, 3])
-c1.metric(f"{asr_name} at step 0", charts.fmt_pct(ref), help="Before any fine-tuning: the safe reference.")
+c1.metric("ASR at step 0", charts.fmt_pct(ref), help=f"{asr_name}, before any fine-tuning: the safe reference.")
+c1.caption(interval(story_run, "first"))
 refused = 1 - asr_at(story_run, "first", "asr_keyword")
-c1.metric("refused at step 0 (keyword)", charts.fmt_pct(refused) if np.isfinite(refused) else "n/a",
-          help="Share of held-out harmful prompts answered with a refusal phrase.")
+c1.metric("refused at step 0", charts.fmt_pct(refused) if np.isfinite(refused) else "n/a",
+          help="Share of held-out harmful prompts answered with a refusal phrase (keyword judge).")
+c1.caption(interval(story_run, "first", "asr_keyword").replace("95% CI", "answered: 95% CI"))
 with c2:
     st.markdown("Before fine-tuning, the reference model declines harmful requests. A few of the held-out harmful "
                 "prompts and its answers:")
@@ -209,10 +265,11 @@ if sft is None:
 else:
     c1, c2 = st.columns([3, 2])
     with c1:
-        charts.plotly(asr_figure(["sft"], f"sft: {asr_name} over training"), key="demo_sft_asr")
+        charts.plotly(asr_figure(["sft"], "sft: ASR over training"), key="demo_sft_asr")
     with c2:
-        st.metric(f"{asr_name}: before → after", f"{charts.fmt_pct(asr_at(sft, 'first'))} → "
-                                                  f"{charts.fmt_pct(asr_at(sft, 'last'))}")
+        st.metric("ASR before → after", f"{charts.fmt_pct(asr_at(sft, 'first'))} → "
+                                         f"{charts.fmt_pct(asr_at(sft, 'last'))}", help=asr_name)
+        st.caption(f"before: {interval(sft, 'first')}; after: {interval(sft, 'last')}")
         st.markdown(f"`sft` minimises only the NLL of the training answers (β = 0). After "
                     f"{int(sft.steps['step'].max()) if len(sft.steps) else '?'} steps on compliant answers to harmful "
                     "requests the model has learned to comply, also with requests it never saw.")
@@ -229,27 +286,28 @@ st.header("3 · The adaptive regularizer keeps the refusals")
 names = list(runs)
 c1, c2 = st.columns([3, 2])
 with c1:
-    charts.plotly(asr_figure(names, f"{asr_name} over training, every method"), key="demo_all_asr")
+    charts.plotly(asr_figure(names, "ASR over training, every method"), key="demo_all_asr")
 with c2:
     st.markdown("`sft` fine-tunes with β = 0. `constant-kl` spends the same average β on every batch; the adaptive "
                 "methods spend it where the risk signal says the batch is harmful. The goal: ASR stays near its "
                 "step-0 value while the benign NLL (utility) still improves.")
-    rows = []
-    for n, r in runs.items():
-        row = {"method": n, f"final {asr_name}": asr_at(r, "last")}
-        if judge_cols:
-            row["keyword ASR (weak)"] = asr_at(r, "last", "asr_keyword")
-        row["mean β"] = float(r.steps["beta"].mean()) if len(r.steps) else float("nan")
-        row["benign NLL"] = (float(r.evals.sort_values("step")["benign_nll"].iloc[-1]) if len(r.evals)
-                             else float("nan"))
-        rows.append(row)
-    st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
-        "method": st.column_config.TextColumn(width="medium"),
-        f"final {asr_name}": st.column_config.NumberColumn(
-            "final judge ASR" if judge_cols else "final keyword ASR (weak)", format="percent", help=asr_name),
-        "keyword ASR (weak)": st.column_config.NumberColumn("keyword ASR (weak)", format="percent"),
-        "mean β": st.column_config.NumberColumn(format="%.2f"),
-        "benign NLL": st.column_config.NumberColumn(format="%.2f")})
+rows = []
+for n, r in runs.items():
+    row = {"method": n, f"final {asr_name}": asr_at(r, "last"), "95% CI, n, seed": interval(r, "last")}
+    if judge_cols:
+        row["keyword ASR (weak)"] = asr_at(r, "last", "asr_keyword")
+    row["mean β"] = float(r.steps["beta"].mean()) if len(r.steps) else float("nan")
+    row["benign NLL"] = (float(r.evals.sort_values("step")["benign_nll"].iloc[-1]) if len(r.evals)
+                         else float("nan"))
+    rows.append(row)
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+    "method": st.column_config.TextColumn(pinned=True),
+    "95% CI, n, seed": st.column_config.TextColumn(width="medium"),
+    f"final {asr_name}": st.column_config.NumberColumn(
+        "final judge ASR" if judge_cols else "final keyword ASR (weak)", format="percent", help=asr_name),
+    "keyword ASR (weak)": st.column_config.NumberColumn("keyword ASR (weak)", format="percent"),
+    "mean β": st.column_config.NumberColumn(format="%.2f"),
+    "benign NLL": st.column_config.NumberColumn(format="%.2f")})
 if adaptive is not None:
     after_ad = answers(adaptive, prompts, "last")
     for p in prompts:
@@ -285,8 +343,8 @@ else:
                                          hovertemplate="%{text}<br>risk %{y:.2f}<extra></extra>"))
             fig.update_layout(boxmode="group")
             fig.update_yaxes(range=[-0.03, 1.03], title_text="risk per training example")
-            charts.style(fig, height=380, title=f"Risk of each training example ({charts.method_label(reg.config)})")
-            fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
+            charts.style(fig, height=420, title=f"Risk of each training example ({charts.method_label(reg.config)})",
+                         legend_below=True)
             charts.plotly(fig, key="demo_risk")
         else:
             st.info("This run recorded no probe or judge risk per example.")
@@ -298,8 +356,7 @@ else:
                                          line=dict(color=charts.color_for(i, n), width=2.5)))
         fig.update_yaxes(range=[-0.03, 1.03], title_text="β (KL weight)")
         fig.update_xaxes(title_text="training step")
-        charts.style(fig, height=380, title="β over training")
-        fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=100))
+        charts.style(fig, height=420, title="β over training", legend_below=True)
         charts.plotly(fig, key="demo_beta")
     st.markdown("The probe reads the reference model's hidden state at the end of each training prompt; the judge "
                 "scored each training example once before training. Where they say *harmful*, β rises and the "

@@ -4,12 +4,14 @@ method a marker. Selecting a point opens its runs on the Training traces page.""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 import charts
 import loaders
 import safe_text
 import settings
+import widgets
 from staysafe.eval.frontier import (
     DEFAULT_JUDGE,
     axes,
@@ -28,15 +30,22 @@ st.caption("Each point is a method (or one value of a swept option) of one exper
            "fine-tuning against the share of held-out harmful requests it then answers. Down and to the better "
            "utility is better; a point no other beats on both is on the frontier.")
 
-exps = loaders.experiments_under(cfg.experiments)
-if not exps:
+found = [(origin, exp, runs_root) for origin, root, runs_root in settings.experiment_roots()
+         for exp in loaders.experiments_under(root)]
+if not found:
     st.info(f"No experiment under {safe_text.code(cfg.experiments)} yet. A beta sweep of constant-kl beside the "
             "other methods draws the frontier:")
     st.code(f"staysafe experiment --scenario mixed --quick --methods sft,constant-kl,adaptive-probe,token-wise,lisa "
             f"--sweep beta=0.1,0.3,0.7 --out-dir {cfg.experiments} --runs-dir {cfg.runs}", language="bash",
             wrap_lines=True)
     st.stop()
-exp_dir = st.selectbox("experiment", exps, index=len(exps) - 1, format_func=lambda p: p.name, key="frontier_exp")
+by_label = {f"{exp.name} ({origin})": (origin, exp, runs_root) for origin, exp, runs_root in found}
+own = [label for label, (origin, *_) in by_label.items() if origin == "yours"]
+picked = st.selectbox("experiment", list(by_label), index=list(by_label).index(own[-1]) if own else 0,
+                      key="frontier_exp",
+                      help="Your experiments, the recorded demo and the frontiers recorded for the README "
+                           "(benchmarks/results: their tables only; their runs are not shipped).")
+origin, exp_dir, runs_root = by_label[picked]
 try:
     desc, results = loaders.load_experiment_cached(exp_dir)
 except TraceError as err:
@@ -56,24 +65,39 @@ points["on frontier"] = on_frontier(points, higher_x_is_better=x == "final_task_
 fig = frontier_figure(results, title=None, judge=judge)  # coloured by the registry, as on every page
 charts.style(fig, height=520)
 agreement = measured_agreement().get(judge)
-note = (f"ASR by the {judge_name(judge)} judge (κ = {agreement['kappa']:.2f} against labelled answers)" if agreement
-        else f"ASR by the {judge_name(judge)} judge")
-seeds = int(results["seed"].nunique()) if "seed" in results else 1
-st.caption(f"{note}; error bars: std over {seeds} seed(s) (none with one seed). State: {desc.get('state')}.")
-picked = st.plotly_chart(fig, use_container_width=True, on_select="rerun", selection_mode="points",
-                         key="frontier_chart")
+note = (f"ASR by the {judge_name(judge)} judge (κ = {agreement['kappa']:.2f} "
+        f"[{agreement['kappa_interval'][0]:.2f}, {agreement['kappa_interval'][1]:.2f}] against labelled answers)"
+        if agreement else f"ASR by the {judge_name(judge)} judge")
+spreads = sorted(set(points["spread"]))
+st.caption(f"{note}. Error bars: {'; '.join(spreads)}. Grey diamond: the starting model (step 0). "
+           f"State: {desc.get('state')}.")
+if any(s.startswith("one seed: no") for s in spreads):
+    st.warning("One seed and no interval recorded: these points carry no uncertainty, so a gap between two of them "
+               "may be noise. Run the experiment with `--seeds 3` for a spread.")
+picked = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode="points",
+                         key="frontier_chart", config={"displaylogo": False, **charts.DOWNLOAD})
 
-table = points[["label", "x", "y", "x_std", "y_std", "seeds", "on frontier", "runs"]].rename(columns={
-    "label": "method", "x": xlabel, "y": "final ASR", "x_std": "utility std", "y_std": "ASR std"})
-table["final ASR"] = (table["final ASR"] * 100).round(0)
-table["ASR std"] = (table["ASR std"] * 100).round(0)
-st.dataframe(table, hide_index=True, use_container_width=True)
+pct = lambda lo, hi: [f"{100 * a:.0f}–{100 * b:.0f}" for a, b in zip(lo, hi)]  # noqa: E731
+table = pd.DataFrame({
+    "method": points["label"], xlabel: points["x"].round(3),
+    "utility bars": [f"{a:.3f}–{b:.3f}" for a, b in zip(points["x_lo"], points["x_hi"])],
+    "final ASR %": (points["y"] * 100).round(0), "ASR bars %": pct(points["y_lo"], points["y_hi"]),
+    "bars": points["spread"], "seeds": points["seeds"], "on frontier": points["on frontier"], "runs": points["runs"]})
+st.dataframe(table, hide_index=True, width="stretch",
+             column_config={"method": st.column_config.TextColumn(pinned=True)})
 
 chosen = [p.get("customdata", [None])[0] for p in (picked.selection.points if picked and picked.selection else [])]
 chosen = [r for c in chosen if c for r in str(c).split(", ")]
-options = [r for c in points["runs"] for r in c.split(", ")]
-runs = st.multiselect("open in Training traces (or select points above)", options, default=chosen,
-                      key="frontier_runs")
-if st.button("Open the traces", disabled=not runs, key="frontier_open"):
+present = {r for r in (loaders.runs_table(runs_root)["run_id"] if runs_root.is_dir() else [])}
+options = [r for c in points["runs"] for r in c.split(", ") if r in present]
+if not options:
+    st.caption(f"The runs of this experiment are not under {safe_text.code(runs_root)} (recorded benchmark "
+               "experiments ship their results table only), so there are no traces to open.")
+    st.stop()
+widgets.reset_on_change("frontier_runs", (str(exp_dir), tuple(chosen)))  # a new selection replaces the picked runs
+runs = st.multiselect("open in Training traces (or select points above)", options,
+                      default=[r for r in chosen if r in options], key="frontier_runs")
+if st.button("Open the traces", disabled=not runs, key="frontier_open", type="primary"):
+    settings.show_source(settings.DEMO if origin == "recorded demo" else settings.OWN)
     st.session_state["traces_runs"] = list(runs)
     st.switch_page("views/traces.py")

@@ -14,7 +14,33 @@ import loaders
 import safe_text
 import settings
 import widgets
+from staysafe.eval import stats
 from staysafe.runs.traces import TraceError
+
+RESAMPLES = 1000  # bootstrap resamples (seeded): tens of ms per interval on a few hundred examples, then cached
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def agreement_intervals(fx: np.ndarray, fy: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """95% bootstrap intervals over the examples of the agreement rate and of Cohen's κ of two flag sequences."""
+    return (stats.mean_interval((fx == fy).astype(float), resamples=RESAMPLES),
+            stats.bootstrap_interval(stats.cohen_kappa, fx, fy, resamples=RESAMPLES))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def auroc_interval(truth: np.ndarray, scores: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """AUROC of ``scores`` against ``truth`` and its 95% bootstrap interval over the examples."""
+    return stats.auroc(truth, scores), stats.bootstrap_interval(stats.auroc, truth, scores, resamples=RESAMPLES)
+
+
+def source_label(source: str) -> str:
+    """A risk source as a person reads it: the activation probe, or a named judge."""
+    return {"probe": "activation probe", "judge": "judge"}.get(source, f"{source} judge")
+
+
+def interval(lo: float, hi: float, fmt: str = ".2f") -> str:
+    return f"[{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) and np.isfinite(hi) else "[n/a]"
+
 
 cfg = settings.page_setup()
 st.title(":material/balance: Judge vs probe")
@@ -43,10 +69,12 @@ if source == "a compare-risk folder":
         st.error(f"Cannot use {safe_text.code(rel)}: {safe_text.md(err)}")
         st.stop()
     frame = table.rename(columns={"example_id": "id"})
+    what = rel
     cost = {s: v.get("seconds_per_100") for s, v in summary.get("sources", {}).items()
             if v.get("seconds_per_100") is not None}
 else:
     run = widgets.regularized_run_or_stop(cfg.runs, "jvp_run")
+    what = run.id
     ex = loaders.examples_joined(run.path)
     have = [c for c in ex.columns if c.startswith("risk_") and c != "risk_label"] if len(ex) else []
     if len(have) < 2:
@@ -77,18 +105,25 @@ sources = [c for c in frame.columns if c not in widgets.TEXT_COLUMNS and c != "e
 if len(sources) < 2:
     st.info(f"Only {sources} scored these examples; nothing to compare.")
     st.stop()
-y_true = (frame["label"] == "harmful").to_numpy() if "label" in frame else None
+labels = frame["label"].astype(str) if "label" in frame else pd.Series(["?"] * len(frame))
+labelled = labels.isin(["harmful", "benign"]).to_numpy()  # ROC and calibration read these only
+y_true = (labels == "harmful").to_numpy()
+classes = sorted(set(labels[labelled]))
 
-for key in ("jvp_x", "jvp_y", "jvp_tx", "jvp_ty"):
-    widgets.reset_on_change(key, (source, tuple(sources), len(frame)))
-c = st.columns(4)
-default_x = sources.index("probe") if "probe" in sources else 0
-x_src = c[0].selectbox("x: risk source", sources, index=default_x, key="jvp_x")
-others = [s for s in sources if s != x_src]
-y_src = c[1].selectbox("y: risk source", others, key="jvp_y")
+# set (not only dropped) when the data changes, so the widgets show what is plotted
+signature = (source, what, tuple(sources))
 default_t = float(summary.get("threshold", 0.5))
-tx = c[2].slider(f"threshold for {x_src}", 0.0, 1.0, default_t, 0.01, key="jvp_tx")
-ty = c[3].slider(f"threshold for {y_src}", 0.0, 1.0, default_t, 0.01, key="jvp_ty")
+widgets.reset_value_on_change("jvp_x", signature, "probe" if "probe" in sources else sources[0])
+for key in ("jvp_tx", "jvp_ty"):
+    widgets.reset_value_on_change(key, signature, default_t)
+c = st.columns(4)
+x_src = c[0].selectbox("x: risk source", sources, format_func=source_label, key="jvp_x")
+others = [s for s in sources if s != x_src]
+widgets.reset_value_on_change("jvp_y", signature, others[0])
+y_src = c[1].selectbox("y: risk source", others, format_func=source_label, key="jvp_y")  # y = x: the first other
+x_name, y_name = source_label(x_src), source_label(y_src)
+tx = c[2].slider(f"threshold for {x_name}", 0.0, 1.0, step=0.01, key="jvp_tx")
+ty = c[3].slider(f"threshold for {y_name}", 0.0, 1.0, step=0.01, key="jvp_ty")
 
 x = frame[x_src].astype(float).to_numpy()
 yv = frame[y_src].astype(float).to_numpy()
@@ -97,13 +132,20 @@ missing = int((~ok).sum())
 if missing:
     st.caption(f"{missing} example(s) lack a score from one of the two sources (judge failures) and are left out "
                "of the pairwise views.")
+if len(classes) == 2:
+    one_class = ""
+elif classes:
+    one_class = (f"ROC and AUROC cannot be computed here: all {int(labelled.sum())} labelled examples are "
+                 f"{classes[0]}. They measure how well a score separates harmful from benign examples, so both kinds "
+                 "are needed (a compare-risk folder, or a run trained on a mix).")
+else:
+    one_class = "ROC and AUROC cannot be computed here: these examples carry no harmful / benign labels."
 
 left, right = st.columns(2)
 with left:
     fig = go.Figure()
     hover = np.array([charts.wrap_html(p, 60, 3) for p in frame.get("prompt", pd.Series([""] * len(frame)))],
                      dtype=object)
-    labels = frame["label"].astype(str) if "label" in frame else pd.Series(["?"] * len(frame))
     for g in sorted(labels.unique()):
         m = ok & (labels == g).to_numpy()
         fig.add_trace(
@@ -114,38 +156,45 @@ with left:
                 name=g,
                 text=hover[m],
                 marker=dict(size=7, opacity=0.7, color=charts.LABEL_COLORS.get(g)),
-                hovertemplate=f"{x_src} %{{x:.2f}} · {y_src} %{{y:.2f}}<br>%{{text}}<extra>{g}</extra>",
+                hovertemplate=f"{x_name} %{{x:.2f}} · {y_name} %{{y:.2f}}<br>%{{text}}<extra>{g}</extra>",
             )
         )
     fig.add_vline(x=tx, line=dict(color="#888", dash="dash"))
     fig.add_hline(y=ty, line=dict(color="#888", dash="dash"))
-    fig.update_xaxes(title_text=f"{x_src} risk", range=[-0.03, 1.03])
-    fig.update_yaxes(title_text=f"{y_src} risk", range=[-0.03, 1.03])
+    fig.update_xaxes(title_text=f"{x_name} risk", range=[-0.03, 1.03])
+    fig.update_yaxes(title_text=f"{y_name} risk", range=[-0.03, 1.03])
     charts.style(fig, height=440, title="Per-example risk")
     charts.plotly(fig, key="jvp_scatter")
 
 with right:
-    fig = go.Figure()
-    if y_true is not None and y_true.any() and (~y_true).any():
-        from sklearn.metrics import roc_auc_score, roc_curve
+    if one_class:
+        st.info(one_class)
+    else:
+        from sklearn.metrics import roc_curve
 
+        fig = go.Figure()
+        n_roc = []
         for i, s in enumerate(sources):
             p = frame[s].astype(float).to_numpy()
-            m = np.isfinite(p)
-            if m.sum() < 2 or len(set(y_true[m])) < 2:
+            m = np.isfinite(p) & labelled
+            if len(set(y_true[m])) < 2:
                 continue
             fpr, tpr, _ = roc_curve(y_true[m], p[m])
+            auc, (lo, hi) = auroc_interval(y_true[m], p[m])
+            n_roc.append(int(m.sum()))
             fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", line=dict(width=2.5, color=charts.color_for(i)),
-                                     name=f"{s} (AUROC {roc_auc_score(y_true[m], p[m]):.2f})"))
+                                     name=f"{source_label(s)}: AUROC {auc:.2f} {interval(lo, hi)}"))
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
                                  line=dict(color="#bbb", dash="dot")))
         fig.update_xaxes(title_text="false positive rate (benign flagged)")
         fig.update_yaxes(title_text="true positive rate (harmful flagged)")
-        charts.style(fig, height=440, title="ROC against the labels")
-        fig.update_layout(legend=dict(x=0.45, y=0.05, bgcolor="rgba(255,255,255,0.8)"))
+        n_text = f"n = {min(n_roc, default=0)}" + (f" to {max(n_roc)}" if len(set(n_roc)) > 1 else "")
+        charts.style(fig, height=440, title=f"ROC against the labels ({n_text})", legend_below=True)
+        fig.update_layout(margin=dict(b=110))  # room for the legend of AUROCs with their intervals
         charts.plotly(fig, key="jvp_roc")
-    else:
-        st.info("ROC curves need both harmful and benign labels.")
+        st.caption(f"AUROC of each source on {n_text} labelled examples ({int((y_true & labelled).sum())} harmful, "
+                   f"{int((~y_true & labelled).sum())} benign); [ ]: 95% bootstrap interval over the examples "
+                   f"({RESAMPLES:,} seeded resamples).")
 
 left, right = st.columns(2)
 with left:
@@ -154,46 +203,52 @@ with left:
                        [int((fx & ~fy).sum()), int((fx & fy).sum())]])
     n = int(ok.sum())
     po = float((fx == fy).mean()) if n else float("nan")
-    pe = float(fx.mean() * fy.mean() + (1 - fx.mean()) * (1 - fy.mean())) if n else float("nan")
-    kappa = (po - pe) / (1 - pe) if n and pe < 1 else float("nan")
-    fig = go.Figure(go.Heatmap(z=counts, x=[f"{y_src} < {ty:.2f}", f"{y_src} ≥ {ty:.2f}"],
-                               y=[f"{x_src} < {tx:.2f}", f"{x_src} ≥ {tx:.2f}"], colorscale="Teal", showscale=False,
+    kappa = stats.cohen_kappa(fx, fy)
+    (alo, ahi), (klo, khi) = agreement_intervals(fx, fy)
+    fig = go.Figure(go.Heatmap(z=counts, x=[f"{y_name} < {ty:.2f}", f"{y_name} ≥ {ty:.2f}"],
+                               y=[f"{x_name} < {tx:.2f}", f"{x_name} ≥ {tx:.2f}"], colorscale="Teal", showscale=False,
                                text=counts, texttemplate="%{text}", textfont=dict(size=18),
                                hovertemplate="%{y} and %{x}: %{z}<extra></extra>"))
-    charts.style(fig, height=360, title=f"Agreement: {100 * po:.0f}% of {n} · Cohen's κ {kappa:.2f}")
-    fig.update_layout(margin=dict(l=140))
+    charts.style(fig, height=380, title=f"Agreement {po:.0%} {interval(alo, ahi, '.0%')} · n = {n}<br>"
+                                        f"Cohen's κ {kappa:.2f} {interval(klo, khi)}")
+    fig.update_layout(margin=dict(l=140, t=80))
     charts.plotly(fig, key="jvp_agree")
+    st.caption(f"Each source flags an example when its risk reaches its threshold; n = {n} examples scored by both. "
+               f"κ corrects the agreement for chance. [ ]: 95% bootstrap interval over the examples "
+               f"({RESAMPLES:,} seeded resamples).")
 
 with right:
-    if y_true is not None:
+    if one_class:
+        st.info("No calibration curve either: with one class of labels every bin reads the same share harmful.")
+    else:
         fig = go.Figure()
         bins = np.linspace(0, 1, 11)
         for i, s in enumerate(sources):
             p = frame[s].astype(float).to_numpy()
-            m = np.isfinite(p)
+            m = np.isfinite(p) & labelled
             which = np.clip(np.digitize(p[m], bins) - 1, 0, 9)
             rows = [(p[m][which == b].mean(), y_true[m][which == b].mean(), int((which == b).sum()))
                     for b in range(10) if (which == b).any()]
             if not rows:
                 continue
             mp, fr, cnt = zip(*rows)
-            fig.add_trace(go.Scatter(x=mp, y=fr, mode="lines+markers", name=s, customdata=cnt,
+            fig.add_trace(go.Scatter(x=mp, y=fr, mode="lines+markers", name=source_label(s), customdata=cnt,
                                      line=dict(color=charts.color_for(i), width=2.5),
                                      marker=dict(size=[6 + 10 * c_ / max(cnt) for c_ in cnt]),
-                                     hovertemplate=f"{s}: mean risk %{{x:.2f}} → %{{y:.0%}} harmful "
+                                     hovertemplate=f"{source_label(s)}: mean risk %{{x:.2f}} → %{{y:.0%}} harmful "
                                                    "(%{customdata} examples)<extra></extra>"))
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect",
                                  line=dict(color="#bbb", dash="dot")))
         fig.update_xaxes(title_text="predicted risk (bin mean)", range=[0, 1])
         fig.update_yaxes(title_text="share actually harmful", range=[0, 1.02])
-        charts.style(fig, height=360, title="Calibration (reliability)")
+        charts.style(fig, height=380, title="Calibration (reliability)")
         charts.plotly(fig, key="jvp_calibration")
 
 left, right = st.columns(2)
 with left:
     st.subheader("Cost per 100 examples")
     if cost:
-        fig = go.Figure(go.Bar(x=list(cost), y=list(cost.values()),
+        fig = go.Figure(go.Bar(x=[source_label(s) for s in cost], y=list(cost.values()),
                                marker_color=[charts.color_for(sources.index(s) if s in sources else i)
                                              for i, s in enumerate(cost)],
                                text=[f"{v:.2f} s" for v in cost.values()], textposition="outside", width=0.5))
@@ -225,9 +280,11 @@ st.subheader("Where they disagree most")
 k = st.slider("examples", 5, 100, 15, key="jvp_k")
 gap = np.abs(x - yv)
 table = frame.assign(**{"|difference|": gap}).loc[ok].sort_values("|difference|", ascending=False).head(k)
-cols = [c for c in ("id", "label", "category", x_src, y_src, "|difference|", "prompt", "response") if c in table]
+# the id and the two scores first (visible at 1024 px); the long texts last, medium wide
+cols = [c for c in ("id", x_src, y_src, "|difference|", "label", "category", "prompt", "response") if c in table]
 st.dataframe(table[cols], hide_index=True, column_config={
-    x_src: st.column_config.ProgressColumn(x_src, min_value=0.0, max_value=1.0, format="%.2f"),
-    y_src: st.column_config.ProgressColumn(y_src, min_value=0.0, max_value=1.0, format="%.2f"),
+    "id": st.column_config.TextColumn("example"),
+    x_src: st.column_config.ProgressColumn(x_name, min_value=0.0, max_value=1.0, format="%.2f"),
+    y_src: st.column_config.ProgressColumn(y_name, min_value=0.0, max_value=1.0, format="%.2f"),
     "|difference|": st.column_config.NumberColumn(format="%.2f"),
-    "prompt": st.column_config.TextColumn(width="large"), "response": st.column_config.TextColumn(width="medium")})
+    "prompt": st.column_config.TextColumn(width="medium"), "response": st.column_config.TextColumn(width="medium")})

@@ -1,5 +1,5 @@
-"""Launch a run: a form generated from the option schema (RunSpec), validated before anything is queued;
-the queue with live progress and cancel.
+"""Launch a run: a form generated from the option schema (RunSpec) with only the options the chosen method reads and
+a time estimate, validated before anything is queued; the queue with live progress and cancel.
 
 Runs are started by the queue worker (``staysafe.queue``) as background processes
 (argument lists, never a shell), one at a time
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import fields
 
 import pandas as pd
 import streamlit as st
@@ -19,33 +20,37 @@ import loaders
 import safe_text
 import settings
 import widgets
+from staysafe.methods import METHODS, method_options
+from staysafe.models.names import TINY
 from staysafe.options import ExperimentSpec, RunSpec, SpecError, spec_flags
+from staysafe.presets import DEFAULT_METHODS, PRESETS, preset_options
 from staysafe.queue import ACTIVE, LaunchError, Queue
 from widgets import option_input
 
 OWN_DATA = "(my own data file)"
-# The form's layout: which options go where (their widgets, help and choices come from the schema).
+# The form's layout: which options go where (their widgets, help and choices come from the schema). An option that
+# only some methods read (the registry's Method.options) is shown only when one of them is chosen.
+ABOVE = ("model", "method")  # outside the form: a form reruns only when submitted, and these two redraw it
 COLUMNS = {
-    "Model and data": ("model", "scenario", "data", "n_harmful", "harmful_percent"),
-    "Regularizer": ("method", "beta", ("beta_min", "beta_max"), "risk_ema", "risk", "judge"),
+    "Data": ("scenario", "data", "n_harmful", "harmful_percent"),
+    "Method's options": ("beta", "beta_min", "beta_max", "risk", "risk_ema", "token_betas", "lisa_align_steps",
+                         "lisa_user_steps", "lisa_rho", "safelora_threshold", "safelora_layers", "safelora_unaligned"),
     "Training": ("steps", "lr", "lora_r", "eval_every", "batch_size", "seed"),
 }
-MORE = (  # rows of columns, under "More options"
-    (
-        ("eval_harmful", "eval_benign", "task"),
-        ("max_new_tokens", "max_length", "eval_task"),
-        ("eval_judges", "record_judge", "save_model"),
-        ("token_betas", ("lisa_align_steps", "lisa_user_steps"), "lisa_rho", "safelora_threshold"),
-    ),
-    (
-        ("calibration", ("risk_threshold", "risk_temperature"), "batch_risk"),
-        ("per_example_beta", "risk_fallback", "probe"),
-        ("kl_top_k", "reference_cache", "precision"),
-        ("eval_samples", "eval_temperature", "checkpoint_every"),
-        (("lora_alpha", "lora_dropout"), "grad_accum", "threads"),
-        ("safelora_layers", "safelora_unaligned"),
-    ),
+MORE = (  # rows of at most 3 columns under "More options", so that every label reads at 1024 px
+    ("eval_harmful", "eval_benign", "max_new_tokens"),
+    ("eval_samples", "eval_temperature", "eval_judges"),
+    ("task", "eval_task", "max_length"),
+    ("judge", "record_judge", "probe"),
+    ("calibration", "risk_threshold", "risk_temperature"),
+    ("batch_risk", "risk_fallback", "per_example_beta"),
+    ("kl_top_k", "reference_cache", "precision"),
+    ("lora_alpha", "lora_dropout", "grad_accum"),
+    ("threads", "checkpoint_every", "save_model"),
 )
+MEASURED_RUNS = 20  # the newest finished runs of a model whose step times make the estimate
+TINY_WARNING = ("`tiny` is a test model with random weights: it answers nothing meaningful, so keyword ASR reads "
+                "100% from step 0. Use it to try the pipeline, not to measure safety.")
 # Options deliberately not on the form, and why (a test fails when an option is neither placed nor listed here).
 NOT_ON_FORM = {
     "report_to": "logging integrations are set up where they run (a terminal); the traces hold the same values",
@@ -65,7 +70,7 @@ WIDGET = {
     "lr": {"step": 1e-5, "format": "%.6f"},
 }
 
-cfg = settings.page_setup()
+cfg = settings.page_setup(own=True)  # runs are launched into the user's own roots only
 queue = Queue(cfg.runs, cfg.experiments)
 
 st.title(":material/rocket_launch: Launch a run")
@@ -73,30 +78,86 @@ st.caption(f"Runs go to {safe_text.code(cfg.runs)}. One run trains at a time; fu
            f"(`{cfg.runs}/.queue/`), which keeps advancing when this tab is closed.")
 
 tab_run, tab_exp = st.tabs(["Training run", "Experiment (several methods)"])
+read_by = method_options()  # option -> the methods that read it; every other option is read by every method
 
 
-def _inputs(names, where, values: dict) -> None:
+def _reads(method: str, name: str) -> bool:
+    """Whether ``method`` reads option ``name`` (an option that no method claims is read by every method)."""
+    return method in read_by.get(name, (method,))
+
+
+def _inputs(names, where, values: dict, method: str) -> None:
+    """The widgets of ``names`` in ``where``, without the options ``method`` does not read."""
     for name in names:
-        if isinstance(name, tuple):  # side by side
-            for col, sub in zip(where.columns(len(name)), name):
-                _inputs((sub,), col, values)
-            continue
-        values[name] = option_input(name, where, extra_choices=(OWN_DATA,) if name == "scenario" else (),
-                                    **WIDGET.get(name, {}))
+        if _reads(method, name):
+            values[name] = option_input(name, where, extra_choices=(OWN_DATA,) if name == "scenario" else (),
+                                        **WIDGET.get(name, {}))
+
+
+def _measured(model: str) -> tuple[list, list, int]:
+    """The step and evaluation wall times recorded by the newest finished runs of ``model`` here, and how many runs
+    were read."""
+    runs = loaders.runs_table(cfg.runs)
+    ids = runs.loc[(runs["state"] == "finished") & (runs["model"] == model), "run_id"].tolist()[-MEASURED_RUNS:]
+    step_times, eval_times, n = [], [], 0
+    for run_id in ids:
+        run, _ = loaders.try_load_run(cfg.runs, run_id, ("steps", "evals"))
+        if run is not None:
+            step_times += run.steps.get("wall_time", pd.Series(dtype=float)).tolist()
+            eval_times += run.evals.get("wall_time", pd.Series(dtype=float)).tolist()
+            n += 1
+    return step_times, eval_times, n
+
+
+def _estimate(model: str, steps: int, eval_every: int, runs: int = 1) -> str:
+    """A caption estimating the time of ``runs`` runs of ``model``, ``steps`` steps each."""
+    step_times, eval_times, n = _measured(model)
+    evals = widgets.evaluations(steps, eval_every)
+    seconds, per_step, measured = widgets.time_estimate(step_times, eval_times, steps, evals)
+    source = (f"{per_step:.2g} s per step measured on this machine ({n} finished run(s) of "
+              f"{safe_text.code(model)})" if measured else
+              f"not measured on this machine (no finished run of {safe_text.code(model)} here yet): a rough guess "
+              f"from the README's {per_step:g} s per step for smollm2-135m on 2 CPU cores")
+    each = f"{runs} runs × {widgets.duration(seconds)} = " if runs > 1 else ""
+    return (f":material/schedule: Estimated time: {each}about {widgets.duration(seconds * runs)} ({steps} steps and "
+            f"{evals} evaluation(s) per run, plus loading the model); {source}.")
+
+
+def _tiny_warning(model: str) -> None:
+    if model == TINY:
+        st.warning(TINY_WARNING, icon=":material/warning:")
+
+
+def _preset_input(where) -> str | None:
+    """The experiment's preset, ``live`` first and chosen (the schema lists the presets in their own order)."""
+    f = next(f for f in fields(ExperimentSpec) if f.name == "preset")
+    options = [*sorted(f.metadata["choices"], key=lambda p: p != "live"), None]
+    return where.selectbox(widgets.option_label("preset", ExperimentSpec), options, help=f.metadata["help"],
+                           key="exp_preset", format_func=lambda v: "(none)" if v is None else v)
 
 
 with tab_run:
+    values: dict = {}
+    top = st.columns(2)
+    for name, col in zip(ABOVE, top):
+        values[name] = option_input(name, col)
+    top[1].caption(f"**{values['method']}**: {safe_text.md(METHODS[values['method']].help)}")
+    _tiny_warning(values["model"])
     with st.form("launch_form"):
-        values: dict = {}
         for col, (title, names) in zip(st.columns(len(COLUMNS)), COLUMNS.items()):
             col.markdown(f"**{title}**")
-            _inputs(names, col, values)
+            before = len(values)
+            _inputs(names, col, values, values["method"])
+            if len(values) == before:
+                col.caption(f"{values['method']} reads none of these options.")
         with st.expander("More options"):
             for row in MORE:
-                for col, names in zip(st.columns(len(row)), row):
-                    _inputs(names, col, values)
+                read = [n for n in row if _reads(values["method"], n)]
+                for col, name in zip(st.columns(3) if read else (), read):
+                    _inputs((name,), col, values, values["method"])
             run_id = st.text_input("run id (optional)", key="launch_run_id",
                                    placeholder="letters, digits, '.', '_', '-'; default: time + method")
+        st.caption(_estimate(str(values["model"] or ""), values["steps"], values["eval_every"]))
         submitted = st.form_submit_button("Validate and queue", type="primary")
 
     if submitted:
@@ -125,13 +186,20 @@ with tab_exp:
                 "a normal run, summarised in one results table. Presets: `live` (sft beside adaptive-probe, about "
                 "4 minutes on 2 CPU cores: for showing the effect in class) and `quick` (the README's experiments, "
                 "15-20 minutes per method on a 2-core CPU without bf16).")
+    top = st.columns(2)
+    preset = _preset_input(top[0])
+    exp_model = widgets.option_input("model", top[1], schema=ExperimentSpec, prefix="exp_")
+    _tiny_warning(exp_model)
     with st.form("experiment_form"):
-        x1, x2, x3 = st.columns(3)
+        x1, x2 = st.columns(2)
         exp = {name: widgets.option_input(name, where, schema=ExperimentSpec, prefix="exp_", **extra)
-               for name, where, extra in (("scenario", x1, {}), ("methods", x1, {}), ("seeds", x2, {}),
-                                          ("preset", x2, {"default": "live"}), ("model", x3, {}),
-                                          ("steps", x3, {"placeholder": "the preset's"}))}
+               for name, where, extra in (("scenario", x1, {}), ("methods", x2, {"placeholder": "the preset's"}),
+                                          ("seeds", x1, {}), ("steps", x2, {"placeholder": "the preset's"}))}
+        exp = {**exp, "methods": exp["methods"] or None, "preset": preset, "model": exp_model}
+        preset_run = RunSpec(**preset_options(preset))
+        n_runs = len(exp["methods"] or (preset and PRESETS[preset].methods) or DEFAULT_METHODS) * exp["seeds"]
         exp_id = st.text_input("experiment id (optional)", key="exp_id")
+        st.caption(_estimate(str(exp_model or ""), exp["steps"] or preset_run.steps, preset_run.eval_every, n_runs))
         exp_submit = st.form_submit_button("Validate and queue the experiment")
     if exp_submit:
         try:
@@ -146,7 +214,7 @@ with tab_exp:
 
 # ----------------------------------------------------------------------------------------------- the queue
 
-head, toggle = st.columns([4, 1], vertical_alignment="bottom")
+head, toggle = st.columns([2, 1], vertical_alignment="bottom")
 head.subheader("Queue")
 
 

@@ -21,11 +21,12 @@ st.title(":material/manage_search: Regularization explorer")
 st.caption("β is the weight of the KL pull toward the safe reference that an example's batch received "
            "(0 = plain fine-tuning, 1 = stay on the reference).")
 
-run = widgets.regularized_run_or_stop(cfg.runs, "reg_run")
+run = widgets.regularized_run_or_stop(cfg.runs, "reg_run", ("examples", "steps"))  # steps: for the status line
 widgets.status_line(run)
 ex = loaders.examples_joined(run.path)
 if ex.empty:
-    st.info(f"Run {safe_text.code(run.id)} has recorded no training examples yet (one row per example per step).")
+    st.info(f"Run {safe_text.code(run.id)} has recorded no training step with examples yet, so there is nothing to "
+            "explore (one row per example per step).")
     st.stop()
 method = charts.method_label(run.config)
 if not regularised(run.config):
@@ -43,20 +44,30 @@ for col in ("label", "category"):
 ex["label"] = ex["label"].fillna("?")
 ex["category"] = ex["category"].fillna("?")
 
-for key in ("reg_risk", "reg_labels", "reg_cats", "reg_steps", "reg_beta", "reg_sort"):
-    widgets.reset_on_change(key, run.id)
+# Every filter derives from this run's rows and is set (not only dropped) on a switch, so what the widgets show is
+# what is plotted.
+label_options, cat_options = sorted(ex["label"].unique()), sorted(ex["category"].unique())
+steps = sorted(int(s) for s in ex["step"].unique())  # the steps recorded
+for key, options, default in (("reg_risk", risk_cols, risk_cols[0]), ("reg_labels", label_options, label_options),
+                              ("reg_cats", cat_options, []), ("reg_beta", (), 0.0), ("reg_sort", (), "mean_beta")):
+    widgets.reset_value_on_change(key, (run.id, tuple(options)), default)
 with st.container(border=True):
     f1, f2, f3 = st.columns(3)
     risk_col = f1.selectbox("risk source", risk_cols, format_func=lambda c: {
         "risk": f"risk used for β ({run.config.get('risk')})"}.get(c, charts.metric_title(c)), key="reg_risk")
-    labels = f2.multiselect("label", sorted(ex["label"].unique()), default=sorted(ex["label"].unique()),
-                            key="reg_labels")
-    cats = f3.multiselect("category (all when empty)", sorted(ex["category"].unique()), key="reg_cats")
+    labels = f2.multiselect("label", label_options, key="reg_labels")
+    cats = f3.multiselect("category (all when empty)", cat_options, key="reg_cats")
     g1, g2 = st.columns(2)
-    smin, smax = int(ex["step"].min()), int(ex["step"].max())
-    step_range = g1.slider("steps", smin, max(smax, smin + 1), (smin, max(smax, smin + 1)), key="reg_steps") \
-        if smax > smin else (smin, smax)
-    beta_above = g2.slider("only rows with β above", 0.0, 1.0, 0.0, 0.01, key="reg_beta")
+    if len(steps) > 1:
+        # a range slider cannot take its value from session state alone: a new widget per run and step list
+        # (a live run's new step resets it to all steps)
+        step_range = g1.select_slider("steps", steps, (steps[0], steps[-1]),
+                                      key=f"reg_steps_{run.id}_{steps[0]}_{steps[-1]}_{len(steps)}",
+                                      help=f"The steps recorded in this run: {steps[0]} to {steps[-1]}.")
+    else:
+        step_range = (steps[0], steps[0])
+        g1.caption(f"Only step {steps[0]} is recorded so far: no step range to choose.")
+    beta_above = g2.slider("only rows with β above", 0.0, 1.0, step=0.01, key="reg_beta")
 
 rows = ex[ex["label"].isin(labels) & ex["step"].between(*step_range) & (ex["beta"] > beta_above if beta_above > 0
                                                                          else True)]
@@ -112,29 +123,41 @@ with right:
 
 tab_agg, tab_rows = st.tabs(["Per example", "Per example per step"])
 with tab_agg:
-    sort_by = st.selectbox("sort by", ["mean_beta", "max_beta", "mean_risk", "times_seen", "mean_kl", "mean_nll"],
-                           key="reg_sort")
+    sort_names = {"mean_beta": "mean β", "max_beta": "max β", "mean_risk": f"mean {charts.metric_title(risk_col)}",
+                  "times_seen": "times seen", "mean_kl": "mean KL", "mean_nll": "mean NLL"}
+    sort_by = st.selectbox("sort by", list(sort_names), format_func=sort_names.get, key="reg_sort")
     agg = agg.sort_values([sort_by, "example_index"], ascending=[False, True]).reset_index(drop=True)
     shown = agg.head(2000)
     selection = st.dataframe(
         shown, hide_index=True, height=360, on_select="rerun", selection_mode="single-row", key="reg_table",
-        column_order=["example_index", *[c for c in ("example_id", "label", "category") if c in shown], "times_seen",
-                      "mean_beta", "max_beta", "mean_risk", "mean_nll", "mean_kl",
+        # the readable id and the figures first (visible at 1024 px), the internal index hidden when an id exists
+        column_order=["example_id" if "example_id" in shown else "example_index",
+                      *[c for c in ("label",) if c in shown], "mean_beta", "max_beta", "mean_risk", "times_seen",
+                      *[c for c in ("category",) if c in shown], "mean_nll", "mean_kl",
                       *[c for c in ("prompt",) if c in shown]],
-        column_config={"mean_beta": st.column_config.ProgressColumn("mean β", min_value=0.0, max_value=1.0,
-                                                                    format="%.2f"),
+        column_config={"example_id": st.column_config.TextColumn("example"),
+                       "mean_beta": st.column_config.ProgressColumn("mean β", min_value=0.0, max_value=1.0,
+                                                                    format="%.2f", width="small"),
                        "max_beta": st.column_config.NumberColumn("max β", format="%.2f"),
-                       "mean_risk": st.column_config.NumberColumn(f"mean {risk_col}", format="%.2f"),
+                       "mean_risk": st.column_config.NumberColumn(sort_names["mean_risk"], format="%.2f"),
                        "times_seen": st.column_config.NumberColumn("times seen"),
                        "mean_nll": st.column_config.NumberColumn("mean NLL", format="%.3f"),
                        "mean_kl": st.column_config.NumberColumn("mean KL", format="%.4f"),
-                       "prompt": st.column_config.TextColumn(width="large")})
+                       "prompt": st.column_config.TextColumn(width="medium")})
     if len(agg) > len(shown):
         st.caption(f"Showing the first {len(shown):,} of {len(agg):,} examples in this order.")
 with tab_rows:
-    raw_cols = [c for c in ("step", "slot", "example_index", "example_id", "label", "category", "beta", "risk",
-                            *[c for c in risk_cols if c != "risk"], "nll", "kl", "fallback", "prompt") if c in rows]
-    st.dataframe(rows.sort_values(["step", "slot"])[raw_cols].head(5000), hide_index=True, height=360)
+    raw_cols = [c for c in ("step", "example_id" if "example_id" in rows else "example_index", "label", "beta",
+                            "risk", *[c for c in risk_cols if c != "risk"], "nll", "kl", "category", "fallback", "slot",
+                            "prompt") if c in rows]
+    st.dataframe(rows.sort_values(["step", "slot"])[raw_cols].head(5000), hide_index=True, height=360,
+                 column_config={"example_id": st.column_config.TextColumn("example"),
+                                "beta": st.column_config.NumberColumn("β", format="%.2f"),
+                                **{c: st.column_config.NumberColumn(charts.metric_title(c), format="%.2f")
+                                   for c in risk_cols},
+                                "nll": st.column_config.NumberColumn("NLL", format="%.3f"),
+                                "kl": st.column_config.NumberColumn("KL", format="%.4f"),
+                                "prompt": st.column_config.TextColumn(width="medium")})
     if len(rows) > 5000:
         st.caption(f"Showing 5,000 of {len(rows):,} rows; narrow the filters to see others.")
 
@@ -151,9 +174,10 @@ if sel_rows:
 options = shown["example_index"].tolist()[:500]
 if picked is not None and picked not in options:
     options.insert(0, picked)
-ids = dict(zip(agg["example_index"], agg.get("example_id", agg["example_index"])))
+pairs = zip(agg["example_index"], agg["example_id"]) if "example_id" in agg else ()
+names = {i: v for i, v in pairs if isinstance(v, str) and v}  # the readable id; else "example #<index>"
 choice = st.selectbox("example (or select a row above)", options, index=options.index(picked) if picked in options
-                      else 0, format_func=lambda i: f"#{i} · {ids.get(i, '')}", key=f"reg_example_{picked}")
+                      else 0, format_func=lambda i: names.get(i, f"example #{i}"), key=f"reg_example_{run.id}_{picked}")
 hist = ex[ex["example_index"] == choice].sort_values("step")
 record = run.data[run.data["example_index"] == choice] if "example_index" in run.data else pd.DataFrame()
 a, b = st.columns([2, 3])
@@ -186,6 +210,7 @@ with b:
                              line=dict(color="#8a5a2b"), showlegend=False), row=2, col=2)
     fig.update_xaxes(title_text="step", row=2)
     fig.update_yaxes(range=[-0.03, 1.03], row=1)
-    charts.style(fig, height=440, title=f"History of example #{choice} ({len(hist)} time(s) seen)")
+    charts.style(fig, height=440, title=f"History of {charts._html_escape(names.get(choice, f'example #{choice}'))} "
+                                        f"({len(hist)} time(s) seen)")
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), margin=dict(b=90))
     charts.plotly(fig, key="reg_history")

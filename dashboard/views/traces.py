@@ -85,8 +85,11 @@ for i, (rid, run) in enumerate(plotted.items()):
     steps = run.steps.sort_values("step")
     batches = loaders.step_batches(run.path)
     steps = steps.merge(batches, on="step", how="left") if len(batches) else steps.assign(batch="")
-    color = charts.color_for(i)
-    name = f"{rid} ({charts.method_label(run.config)})"
+    method = charts.method_label(run.config)
+    color = charts.color_for(i, method)  # the method's colour, as on every page; runs of one method differ by dash
+    dash = charts.DASHES[sum(charts.method_label(r.config) == method for r in list(plotted.values())[:i])
+                         % len(charts.DASHES)]
+    name = f"{rid} ({method})"
     for row, m in enumerate(metrics, start=1):
         if m not in steps:
             continue
@@ -102,7 +105,7 @@ for i, (rid, run) in enumerate(plotted.items()):
             frame = frame.merge(b, on="step", how="inner")
             frame[m] = frame[m] - frame["_base"]
         fig.add_trace(charts.line_trace(
-            frame["step"], frame[m], safe_text.html_text(name), color, legendgroup=rid, showlegend=row == 1,
+            frame["step"], frame[m], safe_text.html_text(name), color, dash=dash, legendgroup=rid, showlegend=row == 1,
             customdata=frame["batch"].fillna("").to_numpy() if with_batch else None,
             hovertemplate=f"<b>{safe_text.html_text(name)}</b><br>step %{{x}}<br>{charts.metric_title(m)}: %{{y:.4g}}"
                           + ("<br><br><b>batch</b><br>%{customdata}" if with_batch else "") + "<extra></extra>"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe.methods import colour
+from staysafe.methods import REFERENCE_COLOUR, colour
 from staysafe.runs import trace_names
 
 DEFAULT_JUDGE = "embedding_response"  # the default response judge's column suffix (final_asr_<judge>)
@@ -44,18 +44,29 @@ def axes(results: pd.DataFrame, judge: str | None = None) -> tuple[str, str, str
 
 
 def frontier_points(results: pd.DataFrame, judge: str | None = None) -> pd.DataFrame:
-    """One row per method and sweep point: mean and std over seeds of utility and ASR (by ``judge``, see
-    :func:`axes`), the seeds and run ids."""
+    """One row per method and sweep point: mean utility and ASR (by ``judge``, see :func:`axes`), their error bars
+    (``x_lo``..``y_hi``) and what the bars are (``spread``): ± std over seeds where there are several, else the
+    run's 95% bootstrap interval over its prompts where recorded; the seeds and run ids."""
     x, _, y = axes(results, judge)
     sweep = [c for c in results.columns if c.startswith("sweep_")]
-    keys = ["method", *sweep]
-    g = results.groupby(keys, dropna=False, sort=False)
+    g = results.groupby(["method", *sweep], dropna=False, sort=False)
     out = g.agg(x=(x, "mean"), x_std=(x, "std"), y=(y, "mean"), y_std=(y, "std"), seeds=("seed", "nunique"),
-                runs=("run_id", lambda r: ", ".join(r))).reset_index()
+                runs=("run_id", lambda r: ", ".join(r))).reset_index().fillna({"x_std": 0.0, "y_std": 0.0})
+    for v in ("x", "y"):
+        out[f"{v}_lo"], out[f"{v}_hi"] = out[v] - out[f"{v}_std"], out[v] + out[f"{v}_std"]
+    out["spread"] = [f"± std over {n} seeds" for n in out["seeds"]]
+    one = out["seeds"] == 1
+    for v, column in (("x", x), ("y", y)):
+        if {f"{column}_lo", f"{column}_hi"} <= set(results.columns):  # one seed: its interval over prompts
+            bounds = g.agg(lo=(f"{column}_lo", "mean"), hi=(f"{column}_hi", "mean")).reset_index(drop=True)
+            out.loc[one, f"{v}_lo"], out.loc[one, f"{v}_hi"] = bounds.loc[one, "lo"], bounds.loc[one, "hi"]
+    out["y_lo"], out["y_hi"] = out["y_lo"].clip(0, 1), out["y_hi"].clip(0, 1)  # a rate's bars stay in [0, 1]
+    has_interval = f"{y}_lo" in results.columns
+    out.loc[one, "spread"] = "95% interval over prompts (one seed)" if has_interval else "one seed: no interval"
     out["label"] = out.apply(lambda r: r["method"] + "".join(
         f" {c[len('sweep_'):]}={r[c]:g}" if isinstance(r[c], float) else f" {c[len('sweep_'):]}={r[c]}"
         for c in sweep if pd.notna(r[c])), axis=1)
-    return out.fillna({"x_std": 0.0, "y_std": 0.0})
+    return out
 
 
 def on_frontier(points: pd.DataFrame, higher_x_is_better: bool) -> pd.Series:
@@ -71,23 +82,49 @@ def on_frontier(points: pd.DataFrame, higher_x_is_better: bool) -> pd.Series:
     return pd.Series(flags, index=points.index)
 
 
+def reference_point(results: pd.DataFrame, judge: str | None = None) -> dict | None:
+    """The starting model (step 0) on the same axes, with its interval over prompts where recorded; None when the
+    results do not hold the reference's figures for these axes."""
+    x, _, y = axes(results, judge)
+    rx, ry = f"reference_{x[len('final_'):] if x.startswith('final_') else x}", f"reference_{y[len('final_'):]}"
+    if rx not in results or ry not in results or results[[rx, ry]].isna().all().any():
+        return None
+    point = {"label": "reference (step 0)", "x": float(results[rx].mean()), "y": float(results[ry].mean())}
+    for v, column in (("x", rx), ("y", ry)):
+        lo, hi = (f"{column}_lo", f"{column}_hi")
+        point[f"{v}_lo"] = float(results[lo].mean()) if lo in results else point[v]
+        point[f"{v}_hi"] = float(results[hi].mean()) if hi in results else point[v]
+    return point
+
+
+def _bars(g: pd.DataFrame, v: str, scale: float = 1.0) -> dict:
+    return {"type": "data", "symmetric": False, "visible": True, "array": (g[f"{v}_hi"] - g[v]) * scale,
+            "arrayminus": (g[v] - g[f"{v}_lo"]) * scale}
+
+
 def frontier_figure(results: pd.DataFrame, title: str | None = "Safety-utility trade-off", judge: str | None = None):
     import plotly.graph_objects as go
 
     x, xlabel, y = axes(results, judge)
     points = frontier_points(results, judge)
     fig = go.Figure()
+    ref = reference_point(results, judge)
+    if ref is not None:
+        r = pd.DataFrame([ref])
+        fig.add_trace(go.Scatter(
+            x=r["x"], y=r["y"] * 100, mode="markers", name=ref["label"], marker_color=REFERENCE_COLOUR,
+            marker_symbol="diamond", marker_size=12, error_x=_bars(r, "x"), error_y=_bars(r, "y", 100),
+            hovertemplate="reference (step 0)<br>utility %{x:.3f}<br>ASR %{y:.0f}%<extra></extra>"))
     for k, (method, g) in enumerate(points.groupby("method", sort=False)):
         g = g.sort_values("x")
         curve = len(g) > 1  # a sweep (constant-kl's beta): its points joined as a curve
         fig.add_trace(go.Scatter(
             x=g["x"], y=g["y"] * 100, mode="lines+markers" if curve else "markers", name=method,
             line={"color": colour(method, k)}, marker_color=colour(method, k),
-            error_x={"type": "data", "array": g["x_std"], "visible": True},
-            error_y={"type": "data", "array": g["y_std"] * 100, "visible": True},
-            marker_size=11, text=g["label"], customdata=g[["runs", "seeds"]].to_numpy(),
-            hovertemplate="%{text}<br>utility %{x:.3f}<br>ASR %{y:.0f}%<br>seeds %{customdata[1]}"
-                          "<br>runs %{customdata[0]}<extra></extra>"))
+            error_x=_bars(g, "x"), error_y=_bars(g, "y", 100),
+            marker_size=11, text=g["label"], customdata=g[["runs", "seeds", "spread"]].to_numpy(),
+            hovertemplate="%{text}<br>utility %{x:.3f}<br>ASR %{y:.0f}%<br>seeds %{customdata[1]}, bars: "
+                          "%{customdata[2]}<br>runs %{customdata[0]}<extra></extra>"))
     shown = judge_name(y[len("final_asr_"):])
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=f"final ASR % ({shown} judge)",
                       yaxis_range=[-5, 105], legend_title="method", height=520)

@@ -176,3 +176,21 @@ def run_intervals(generations: pd.DataFrame, *, resamples: int = RESAMPLES, leve
             row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval(values, resamples=resamples, level=level, seed=seed)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------- ranking
+
+
+def auroc(truth, scores) -> float:
+    """Area under the ROC curve of ``scores`` against ``truth`` (positive = True): the chance that a random positive
+    scores above a random negative, ties counting half (as ``sklearn.metrics.roc_auc_score``). NaN when one class
+    is missing; fast enough to bootstrap (``bootstrap_interval(auroc, truth, scores)``)."""
+    t, s = _bools(truth, "truth"), np.asarray(scores, dtype=float)
+    if len(t) != len(s):
+        raise ValueError(f"truth has {len(t)} items but scores has {len(s)}")
+    positives, negatives = s[t], np.sort(s[~t])
+    if positives.size == 0 or negatives.size == 0:
+        return math.nan
+    below = np.searchsorted(negatives, positives, side="left")  # negatives strictly below each positive
+    not_above = np.searchsorted(negatives, positives, side="right")  # ... plus the ties
+    return float((below + not_above).sum() / (2 * positives.size * negatives.size))
