@@ -62,8 +62,9 @@ def build(variant: str, model_spec: str, lora_r: int, tmp: Path, probe=None):
         head_all = variant.endswith("-allpos")
         cache = variant.endswith("-cache")
         variant = variant.removesuffix("-allpos").removesuffix("-cache")
-        method = {"sft": "sft", "sft-notrace": "sft", "constant-kl": "constant-kl"}.get(variant, "adaptive")
-        risk = {"adaptive-probe": "probe", "adaptive-judge": "judge"}.get(variant, "label")
+        method = {"sft": "sft", "sft-notrace": "sft", "constant-kl": "constant-kl",
+                  "adaptive-drift": "adaptive-drift"}.get(variant, "adaptive")
+        risk = {"adaptive-probe": "probe", "adaptive-judge": "judge", "adaptive-drift": "probe"}.get(variant, "label")
         sources = {"judge": ColumnRisk("judge")}
         if probe is not None:
             sources["probe"] = ProbeRisk(probe)
@@ -74,8 +75,8 @@ def build(variant: str, model_spec: str, lora_r: int, tmp: Path, probe=None):
                                                                      ("-cache" if cache else ""))
         cfg = SafetyConfig(**common, method=method, risk=risk, beta=0.5, lm_head_all_positions=head_all,
                            reference_cache=cache, kl_top_k=64 if cache else 0)
-        trainer = SafetyTrainer(model=model, args=cfg,
-                                risk_sources=sources, run=run)
+        trainer = SafetyTrainer(model=model, args=cfg, risk_sources=sources, run=run,
+                                processing_class=tok)  # adaptive-drift tokenises its canaries
     trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
     trainer.current_gradient_accumulation_steps = 1  # normally set by the training loop
     trainer.model.train()
@@ -312,7 +313,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "out" / "training.json"))
     p.add_argument("--distinct", type=int, default=6, help="head part: distinct batches the timed steps cycle over")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: "
-                   "head,lora,full,memory,probe,judges,topk,profile")
+                   "head,lora,full,memory,drift,probe,judges,topk,profile")
     a = p.parse_args()
     skip = set(a.skip.split(","))
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -355,6 +356,15 @@ def main() -> None:
             res["ratios"]["peak memory adaptive-probe / sft"] = mem["adaptive-probe"] / mem["sft"]
         results[label] = res
         print(json.dumps({label: {"median_s": med, "ratios": res["ratios"]}}, indent=2), flush=True)
+    if "drift" not in skip:  # the closed loop's canary readings (every drift_every steps) against the probe alone
+        res = step_times(a.model, 16, a.steps, a.warmup, a.batch_size, a.max_length,
+                         ("adaptive-probe", "adaptive-drift"))
+        med, mean = res["median_s"], res["mean_s"]
+        res["ratios"] = {f"adaptive-drift / adaptive-probe (mean over {a.steps} steps: the readings included)":
+                         mean["adaptive-drift"] / mean["adaptive-probe"],
+                         "adaptive-drift / adaptive-probe (median step)": med["adaptive-drift"] / med["adaptive-probe"]}
+        results["drift"] = res
+        print(json.dumps({"drift": {"mean_s": mean, "ratios": res["ratios"]}}, indent=2), flush=True)
     if "profile" not in skip:  # where the time of an sft and a constant-kl step goes
         results["profile"] = phase_profile(a.model, a.steps, a.warmup, a.batch_size, a.max_length)
         print(json.dumps({"profile": results["profile"]}, indent=2), flush=True)

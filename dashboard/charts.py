@@ -18,6 +18,24 @@ SCATTER_GL_MIN = 1500  # lines with more points than this are drawn with WebGL
 
 LABEL_COLORS = {"harmful": "#c8553d", "benign": "#2a7f7a"}
 
+GLOSSARY = {  # one hover away on every page (the sidebar's "Glossary")
+    "ASR": "attack success rate: the share of held-out harmful requests the model answers instead of refusing, "
+           "as read by a judge (lower is safer)",
+    "over-refusal": "the share of held-out benign requests the model refuses (lower is more useful)",
+    "reference": "the safe aligned model fine-tuning starts from, kept frozen; step 0 of every run",
+    "KL": "KL(ref ‖ model): how far the model's next-token distribution moved from the reference's, on the "
+          "training answers",
+    "β (beta)": "the KL weight of a step: loss = (1 − β)·NLL + β·KL; 0 = plain fine-tuning, 1 = stay on the "
+                "reference",
+    "NLL": "negative log-likelihood of the training answers: the fine-tuning loss (lower = learned more)",
+    "risk": "an estimate in [0, 1] that a training batch is harmful; the adaptive method sets β from it",
+    "probe": "a linear classifier on the reference's hidden state at the end of a prompt: is the request harmful?",
+    "judge": "a scorer of a request (risk) or of a model's answer (ASR); each judge's agreement with hand-labelled "
+             "answers is measured",
+    "κ (kappa)": "Cohen's kappa: agreement of a judge with the labels beyond chance (1 perfect, 0 chance)",
+    "95% interval": "bootstrap interval over prompts (one run) or the spread over seeds; n = prompts judged",
+}
+
 
 def style(fig: go.Figure, height: int = 420, title: str | None = None, legend_below: bool = False) -> go.Figure:
     """The dashboard's calm chart style: white background, light grid, readable fonts, room for labels."""
@@ -91,7 +109,9 @@ def metric_title(col: str) -> str:
         return {"at_k": "sampled ASR@k", "sampled": "sampled per-answer ASR", "asr": "judge ASR"}[kind] + f" ({judge})"
     return {"over_refusal": "over-refusal (benign refused)", "benign_nll": "benign NLL (utility)",
             "nll": "NLL", "kl": "KL(ref ‖ model)", "loss": "loss", "beta": "β (KL weight)",
-            "risk": "batch risk used"}.get(col, col.replace("risk_", "risk: ") if col.startswith("risk_") else col)
+            "risk": "batch risk used", "drift": "canary drift (nats/token from the reference's refusals)",
+            "drift_risk": "risk from the canary drift"}.get(
+        col, col.replace("risk_", "risk: ") if col.startswith("risk_") else col)
 
 
 def _html_escape(text: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
+import charts
 import safe_text
 from staysafe.runs.traces import (
     TraceError,
@@ -62,6 +63,8 @@ def sidebar_settings() -> Settings:
         f"under {own_settings().runs}; launched runs go here", f"shipped with StaySafe ({demo_dir()}), read-only"],
         help="The recorded demo is a real experiment recorded with `staysafe experiment` and shipped in `data/demo`; "
              "every page can show it. Runs you launch are written to your runs root only.")
+    st.sidebar.markdown("**Glossary** (hover the icon)", help="\n\n".join(
+        f"**{term}**: {text}" for term, text in charts.GLOSSARY.items()))
     with st.sidebar.expander("Settings: data folders", expanded=False):
         for name, (env, default, what) in ROOTS.items():
             st.text_input(f"{name} root", value=_default(name), key=f"root_{name}",

@@ -82,18 +82,6 @@ def asr_columns(evals: pd.DataFrame) -> tuple[list[str], list[str]]:
     return judges, ([keyword] if keyword in evals.columns else [])
 
 
-def reset_on_change(key: str, signature) -> None:
-    """Forget a widget's value when what it chooses from changed (another run, other options): back to its default.
-
-    Streamlit keeps a keyed widget's value across reruns even when its options change; a filter chosen for one run
-    would then silently apply to the next.
-    """
-    marker = f"_options_of_{key}"
-    if st.session_state.get(marker) != signature:
-        st.session_state.pop(key, None)
-        st.session_state[marker] = signature
-
-
 def pick_runs(runs: pd.DataFrame, label: str, key: str, multi: bool = False, default_n: int = 1,
               prefer=None) -> list[str]:
     """A run picker over ``runs_table`` rows; defaults to the newest readable runs (those ``prefer(row)`` accepts
@@ -104,9 +92,11 @@ def pick_runs(runs: pd.DataFrame, label: str, key: str, multi: bool = False, def
     if prefer is not None:
         preferred = [r["run_id"] for r in runs.to_dict("records") if r["state"] != "corrupt" and prefer(r)]
         readable = [r for r in readable if r not in preferred] + preferred
-    if multi:
-        default = readable[-default_n:] if readable else []
-        return st.multiselect(label, options, default=default, format_func=lambda r: labels.get(r, r), key=key)
+    if multi:  # runs another page opened (session state) replace the default; runs that are gone are dropped
+        chosen = st.session_state.get(key)
+        default = [r for r in chosen if r in options] if chosen is not None else readable[-default_n:]
+        reset_on_change(key, (tuple(options), tuple(chosen or ())), default)
+        return st.multiselect(label, options, format_func=lambda r: labels.get(r, r), key=key)
     if not options:
         return []
     index = options.index(readable[-1]) if readable else 0
@@ -201,12 +191,13 @@ def duration(seconds: float) -> str:
 # ------------------------------------------------------------------------------- widget values that follow the data
 
 
-def reset_value_on_change(key: str, signature, default) -> None:
+def reset_on_change(key: str, signature, default) -> None:
     """Set widget ``key`` to ``default`` when what it chooses from changed (``signature``: another run, other
     options) or when it has no value yet. Call it before drawing the widget, and draw the widget without a default.
 
-    Unlike ``reset_on_change``, which only drops the value (the browser then keeps showing the old choice while the
-    page plots the default), this sets it through session state, so the browser is told and shows what is plotted.
+    Streamlit keeps a keyed widget's value across reruns even when its options change, so a filter chosen for one
+    run would silently apply to the next; and only dropping the value leaves the browser showing the old choice
+    while the page plots the default. Setting it through session state tells the browser.
     """
     marker = f"_signature_of_{key}"
     if key not in st.session_state or st.session_state.get(marker) != signature:

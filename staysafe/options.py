@@ -183,6 +183,11 @@ class SafetyOptions:
     safelora_unaligned: str | None = option(None, "safelora: the unaligned model the run's model was aligned from "
                                             "(the alignment subspace is their difference; default for "
                                             "smollm2-135m-aligned: smollm2-135m-instruct)")
+    drift_every: int = option(5, "adaptive-drift: read the canary drift every N steps", low=1)
+    drift_gain: float = option(1.0, "adaptive-drift: risk per nat of drift (s = clamp(gain * drift, 0, 1))", low=0.0)
+    drift_canaries: int = option(8, "adaptive-drift: canary prompts read (harmful requests of the alignment data, "
+                                 "never evaluation prompts)", low=1, high=64)
+    drift_tokens: int = option(8, "adaptive-drift: answer tokens of each canary's refusal read", low=1, high=64)
     kl_top_k: int = option(0, "KL over the reference's top-k tokens only (0 = exact full-vocabulary KL)", low=0)
     reference_cache: bool = option(False, "keep the reference's top-k outputs (needs kl_top_k) and its probe reading "
                                    "per example from the first epoch and reuse them after it, instead of a "

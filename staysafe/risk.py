@@ -108,9 +108,10 @@ class RiskPolicy:
         self.method = method_named(options.method)
         self.ema: float | None = None
         self.last: float | None = None
+        self.drift = 0.0  # adaptive-drift: the policy's last canary drift from the reference (nats per token)
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "last": self.last}
+        return {"ema": self.ema, "last": self.last, "drift": self.drift}
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint state") -> None:
         """Restore the state saved by :meth:`state_dict`, checked: each value a batch risk in [0, 1] or null (a
@@ -120,7 +121,10 @@ class RiskPolicy:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0.0 <= value <= 1.0):
                 raise RiskError(f"{where}: {name} = {value!r:.40} is invalid: expected a batch risk in [0, 1] or null")
-        self.ema, self.last = state.get("ema"), state.get("last")
+        drift = state.get("drift", 0.0)
+        if isinstance(drift, bool) or not isinstance(drift, (int, float)) or not -100.0 <= drift <= 100.0:
+            raise RiskError(f"{where}: drift = {drift!r:.40} is invalid: expected a log-probability gap in [-100, 100]")
+        self.ema, self.last, self.drift = state.get("ema"), state.get("last"), float(drift)
 
     def decide(self, signals: dict[str, torch.Tensor], batch_size: int, device):
         """beta per example, the risk per example, which examples fell back, and the batch risk (NaN unless

@@ -38,7 +38,8 @@ from staysafe.runs.faults import fault_pause
 from staysafe.runs.files import read_json
 
 STATE_FILE = "staysafe_state.json"
-LOGGED = ("loss", "nll", "kl", "beta", "risk", "n_fallback")  # + every risk_<source>: the step metrics logged
+# The step metrics logged (+ every risk_<source>; drift: adaptive-drift's reading)
+LOGGED = ("loss", "nll", "kl", "beta", "risk", "n_fallback", "drift", "drift_risk")
 
 
 @dataclass
@@ -100,6 +101,7 @@ class SafetyTrainer(Trainer):
     # -- the training step -------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.hooks.prepare(model, self.state.global_step)
         phase = self.hooks.phase(self.state.global_step)
         inputs = self.hooks.batch(inputs, phase)  # lisa's alignment phase: its own batch instead of the user's
         labels = inputs["labels"]
@@ -242,6 +244,7 @@ class _StepRecorder(TrainerCallback):
             return
         gathered = _gather_examples(tr, pending)  # every process takes part; every process gets all examples
         row = _step_row(pending, gathered, args, state, self.lr, tr._last_grad_norm, time.perf_counter() - self.t0)
+        row.update(tr.hooks.step_record())
         if args.logging_strategy != "no":
             tr._unlogged.append({k: v for k, v in row.items() if k in LOGGED or k.startswith("risk_")})
         if tr.run is None or not state.is_world_process_zero:

@@ -296,6 +296,9 @@ def test_a_forged_checkpoint_state_is_refused_and_beta_stays_in_bounds():
     policy = RiskPolicy(options)
     with pytest.raises(RiskError, match="ema = 50"):
         policy.load_state_dict({"ema": 50})
+    for drift in (1e9, float("nan"), "1", True):  # adaptive-drift's reading, as forged
+        with pytest.raises(RiskError, match="drift = "):
+            policy.load_state_dict({"ema": 0.5, "drift": drift})
     policy.ema = 50.0  # however it got there, the step refuses to train with it
     with pytest.raises(RiskError, match="left"):
         policy.beta(torch.tensor([0.5, 0.5]))

@@ -51,7 +51,9 @@ def spec_flags(spec: RunSpec) -> list[str]:
 @pytest.mark.parametrize("lora_r,method,more", [
     (0, "adaptive", {}), (4, "constant-kl", {}),
     # the checkpoint after step 3 falls inside a user phase whose anchor was taken at step 2
-    (4, "lisa", {"lisa_align_steps": 2, "lisa_user_steps": 2, "lisa_rho": 50.0})])
+    (4, "lisa", {"lisa_align_steps": 2, "lisa_user_steps": 2, "lisa_rho": 50.0}),
+    # the canary drift read at step 2 holds until step 4's reading: the checkpoint after step 3 must keep it
+    (0, "adaptive-drift", {"drift_every": 2})])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, lora_r, method, more):
     """Kill after a checkpoint, resume: the trace rows equal those of a run that was never interrupted."""
     full = load_run(run_training(tiny_spec(tmp_path / "a", lora_r=lora_r, method=method, risk_ema=0.5,
@@ -66,7 +68,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, lora_r, method, more):
     assert resumed.status["state"] == "finished"
     a, b = full.steps.set_index("step"), resumed.steps.set_index("step")
     assert list(b.index) == list(range(1, 9))
-    for col in ("loss", "nll", "kl", "beta", "risk"):  # constant-kl has no risk: NaN on both sides
+    for col in ("loss", "nll", "kl", "beta", "risk", *(("drift",) if "drift" in a else ())):  # constant-kl has
+        # no risk: NaN on both sides
         np.testing.assert_allclose(a[col], b[col], rtol=0, atol=1e-6, equal_nan=True, err_msg=col)
     ea = full.examples.set_index(["step", "slot"])["example_index"]
     eb = resumed.examples.set_index(["step", "slot"])["example_index"]

@@ -44,7 +44,7 @@ def test_ema_smooths_over_steps_and_its_state_survives_a_checkpoint():
     resumed = policy(risk_ema=0.5, batch_risk="mean")
     resumed.load_state_dict(p.state_dict())
     assert resumed.decide({"label": t(0.0)}, 1, "cpu")[3] == p.decide({"label": t(0.0)}, 1, "cpu")[3] == 0.125
-    assert p.state_dict() == {"ema": 0.125, "last": 0.125}
+    assert p.state_dict() == {"ema": 0.125, "last": 0.125, "drift": 0.0}
 
 
 @pytest.mark.parametrize("fallback,probe,last,expected", [
@@ -68,7 +68,7 @@ def test_sft_and_constant_kl_record_the_risk_but_it_sets_nothing():
         p = policy(method=method, beta=0.4)
         beta, risk, fallback, s = p.decide({"label": t(1.0, 0.0)}, 2, "cpu")
         assert torch.allclose(beta, torch.full((2,), b)) and risk.isnan().all() and math.isnan(s)
-        assert p.state_dict() == {"ema": None, "last": None}
+        assert p.state_dict() == {"ema": None, "last": None, "drift": 0.0}
 
 
 def test_read_signals_rejects_sources_that_break_the_contract():

@@ -103,8 +103,8 @@ default_layer = probe.layers[0] if probe is not None and probe.layers[0] in laye
 color_options = ["label", "category"] + (["probe score"] if probe is not None and
                                          all(l in layers for l in probe.layers) else [])
 # set (not only dropped) on a switch, so the box shows the layer that is plotted
-widgets.reset_value_on_change("act_layer", (tuple(sets.values()), tuple(layers)), default_layer)
-widgets.reset_value_on_change("act_color", (tuple(sets.values()), tuple(color_options)), "label")
+widgets.reset_on_change("act_layer", (tuple(sets.values()), tuple(layers)), default_layer)
+widgets.reset_on_change("act_color", (tuple(sets.values()), tuple(color_options)), "label")
 layer = c[0].selectbox("layer (hidden state index)", layers, key="act_layer",
                        help="0 = embeddings; the last = the final layer." + (
                            f" The probe reads layer {probe.layers}." if probe is not None else ""))

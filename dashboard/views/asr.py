@@ -108,9 +108,8 @@ judge_cols = sorted({c for r in with_evals.values() for c in widgets.asr_columns
 sampled_cols = sorted({c for r in with_evals.values() for c in widgets.sampled_columns(r.evals)})
 metrics_all = judge_cols + ["asr_keyword", "over_refusal", "benign_nll"] + sampled_cols
 metrics_all = [m for m in metrics_all if any(m in r.evals for r in with_evals.values())]
-widgets.reset_on_change("asr_metrics", tuple(metrics_all))
-metrics = st.multiselect("measures", metrics_all, default=metrics_all, format_func=charts.metric_title,
-                         key="asr_metrics")
+widgets.reset_on_change("asr_metrics", tuple(metrics_all), metrics_all)
+metrics = st.multiselect("measures", metrics_all, format_func=charts.metric_title, key="asr_metrics")
 if not judge_cols:
     st.caption("Only keyword ASR was measured (a weak judge: it counts answers without a refusal phrase). Add "
                "`--eval-judges embedding-response` for a judge ASR.")

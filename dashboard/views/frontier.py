@@ -94,9 +94,9 @@ if not options:
     st.caption(f"The runs of this experiment are not under {safe_text.code(runs_root)} (recorded benchmark "
                "experiments ship their results table only), so there are no traces to open.")
     st.stop()
-widgets.reset_on_change("frontier_runs", (str(exp_dir), tuple(chosen)))  # a new selection replaces the picked runs
-runs = st.multiselect("open in Training traces (or select points above)", options,
-                      default=[r for r in chosen if r in options], key="frontier_runs")
+widgets.reset_on_change("frontier_runs", (str(exp_dir), tuple(chosen)),  # a new selection replaces the picked runs
+                        [r for r in chosen if r in options])
+runs = st.multiselect("open in Training traces (or select points above)", options, key="frontier_runs")
 if st.button("Open the traces", disabled=not runs, key="frontier_open", type="primary"):
     settings.show_source(settings.DEMO if origin == "recorded demo" else settings.OWN)
     st.session_state["traces_runs"] = list(runs)

@@ -113,13 +113,13 @@ classes = sorted(set(labels[labelled]))
 # set (not only dropped) when the data changes, so the widgets show what is plotted
 signature = (source, what, tuple(sources))
 default_t = float(summary.get("threshold", 0.5))
-widgets.reset_value_on_change("jvp_x", signature, "probe" if "probe" in sources else sources[0])
+widgets.reset_on_change("jvp_x", signature, "probe" if "probe" in sources else sources[0])
 for key in ("jvp_tx", "jvp_ty"):
-    widgets.reset_value_on_change(key, signature, default_t)
+    widgets.reset_on_change(key, signature, default_t)
 c = st.columns(4)
 x_src = c[0].selectbox("x: risk source", sources, format_func=source_label, key="jvp_x")
 others = [s for s in sources if s != x_src]
-widgets.reset_value_on_change("jvp_y", signature, others[0])
+widgets.reset_on_change("jvp_y", signature, others[0])
 y_src = c[1].selectbox("y: risk source", others, format_func=source_label, key="jvp_y")  # y = x: the first other
 x_name, y_name = source_label(x_src), source_label(y_src)
 tx = c[2].slider(f"threshold for {x_name}", 0.0, 1.0, step=0.01, key="jvp_tx")

@@ -34,7 +34,8 @@ ABOVE = ("model", "method")  # outside the form: a form reruns only when submitt
 COLUMNS = {
     "Data": ("scenario", "data", "n_harmful", "harmful_percent"),
     "Method's options": ("beta", "beta_min", "beta_max", "risk", "risk_ema", "token_betas", "lisa_align_steps",
-                         "lisa_user_steps", "lisa_rho", "safelora_threshold", "safelora_layers", "safelora_unaligned"),
+                         "lisa_user_steps", "lisa_rho", "safelora_threshold", "safelora_layers", "safelora_unaligned",
+                         "drift_every", "drift_gain", "drift_canaries", "drift_tokens"),
     "Training": ("steps", "lr", "lora_r", "eval_every", "batch_size", "seed"),
 }
 MORE = (  # rows of at most 3 columns under "More options", so that every label reads at 1024 px

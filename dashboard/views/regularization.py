@@ -50,7 +50,7 @@ label_options, cat_options = sorted(ex["label"].unique()), sorted(ex["category"]
 steps = sorted(int(s) for s in ex["step"].unique())  # the steps recorded
 for key, options, default in (("reg_risk", risk_cols, risk_cols[0]), ("reg_labels", label_options, label_options),
                               ("reg_cats", cat_options, []), ("reg_beta", (), 0.0), ("reg_sort", (), "mean_beta")):
-    widgets.reset_value_on_change(key, (run.id, tuple(options)), default)
+    widgets.reset_on_change(key, (run.id, tuple(options)), default)
 with st.container(border=True):
     f1, f2, f3 = st.columns(3)
     risk_col = f1.selectbox("risk source", risk_cols, format_func=lambda c: {

@@ -46,18 +46,17 @@ if not loaded:
 for run in loaded.values():
     widgets.status_line(run)
 
-metric_options = ["nll", "kl", "loss", "beta", "risk"]
+metric_options = ["nll", "kl", "loss", "beta", "risk", "drift"]
 for run in loaded.values():
     metric_options += [c for c in run.steps.columns if c.startswith("risk_") and c not in metric_options]
 controls = st.columns([4, 2, 2])
-widgets.reset_on_change("traces_metrics", tuple(metric_options))
 def _has_values(m: str) -> bool:
     return any(m in r.steps and r.steps[m].astype(float).notna().any() for r in loaded.values())
 
 
-metrics = controls[0].multiselect("signals", metric_options,
-                                  default=[m for m in metric_options if m != "loss" and _has_values(m)],
-                                  format_func=charts.metric_title, key="traces_metrics")
+widgets.reset_on_change("traces_metrics", tuple(metric_options),
+                        [m for m in metric_options if m != "loss" and _has_values(m)])
+metrics = controls[0].multiselect("signals", metric_options, format_func=charts.metric_title, key="traces_metrics")
 how = controls[1].segmented_control("smoothing", ["none", "EMA", "rolling"], default="none", key="traces_smooth")
 if how == "EMA":
     amount = controls[2].slider("EMA weight of the past", 0.0, 0.99, 0.8, 0.01, key="traces_ema")

@@ -7,13 +7,14 @@ Adding a method: a module in this folder with its :class:`Method` (and hooks, :c
 from __future__ import annotations
 
 from staysafe.errors import SpecError
-from staysafe.methods import adaptive, constant_kl, lisa, safelora, sft, token_wise
+from staysafe.methods import adaptive, constant_kl, drift, lisa, safelora, sft, token_wise
 from staysafe.methods.base import Method, TrainingHooks, Variant
 
 _MODULES = (  # (methods, variants) of each module, in the order --help and the dashboard list them
     ((sft.METHOD,), sft.VARIANTS),
     ((constant_kl.METHOD,), constant_kl.VARIANTS),
     ((adaptive.METHOD,), adaptive.VARIANTS),
+    ((drift.METHOD,), drift.VARIANTS),
     ((token_wise.TOKEN_WISE, token_wise.ADAPTIVE_TOKEN_WISE), token_wise.VARIANTS),
     ((lisa.METHOD,), lisa.VARIANTS),
     ((safelora.METHOD,), safelora.VARIANTS),

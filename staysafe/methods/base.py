@@ -30,6 +30,13 @@ class TrainingHooks:
     def check_before_work(spec) -> None:
         """Prerequisites of a run of this method that need no model (raise a SpecError naming what is missing)."""
 
+    def prepare(self, model, step: int) -> None:
+        """Work before a micro-batch's loss at optimizer step ``step`` (adaptive-drift reads its canaries)."""
+
+    def step_record(self) -> dict:
+        """Extra fields of the step's trace row (adaptive-drift: the drift it read)."""
+        return {}
+
     def phase(self, step: int) -> str:
         """The state of optimizer step ``step`` (0-based), recorded per step: ``user`` unless the method alternates."""
         return "user"
