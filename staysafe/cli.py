@@ -324,6 +324,37 @@ def add_validate_judges(sub) -> None:
     v.set_defaults(fn=cmd_validate_judges)
 
 
+def cmd_rejudge(args) -> int:
+    from staysafe.eval.rejudge import rejudge_experiment, rejudge_run
+    from staysafe.eval.validation import build_judge, check_judge_names
+
+    names = check_judge_names(args.judges)  # checked before any judge loads a model
+    target = Path(args.target)
+    if not (target / "experiment.json").is_file() and not (target / "config.json").is_file():
+        raise SpecError(f"{target} is neither a run directory (config.json) nor an experiment (experiment.json)")
+    judges = [build_judge(n, endpoint=endpoint_from_args(args), local_lm_model=args.local_lm_model) for n in names]
+    if (target / "experiment.json").is_file():
+        results = rejudge_experiment(target, args.runs_dir or runs_root_default(), judges)
+        print(f"re-judged {len(results)} run(s); results.parquet, results.md (and the frontier) rebuilt in {target}")
+    else:
+        columns = rejudge_run(target, judges)
+        print(f"added {', '.join(columns)} to {target / 'evals.parquet'}")
+    return 0
+
+
+def add_rejudge(sub) -> None:
+    r = sub.add_parser("rejudge", help="score a run's (or an experiment's) recorded answers with response judges; "
+                                       "add their ASR to its evaluations without the model")
+    r.add_argument("target", help="a run directory, or an experiment directory (then its runs under --runs-dir)")
+    r.add_argument("--judges", default="embedding-response",
+                   help="response judges, comma-separated: keyword | embedding-response | local-lm | openai")
+    r.add_argument("--runs-dir", default=None, help="an experiment's runs (default: $STAYSAFE_RUNS or ./runs; never "
+                                                    "the folder its experiment.json names)")
+    add_endpoint_arguments(r)
+    r.add_argument("--local-lm-model", default=ALIGNED, help="local-lm: the judging model")
+    r.set_defaults(fn=cmd_rejudge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from staysafe.presets import PRESETS
 
@@ -427,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.set_defaults(fn=cmd_safelora)
 
     add_validate_judges(sub)
+    add_rejudge(sub)
     return p
 
 
