@@ -9,9 +9,9 @@ import re
 import time
 
 import pytest
+from test_dashboard import APP, PAGES, assert_clean, texts
 
 from conftest import REPO
-from test_dashboard import APP, PAGES, assert_clean, texts
 
 DEMO = REPO / "data" / "demo"
 DEMO_RUNS = sorted(p.name for p in (DEMO / "runs").iterdir() if (p / "config.json").is_file())
@@ -103,7 +103,6 @@ def test_the_demo_in_a_real_browser_and_a_trade_off_click_opens_its_run(nothing_
     """Every page at 1440 and 1024 px with nothing configured shows the recorded demo without an error; clicking
     sft's point on the trade-off chart selects its run, and "Open the traces" shows that run's traces."""
     from playwright.sync_api import sync_playwright
-
     from scripts.screenshots import browser, dashboard, full_page, settled
     from test_dashboard import SCREENSHOTS
 
