@@ -47,6 +47,7 @@ from staysafe.runs.traces import (
     write_parquet,
 )
 
+STEP0_DIR = ".step0"  # the starting model's evaluation, shared by the runs (staysafe.eval.evaluation.SharedStep0)
 METHODS = VARIANTS  # the experiment's method names: the registry's variants (staysafe.methods)
 
 
@@ -253,7 +254,7 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
                     run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
                                        else spec.constant_beta)
                 run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}",
-                                               endpoint))
+                                               endpoint, out / STEP0_DIR if spec.share_step0 else None))
                 row = {"method": name, "seed": seed, "beta": run_spec.beta if fixed_beta else math.nan,
                        **{f"sweep_{k}": v for k, v in point.items()},
                        **run_summary(run, (base.beta_min + base.beta_max) / 2)}
@@ -277,7 +278,8 @@ def _sets_matched_beta(name: str) -> bool:
     return method.risk and method.kl_weight
 
 
-def _train_or_reuse(run_spec: RunSpec, log, what: str, endpoint: JudgeEndpoint | None = None) -> Path:
+def _train_or_reuse(run_spec: RunSpec, log, what: str, endpoint: JudgeEndpoint | None = None,
+                    shared_step0: Path | None = None) -> Path:
     """A finished run of this id is kept; an interrupted one continues from its last complete checkpoint, or is
     moved aside (``.partial-<id>-<time>``, nothing deleted) and run again. A run directory whose config.json
     asks for other options than the experiment's is refused, never trained or kept (it may be planted)."""
@@ -300,7 +302,7 @@ def _train_or_reuse(run_spec: RunSpec, log, what: str, endpoint: JudgeEndpoint |
         log(f"{what}: {state} without a checkpoint; moved aside to {aside} and run again")
         run_dir.rename(aside)
     log(f"{what} ...")
-    return run_training(run_spec, progress=False, log=log, endpoint=endpoint)
+    return run_training(run_spec, progress=False, log=log, endpoint=endpoint, shared_step0=shared_step0)
 
 
 def config_differences(run_dir: Path, run_spec: RunSpec) -> str:

@@ -366,6 +366,8 @@ class ExperimentSpec:
     model: str = option(ALIGNED, "the starting (reference) model", choices=MODELS, open_choices=True)
     steps: int | None = option(None, "optimizer steps of every run (default: the preset's)", low=1)
     constant_beta: float = option(0.5, "constant-kl's beta when no adaptive method sets it", low=0.0, high=1.0)
+    share_step0: bool = option(True, "evaluate the starting model once and copy that step-0 evaluation into every "
+                               "run (the same model, prompts, decoding and seed); off: each run evaluates it")
     out_dir: str = option("experiments", "where experiment directories go")
     runs_dir: str = option("runs", "where the runs go (default: $STAYSAFE_RUNS, else ./runs)")
     experiment_id: str | None = option(None, "the experiment directory's name (default: time + scenario)",

@@ -21,7 +21,7 @@ import torch
 from transformers.trainer_callback import PrinterCallback
 
 from staysafe.data import SafetyCollator, add_risk_columns, tokenize_dataset
-from staysafe.eval.evaluation import EvalCallback, make_evaluator
+from staysafe.eval.evaluation import EvalCallback, SharedStep0, make_evaluator
 from staysafe.eval.task import SETS
 from staysafe.judges import JUDGES, OpenAICompatibleJudge, make_judge, score_cached
 from staysafe.judges.endpoint import JudgeEndpoint, endpoint_for
@@ -134,9 +134,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = None, progress: bool = True,
-                 log=print, endpoint: JudgeEndpoint | None = None) -> Path:
+                 log=print, endpoint: JudgeEndpoint | None = None, shared_step0: Path | None = None) -> Path:
     """Train one run and return its directory. ``resume`` continues a run directory from its last checkpoint.
-    ``endpoint``: the openai judge's endpoint, from the command line only (see :mod:`staysafe.judges.endpoint`)."""
+    ``endpoint``: the openai judge's endpoint, from the command line only (see :mod:`staysafe.judges.endpoint`).
+    ``shared_step0``: a folder where the runs of one experiment share their starting model's evaluation."""
     spec, config = options_of(spec, resume, endpoint)
     procs = Processes()
     records = training_records(spec)  # everything that can fail on bad input happens before the run directory
@@ -164,7 +165,7 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
             reference_activations(model, tokenizer, probe, spec, writer.path / "activations" / "before")
         if spec.lora_r:
             model = add_lora(model, LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout))
-        trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress and procs.main)
+        trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress and procs.main, shared_step0)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finish_run(spec, trainer, tokenizer, probe, writer)
         done["step"] = trainer.state.global_step
@@ -273,7 +274,8 @@ class Processes:
         return broadcast_object_list([value])[0]
 
 
-def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progress: bool = True):
+def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progress: bool = True,
+                  shared_step0: Path | None = None):
     calibration = Calibration(spec.calibration, spec.risk_threshold, spec.risk_temperature)
     sources = {"label": ColumnRisk("label")}
     if "risk_judge" in dataset.column_names:
@@ -295,7 +297,8 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
                             processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # the metrics go to report_to and the traces, not as dicts to stdout
     if spec.eval_every or spec.eval_harmful or spec.eval_benign:
-        trainer.add_callback(EvalCallback(make_evaluator(spec, tokenizer), writer, spec.eval_every, trainer))
+        shared = SharedStep0(shared_step0, spec) if shared_step0 is not None else None
+        trainer.add_callback(EvalCallback(make_evaluator(spec, tokenizer), writer, spec.eval_every, trainer, shared))
     return trainer
 
 

@@ -715,7 +715,11 @@ def test_demo_page_live_rerun_goes_through_the_queue(env, tmp_path, monkeypatch)
         assert len(jobs) == 1 and jobs[0]["kind"] == "experiment"
         argv = command(jobs[0], q.root)
         assert argv[argv.index("--preset") + 1] == preset and argv[3] == "experiment"
+        # the page follows its own re-run: waiting now, and how it ended once it ends
+        assert "Live re-run" in texts(at) and "Waiting in the queue" in texts(at)
         assert q.cancel(jobs[0]["id"]) == "cancelled" and q.worker_pid() is None
+        at.run()
+        assert any("The re-run ended cancelled" in e.value for e in at.error)
 
 
 # ----------------------------------------------------------------------------------------------- real browser

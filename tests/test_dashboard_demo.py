@@ -100,8 +100,9 @@ def test_a_method_has_one_colour_on_every_page(nothing_configured):
 
 @pytest.mark.browser
 def test_the_demo_in_a_real_browser_and_a_trade_off_click_opens_its_run(nothing_configured):
-    """Every page at 1440 and 1024 px with nothing configured shows the recorded demo without an error; clicking
-    sft's point on the trade-off chart selects its run, and "Open the traces" shows that run's traces."""
+    """Every page at 1024 px (the narrow case; tests/scripts/screenshots.py shoots 1440 too) with nothing
+    configured shows the recorded demo without an error; clicking sft's point on the trade-off chart selects its
+    run, and "Open the traces" shows that run's traces."""
     from playwright.sync_api import sync_playwright
     from scripts.screenshots import browser, dashboard, full_page, settled
     from test_dashboard import SCREENSHOTS
@@ -110,7 +111,7 @@ def test_the_demo_in_a_real_browser_and_a_trade_off_click_opens_its_run(nothing_
     env = {f"STAYSAFE_{n.upper()}": str(nothing_configured / n) for n in ("runs", "experiments", "compare", "probes")}
     with dashboard(env) as url, sync_playwright() as p:
         b = browser(p)
-        for width in (1440, 1024):
+        for width in (1024,):
             page = b.new_page(viewport={"width": width, "height": 768})
             for name in PAGES:
                 page.goto(f"{url}/{'' if name == 'home' else name}", wait_until="networkidle")

@@ -106,6 +106,29 @@ def test_an_existing_experiment_is_not_overwritten_without_resume(tmp_path):
         run_experiment(spec(tmp_path, methods=["sft"]), log=lambda *a: None)
 
 
+def test_the_starting_models_evaluation_is_shared_with_the_same_results(tmp_path):
+    """share_step0 evaluates the starting model once per experiment and copies it into every run: the results are
+    those of the unshared path to the last digit, and only the first run of a key spent the evaluation's time."""
+    overrides = {**TINY, "eval_judges": ["embedding-response"], "eval_samples": 2}
+    shared = run_experiment(spec(tmp_path / "a", methods=["sft", "constant-kl"], seeds=2,
+                                 overrides=overrides), log=lambda *a: None)
+    alone = run_experiment(spec(tmp_path / "b", methods=["sft", "constant-kl"], seeds=2,
+                                overrides=overrides, share_step0=False), log=lambda *a: None)
+    a, b = (pd.read_parquet(p / "results.parquet").drop(columns="seconds_per_step") for p in (shared, alone))
+    pd.testing.assert_frame_equal(a, b)
+    assert len(list((shared / ".step0").iterdir())) == 2 and not (alone / ".step0").exists()  # one per seed
+    first = {}
+    for run_id in a["run_id"]:
+        run = load_run(tmp_path / "a" / "runs" / run_id)
+        step0 = run.evals[run.evals["step"] == 0].iloc[0]
+        twin = load_run(tmp_path / "b" / "runs" / run_id)
+        pd.testing.assert_frame_equal(run.generations[run.generations["step"] == 0].reset_index(drop=True),
+                                      twin.generations[twin.generations["step"] == 0].reset_index(drop=True))
+        first.setdefault(run.config["seed"], step0["wall_time"])
+        if step0["wall_time"] != first[run.config["seed"]]:  # a copy: far quicker than the evaluation it copies
+            assert step0["wall_time"] < first[run.config["seed"]] / 3
+
+
 def test_an_experiment_is_summarised_again_from_its_runs(tmp_path):
     """summarise_again rebuilds results.parquet / results.md from the runs as they are now (the recorded demo got
     its intervals this way): same numbers, the columns added since, each row's method and seed kept."""

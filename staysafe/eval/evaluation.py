@@ -212,11 +212,58 @@ def _share(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+# What decides a starting model's evaluation: the same for every method of an experiment (a LoRA adapter starts at
+# zero, so the starting model is the model itself); the method, beta, lr and steps do not enter.
+STEP0_OPTIONS = ("model", "precision", "seed", "eval_harmful", "eval_benign", "max_new_tokens", "eval_samples",
+                 "eval_temperature", "eval_judges", "task", "eval_task")
+
+
+class SharedStep0:
+    """The step-0 evaluation shared by the runs of an experiment. Every method starts from the same model and is
+    evaluated on the same prompts with the same decoding and seed, so the first run evaluates it and keeps it under
+    ``<folder>/<digest of STEP0_OPTIONS>/``; later runs copy its rows (their ``wall_time`` is then the copy's)."""
+
+    def __init__(self, folder, spec):
+        import hashlib
+        import json
+        from pathlib import Path
+
+        key = json.dumps({k: getattr(spec, k) for k in STEP0_OPTIONS}, sort_keys=True, default=str)
+        self.path = Path(folder) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def load(self) -> tuple[dict, list[dict], list[dict]] | None:
+        """The kept rows, or None when there are none (or they cannot be read: then the run evaluates itself)."""
+        from staysafe.runs.traces import TABLES, TraceError, read_table
+
+        try:
+            row = read_table(self.path / "evals.parquet", TABLES["evals"])
+            gens = read_table(self.path / "generations.parquet", TABLES["generations"])
+            samples = read_table(self.path / "samples.parquet", TABLES["samples"])
+        except TraceError:
+            return None
+        if len(row) != 1 or (row["step"] != 0).any() or gens.empty or (gens["step"] != 0).any():
+            return None
+        return row.to_dict("records")[0], gens.to_dict("records"), samples.to_dict("records")
+
+    def save(self, row: dict, gens: list[dict], samples: list[dict]) -> None:
+        import pandas as pd
+
+        from staysafe.runs.atomic import build_once, write_parquet
+
+        def build(tmp):
+            write_parquet(tmp / "generations.parquet", pd.DataFrame(gens))
+            if samples:
+                write_parquet(tmp / "samples.parquet", pd.DataFrame(samples))
+            write_parquet(tmp / "evals.parquet", pd.DataFrame([row]))  # last: the marker of a complete entry
+
+        build_once(self.path, build, marker="evals.parquet")
+
+
 class EvalCallback(TrainerCallback):
     """Evaluates at step 0, every ``every`` steps and at the last step; writes ``evals`` and ``generations``."""
 
-    def __init__(self, evaluator: SafetyEvaluator, run, every: int, trainer=None):
-        self.evaluator, self.run, self.every, self.trainer = evaluator, run, every, trainer
+    def __init__(self, evaluator: SafetyEvaluator, run, every: int, trainer=None, shared: SharedStep0 | None = None):
+        self.evaluator, self.run, self.every, self.trainer, self.shared = evaluator, run, every, trainer, shared
         self.done: set[int] = set()
 
     def _evaluate(self, model, state):
@@ -226,7 +273,15 @@ class EvalCallback(TrainerCallback):
         self.done.add(step)
         if state.is_world_process_zero:
             unwrapped = self.trainer.accelerator.unwrap_model(model) if self.trainer is not None else model
-            row, gens, samples = self.evaluator.evaluate(unwrapped, step)
+            t0 = time.perf_counter()
+            kept = self.shared.load() if step == 0 and self.shared is not None else None
+            if kept is not None:
+                row, gens, samples = kept
+                row = {**row, "wall_time": time.perf_counter() - t0, "time": time.time()}
+            else:
+                row, gens, samples = self.evaluator.evaluate(unwrapped, step)
+                if step == 0 and self.shared is not None:
+                    self.shared.save(row, gens, samples)
             self.run.append("generations", gens)
             if samples:
                 self.run.append("samples", samples)
