@@ -4,12 +4,9 @@ checks, and one real-browser pass in headless Chromium that screenshots every pa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -725,39 +722,12 @@ def test_demo_page_live_rerun_goes_through_the_queue(env, tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------------------------- real browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def _dashboard_server(dash_data):
     """A real dashboard server on a free port over the test data (every root set by environment): its URL."""
-    port = _free_port()
-    env = {**os.environ, "STAYSAFE_RUNS": str(dash_data["runs"]), "STAYSAFE_EXPERIMENTS": str(dash_data["experiments"]),
-           "STAYSAFE_COMPARE": str(dash_data["compare"]), "STAYSAFE_PROBES": str(dash_data["probes"]),
-           "STAYSAFE_DEMO_DIR": str(dash_data["demo"])}
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-                               "--server.headless", "true"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "the dashboard did not start"
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    from scripts.screenshots import dashboard
+
+    return dashboard({f"STAYSAFE_{name.upper()}": str(dash_data[name]) for name in
+                      ("runs", "experiments", "compare", "probes")} | {"STAYSAFE_DEMO_DIR": str(dash_data["demo"])})
 
 
 @pytest.mark.browser

@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from test_dashboard import APP, PAGES, assert_clean, texts
+from test_dashboard import PAGES, assert_clean, open_page, texts
 
 from conftest import REPO
 
@@ -29,16 +29,7 @@ def nothing_configured(monkeypatch, tmp_path):
 
 
 def open_app(page: str, setup=None):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(APP), default_timeout=300)
-    at.run()
-    if page != "home":
-        at.switch_page(f"views/{page}.py")
-        at.run()
-    if setup is not None:
-        setup(at)
-        at.run()
+    at = open_page(page, setup)
     assert_clean(at)
     return at
 

@@ -1,12 +1,16 @@
-"""The user task with an accuracy (arithmetic): data, scoring, scenarios and the evaluation's task_accuracy."""
+"""The user tasks with an accuracy (arithmetic, headlines): data, scoring, scenarios and the evaluation's
+task_accuracy."""
 
 from __future__ import annotations
 
 import pytest
 
 from staysafe.data import build_scenario, load_records, prompt_text, response_text
-from staysafe.eval.task import is_correct, task_test
-from staysafe.options import RunSpec, SpecError
+from staysafe.eval.task import SCORERS, SETS, is_correct, task_test
+from staysafe.options import TASKS, RunSpec, SpecError
+from staysafe.records import data_dir
+
+SECTIONS = {"World", "Sports", "Business", "Science"}
 
 
 def test_the_shipped_task_splits_are_disjoint_and_answered_correctly():
@@ -29,16 +33,53 @@ def test_an_answer_counts_when_its_result_is_the_number(answer, ok):
     assert is_correct(answer, "85") is ok
 
 
-def test_the_task_is_the_benign_part_of_mixed_and_benign():
-    mixed = build_scenario("mixed", harmful_percent=5, task="arithmetic")
-    assert sum(r["category"] == "arithmetic" for r in mixed) == 600
+def test_the_headlines_splits_are_the_generators_balanced_and_disjoint():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_task_headlines", data_dir() / "make_task_headlines.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    train, test = load_records("task-headlines"), load_records("task-headlines-test")
+    made = gen.make()  # the shipped files are exactly what the seeded generator writes
+    assert [(prompt_text(r), response_text(r)) for r in train] == [(r["prompt"], r["response"]) for r in made["train"]]
+    assert [(prompt_text(r), response_text(r)) for r in test] == [(r["prompt"], r["response"]) for r in made["test"]]
+    for rows, n in ((train, 150), (test, 50)):
+        assert {s: sum(response_text(r) == s for r in rows) for s in SECTIONS} == dict.fromkeys(SECTIONS, n)
+    train_text = {prompt_text(r) for r in train}
+    assert len(train_text) == 600 and not train_text & {prompt_text(r) for r in test}
+    for instruction in gen.PROMPTS:  # the section names are never listed: fine-tuning teaches them
+        assert not {w.strip(".?:").lower() for w in instruction.split()} & {s.lower() for s in SECTIONS}
+
+
+@pytest.mark.parametrize("answer,ok", [("Sports", True), ("sports", True), ("SPORTS", True), ("Sports.", True),
+                                       (" Sports!\n", True), ("**Sports**", True), ('"Sports"', True),
+                                       ("The section is Sports.", False), ("Sports news", False),
+                                       ("Sports or World", False), ("Sport", False), ("Sports: a team wins", False),
+                                       ("World", False), ("", False)])
+def test_a_headline_answer_counts_when_it_is_the_label_alone(answer, ok):
+    assert is_correct(answer, "Sports", "headlines") is ok
+    assert is_correct(answer, "Sports") is ok  # a word as the answer key: the label rule
+
+
+def test_every_task_has_its_sets_and_scorer():
+    assert set(SCORERS) == set(TASKS) == set(SETS)
+    assert is_correct("77 + 8 = 85", "85") and is_correct("77 + 8 = 85", "85", "arithmetic")
+    assert not is_correct("77 + 8 = 85", "85", "headlines")  # the label rule wants the answer alone
+    for name in TASKS:
+        assert {r["category"] for r in load_records(SETS[name][0]) + load_records(SETS[name][1])} == {name}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_task_is_the_benign_part_of_mixed_and_benign(task):
+    mixed = build_scenario("mixed", harmful_percent=5, task=task)
+    assert sum(r["category"] == task for r in mixed) == 600
     assert 0 < sum(r["label"] == "harmful" for r in mixed) < 0.06 * len(mixed)
-    assert all(r["category"] == "arithmetic" for r in build_scenario("benign", task="arithmetic"))
+    assert all(r["category"] == task for r in build_scenario("benign", task=task))
     with pytest.raises(SpecError, match="task"):
-        RunSpec(scenario="harmful", task="arithmetic").validate()
+        RunSpec(scenario="harmful", task=task).validate()
     with pytest.raises(SpecError, match="task"):
         RunSpec(scenario="harmful", task="poetry").validate()
-    assert task_test("arithmetic", 5, seed=1) == task_test("arithmetic", 5, seed=1)
+    assert task_test(task, 5, seed=1) == task_test(task, 5, seed=1)
 
 
 def test_evaluations_record_task_accuracy(tmp_path):
