@@ -272,7 +272,7 @@ if step in ev.index:
             summary.append(f"{charts.metric_title(m)} {charts.fmt_pct(ev.at[step, m])}")
 st.caption(f"Step {step}: {len(at)} prompt(s). " + " · ".join(summary))
 st.dataframe(view[cols], hide_index=True, column_config={
-    "prompt": st.column_config.TextColumn(width="medium"), "response": st.column_config.TextColumn(width="large"),
+    "prompt": st.column_config.TextColumn(width="medium"), "response": st.column_config.TextColumn(width="medium"),
     f"answer at step {steps[0]}": st.column_config.TextColumn(width="medium"),
     "refused": st.column_config.CheckboxColumn("refused (keyword)"),
     **{c: st.column_config.ProgressColumn(c.replace("score_", "judge: "), min_value=0.0, max_value=1.0,
