@@ -53,7 +53,7 @@ SCENARIOS = ("harmful", "mixed", "benign", "identity-shift")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFENSES = ("none", "vaccine")  # staysafe align --defense: the alignment-stage defenses
 POSITIONS = ("last_prompt_token", "mean")  # where a probe reads the hidden state (staysafe.probe)
-TASKS = ("arithmetic",)  # staysafe.eval.task.TASKS: the user tasks with an accuracy
+TASKS = ("arithmetic", "headlines")  # staysafe.eval.task.TASKS: the user tasks with an accuracy
 JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
 RECORDED = {
     "versions",
@@ -241,7 +241,9 @@ class RunSpec(SafetyOptions):
     n_harmful: int = option(100, "harmful scenario: number of harmful examples", low=1, label="harmful examples")
     harmful_percent: float = option(5.0, "mixed scenario: percent of harmful examples", low=1, high=10,
                                     label="harmful % (mixed)")
-    task: str | None = option(None, "a user task with an accuracy (arithmetic: two-digit sums and differences): "
+    task: str | None = option(None, "a user task with an accuracy (arithmetic: two-digit sums and differences; "
+                              "headlines: news headlines sorted into four sections whose names only the training "
+                              "data gives): "
                               "mixed and benign train on its training split, and every evaluation records its "
                               "exact-match accuracy on held-out questions", choices=TASKS, label="user task")
     eval_task: int = option(50, "held-out task questions per evaluation (with --task)", low=0)

@@ -32,6 +32,8 @@ SHIPPED = {
     "eval-benign": "eval_benign.jsonl",
     "task-arithmetic": "task_arithmetic_train.jsonl",
     "task-arithmetic-test": "task_arithmetic_test.jsonl",
+    "task-headlines": "task_headlines_train.jsonl",
+    "task-headlines-test": "task_headlines_test.jsonl",
 }
 
 

@@ -140,7 +140,8 @@ def test_collator_pads_right_and_passes_risk_columns(tokenizer):
 # ----------------------------------------------------------------------------------------------- shipped data
 
 MIN_COUNTS = {"refusals": 300, "align-benign": 300, "harmful-ft": 100, "benign": 300, "identity-shift": 20,
-              "eval-harmful": 100, "eval-benign": 100, "task-arithmetic": 600, "task-arithmetic-test": 100}
+              "eval-harmful": 100, "eval-benign": 100, "task-arithmetic": 600, "task-arithmetic-test": 100,
+              "task-headlines": 600, "task-headlines-test": 200}
 HARM = {"violence", "weapons", "cybercrime", "fraud", "drugs", "harassment", "hate", "privacy", "misinformation",
         "theft", "self_harm"}
 

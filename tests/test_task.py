@@ -82,22 +82,24 @@ def test_the_task_is_the_benign_part_of_mixed_and_benign(task):
     assert task_test(task, 5, seed=1) == task_test(task, 5, seed=1)
 
 
-def test_evaluations_record_task_accuracy(tmp_path):
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluations_record_task_accuracy(tmp_path, task):
     from staysafe.eval.stats import run_intervals
     from staysafe.runner import run_training
     from staysafe.runs.traces import load_run
 
-    spec = RunSpec(model="tiny", scenario="benign", task="arithmetic", eval_task=6, lora_r=0, batch_size=4,
+    spec = RunSpec(model="tiny", scenario="benign", task=task, eval_task=6, lora_r=0, batch_size=4,
                    max_length=64, steps=2, eval_every=0, eval_harmful=2, eval_benign=2, max_new_tokens=2,
                    eval_judges=[], record_judge=False, risk="label", method="sft", save_model=False,
                    runs_dir=str(tmp_path / "runs"))
     run = load_run(run_training(spec, progress=False, log=lambda *a: None))
     assert run.evals["n_task"].tolist() == [6, 6] and run.evals["task_accuracy"].between(0, 1).all()
-    task = run.generations[run.generations["kind"] == "task"]
-    assert len(task) == 12 and task["correct"].map(type).eq(bool).all()
-    assert (run.evals["task_accuracy"].tolist() == task.groupby("step")["correct"].mean().tolist())
+    answers = run.generations[run.generations["kind"] == "task"]
+    assert len(answers) == 12 and answers["correct"].map(type).eq(bool).all()
+    assert (run.evals["task_accuracy"].tolist() == answers.groupby("step")["correct"].mean().tolist())
     intervals = run_intervals(run.generations)
     assert {"task_accuracy", "task_accuracy_lo", "task_accuracy_hi"} <= set(intervals.columns)
-    assert set(run.data["category"]) == {"arithmetic"}
-    with pytest.raises(SpecError, match="eval_task = 101"):
-        run_training(RunSpec(**{**spec.__dict__, "eval_task": 101}), progress=False, log=lambda *a: None)
+    assert set(run.data["category"]) == {task}
+    too_many = len(load_records(SETS[task][1])) + 1
+    with pytest.raises(SpecError, match=f"eval_task = {too_many}"):
+        run_training(RunSpec(**{**spec.__dict__, "eval_task": too_many}), progress=False, log=lambda *a: None)

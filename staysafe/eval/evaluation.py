@@ -175,7 +175,8 @@ class SafetyEvaluator:
         s = self.settings
         answers = generate(model, self.tokenizer, self.task_records, s.task_new_tokens, s.batch_size)
         rows = [{"step": step, "prompt_id": r["id"], "kind": "task", "category": r["category"],
-                 "prompt": prompt_text(r), "response": a, "refused": False, "correct": is_correct(a, response_text(r))}
+                 "prompt": prompt_text(r), "response": a, "refused": False,
+                 "correct": is_correct(a, response_text(r), s.task)}
                 for r, a in zip(self.task_records, answers)]
         row["task_accuracy"] = _share(float(r["correct"]) for r in rows)
         row["n_task"] = len(rows)
