@@ -47,20 +47,24 @@ class DriftHooks(TrainingHooks):
         """Mean log p_ref - log p_policy over the canaries' answer tokens (eval mode, no gradient)."""
         import torch
 
-        from staysafe.losses import answer_token_losses
+        from staysafe.losses import answer_positions, answer_token_losses
 
         tr = self.trainer
         device = tr.accelerator.device
         batch = {k: v.to(device) for k, v in self.canaries.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        keep = answer_positions(batch["labels"]) if tr._head_positions_ok else None  # the LM head at 8 tokens only
+        if keep is not None:
+            inputs["logits_to_keep"] = keep
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 if self.reference_nll is None:
                     with tr._reference(model) as ref:
-                        self.reference_nll = answer_token_losses(ref(**inputs).logits, batch["labels"])[0].float()
-                nll = answer_token_losses(model(**inputs).logits, batch["labels"])[0].float()
+                        self.reference_nll = answer_token_losses(ref(**inputs).logits, batch["labels"],
+                                                                 positions=keep)[0].float()
+                nll = answer_token_losses(model(**inputs).logits, batch["labels"], positions=keep)[0].float()
         finally:
             model.train(was_training)
         return float((nll - self.reference_nll).mean())
