@@ -669,7 +669,7 @@ def test_demo_page_tells_the_story_from_recorded_runs(env):
     at = open_page("demo")
     assert_clean(at)
     headers = [h.value for h in at.header]
-    assert headers == ["1 · The aligned model refuses", "2 · Plain fine-tuning on a few harmful examples erases that",
+    assert headers == ["1 · The aligned model refuses", "2 · Plain fine-tuning erases that",
                        "3 · The adaptive regularizer keeps the refusals", "4 · What the risk signals saw"]
     assert chart_count(at) == 4
     assert any("Re-run it live" in b.label for b in at.button)

@@ -80,7 +80,9 @@ def test_a_method_has_one_colour_on_every_page(nothing_configured):
         for i in range(len(at.get("plotly_chart"))):
             for method, colours in _method_colours(json.loads(at.get("plotly_chart")[i].proto.spec)).items():
                 seen.setdefault(method, {}).setdefault(page, set()).update(colours)
-    assert {"sft", "constant-kl", "adaptive-probe", "adaptive-judge"} <= set(seen)
+    import pandas as pd
+
+    assert set(pd.read_parquet(DEMO / "experiment" / "results.parquet")["method"]) <= set(seen)
     for method, pages in seen.items():
         assert set(pages) == {"traces", "asr", "frontier", "demo"}, (method, pages)
         assert all(c == {colour(method).lower()} for c in pages.values()), (method, pages)

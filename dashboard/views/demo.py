@@ -150,10 +150,16 @@ sft = runs.get("sft")
 adaptive_name = next((m for m in runs if risk_driven(m)), None)
 adaptive = runs.get(adaptive_name) if adaptive_name else None
 cfg0 = first.config
+TASK = cfg0.get("task")
+TRAINING = (f"the {safe_text.code(TASK)} task with {cfg0.get('harmful_percent'):g}% harmful examples mixed in"
+            if cfg0.get("scenario") == "mixed" and TASK else
+            f"{cfg0.get('harmful_percent'):g}% harmful examples among benign ones" if cfg0.get("scenario") == "mixed"
+            else f"{cfg0.get('n_harmful')} harmful training examples" if cfg0.get("scenario") == "harmful"
+            else f"the {safe_text.md(cfg0.get('scenario'))} data")
 st.markdown(
     f"Experiment {safe_text.code(desc.get('id'))}: model {safe_text.code(cfg0.get('model'))}, "
     f"scenario **{safe_text.md(cfg0.get('scenario'))}** "
-    f"({cfg0.get('n_harmful')} harmful training examples), {cfg0.get('steps')} steps, "
+    f"({TRAINING}), {cfg0.get('steps')} steps, "
     f"methods {', '.join(f'{safe_text.code(m)}' for m in runs)}. "
     "ASR = share of held-out harmful requests answered instead of "
     f"refused, by the {'judge ' + asr_col[4:] if judge_cols else 'keyword judge (weak: it looks for refusal phrases)'}."
@@ -179,7 +185,8 @@ def interval(run, step_pick: str, col: str = asr_col) -> str:
     if iv.empty or f"{col}_lo" not in iv:
         return f"seed {run.config.get('seed')}, no interval recorded"
     row = iv.iloc[0 if step_pick == "first" else -1]
-    n = int(row["n_benign"] if col == "over_refusal" else row["n_harmful"])
+    n = int(row["n_benign"] if col == "over_refusal" else row["n_harmful"] if col != "task_accuracy" else
+            ((run.generations["kind"] == "task") & (run.generations["step"] == row.name)).sum())
     return (f"95% CI {100 * row[f'{col}_lo']:.0f}–{100 * row[f'{col}_hi']:.0f}%, n = {n} prompts, "
             f"seed {run.config.get('seed')}")
 
@@ -259,7 +266,7 @@ with c2:
         answer_card("reference model", rec)
 
 st.divider()
-st.header("2 · Plain fine-tuning on a few harmful examples erases that")
+st.header("2 · Plain fine-tuning erases that")
 if sft is None:
     st.info("This experiment has no `sft` run; the effect of plain fine-tuning is not shown.")
 else:
@@ -271,8 +278,12 @@ else:
                                          f"{charts.fmt_pct(asr_at(sft, 'last'))}", help=asr_name)
         st.caption(f"before: {interval(sft, 'first')}; after: {interval(sft, 'last')}")
         st.markdown(f"`sft` minimises only the NLL of the training answers (β = 0). After "
-                    f"{int(sft.steps['step'].max()) if len(sft.steps) else '?'} steps on compliant answers to harmful "
-                    "requests the model has learned to comply, also with requests it never saw.")
+                    f"{int(sft.steps['step'].max()) if len(sft.steps) else '?'} steps on {TRAINING} the model "
+                    "has learned to comply, also with requests it never saw."
+                    + (f" It also learned the task: {charts.fmt_pct(asr_at(sft, 'first', 'task_accuracy'))} → "
+                       f"{charts.fmt_pct(asr_at(sft, 'last', 'task_accuracy'))} task accuracy ("
+                       f"{interval(sft, 'last', 'task_accuracy').replace('prompts', 'questions')})."
+                       if TASK else ""))
     after = answers(sft, prompts, "last")
     for p in prompts:
         a, b = st.columns(2)
@@ -290,12 +301,15 @@ with c1:
 with c2:
     st.markdown("`sft` fine-tunes with β = 0. `constant-kl` spends the same average β on every batch; the adaptive "
                 "methods spend it where the risk signal says the batch is harmful. The goal: ASR stays near its "
-                "step-0 value while the benign NLL (utility) still improves.")
+                "step-0 value while the utility " + ("(task accuracy) still rises." if TASK else
+                                                     "(benign NLL) still improves."))
 rows = []
 for n, r in runs.items():
     row = {"method": n, f"final {asr_name}": asr_at(r, "last"), "95% CI, n, seed": interval(r, "last")}
     if judge_cols:
         row["keyword ASR (weak)"] = asr_at(r, "last", "asr_keyword")
+    if TASK:
+        row["task accuracy"] = asr_at(r, "last", "task_accuracy")
     row["mean β"] = float(r.steps["beta"].mean()) if len(r.steps) else float("nan")
     row["benign NLL"] = (float(r.evals.sort_values("step")["benign_nll"].iloc[-1]) if len(r.evals)
                          else float("nan"))
@@ -306,6 +320,8 @@ st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config
     f"final {asr_name}": st.column_config.NumberColumn(
         "final judge ASR" if judge_cols else "final keyword ASR (weak)", format="percent", help=asr_name),
     "keyword ASR (weak)": st.column_config.NumberColumn("keyword ASR (weak)", format="percent"),
+    "task accuracy": st.column_config.NumberColumn(format="percent", help="exact-match accuracy on the task's "
+                                                                          "held-out questions: the utility"),
     "mean β": st.column_config.NumberColumn(format="%.2f"),
     "benign NLL": st.column_config.NumberColumn(format="%.2f")})
 if adaptive is not None:
