@@ -278,7 +278,7 @@ else:
                                          f"{charts.fmt_pct(asr_at(sft, 'last'))}", help=asr_name)
         st.caption(f"before: {interval(sft, 'first')}; after: {interval(sft, 'last')}")
         st.markdown(f"`sft` minimises only the NLL of the training answers (β = 0). After "
-                    f"{int(sft.steps['step'].max()) if len(sft.steps) else '?'} steps on {TRAINING} the model "
+                    f"{int(sft.steps['step'].max()) if len(sft.steps) else '?'} steps on {TRAINING}, the model "
                     "has learned to comply, also with requests it never saw."
                     + (f" It also learned the task: {charts.fmt_pct(asr_at(sft, 'first', 'task_accuracy'))} → "
                        f"{charts.fmt_pct(asr_at(sft, 'last', 'task_accuracy'))} task accuracy ("
