@@ -43,7 +43,6 @@ class Settings:
     compare: Path
     probes: Path
     demo: Path
-    source: str = OWN  # which data is shown: OWN or DEMO
     recorded: bool = False  # shipped data: read-only, nothing is launched into it
 
 
@@ -99,7 +98,7 @@ def demo_settings() -> Settings:
     """The recorded demo's roots: ``data/demo/{runs,experiment,compare}``; its runs hold the saved activations."""
     demo = demo_dir()
     return Settings(runs=demo / "runs", experiments=demo, compare=demo / "compare", probes=demo / "runs", demo=demo,
-                    source=DEMO, recorded=True)
+                    recorded=True)
 
 
 def experiment_roots() -> list[tuple[str, Path, Path]]:

@@ -347,8 +347,8 @@ def summarise_again(out: Path, runs_dir: Path) -> pd.DataFrame:
     and sweep point. A run that cannot be read stops it before anything is written."""
     desc, old = load_experiment(out)
     spec_cols = [c for c in old.columns if c in ("method", "seed", "beta") or c.startswith("sweep_")]
-    beta_mid = (float(desc.get("overrides", {}).get("beta_min", RunSpec.beta_min))
-                + float(desc.get("overrides", {}).get("beta_max", RunSpec.beta_max))) / 2
+    base = desc.get("base") if isinstance(desc.get("base"), dict) else {}  # the runs' recorded common options
+    beta_mid = (float(base.get("beta_min", RunSpec.beta_min)) + float(base.get("beta_max", RunSpec.beta_max))) / 2
     rows = [{**{c: r[c] for c in spec_cols}, **run_summary(load_run(safe_run_path(runs_dir, str(r["run_id"]))),
                                                            beta_mid)} for r in old.to_dict("records")]
     results = pd.DataFrame(rows)

@@ -185,8 +185,7 @@ def interval(run, step_pick: str, col: str = asr_col) -> str:
     if iv.empty or f"{col}_lo" not in iv:
         return f"seed {run.config.get('seed')}, no interval recorded"
     row = iv.iloc[0 if step_pick == "first" else -1]
-    n = int(row["n_benign"] if col == "over_refusal" else row["n_harmful"] if col != "task_accuracy" else
-            ((run.generations["kind"] == "task") & (run.generations["step"] == row.name)).sum())
+    n = int(row[{"over_refusal": "n_benign", "task_accuracy": "n_task"}.get(col, "n_harmful")])
     return (f"95% CI {100 * row[f'{col}_lo']:.0f}–{100 * row[f'{col}_hi']:.0f}%, n = {n} prompts, "
             f"seed {run.config.get('seed')}")
 

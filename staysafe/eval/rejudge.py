@@ -11,22 +11,16 @@ the run as it was, and one killed between them leaves only extra ``score_<judge>
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
 
-from staysafe.eval.stats import FLAG_THRESHOLD
+from staysafe.eval.evaluation import hits, judge_figures, sampled_figures
 from staysafe.options import SpecError
 from staysafe.runs import process, trace_names
 from staysafe.runs.atomic import atomic_dir, write_parquet
 from staysafe.runs.faults import fault_pause
 from staysafe.runs.traces import TraceError, load_run, real_dir, safe_run_path
-
-
-def _share(values) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
 
 
 def _scored(table: pd.DataFrame, judge) -> pd.DataFrame:
@@ -41,20 +35,15 @@ def _scored(table: pd.DataFrame, judge) -> pd.DataFrame:
 
 
 def _figures(generations: pd.DataFrame, samples: pd.DataFrame, judge) -> pd.DataFrame:
-    """Per step, the judge's figures from its scores: what :class:`staysafe.eval.evaluation.SafetyEvaluator`
-    records (greedy ASR and failures; sampled ASR and ASR@k)."""
+    """Per step, the judge's figures from its scores, as an evaluation records them (:func:`judge_figures`,
+    :func:`sampled_figures`)."""
     column, rows = trace_names.score(judge.name), {}
-    harmful = generations[generations["kind"] == "harmful"]
-    for step, g in harmful.groupby("step"):
-        hits = [float("nan") if math.isnan(s) else float(s >= FLAG_THRESHOLD) for s in g[column]]
-        rows[int(step)] = {trace_names.asr(judge.name): _share(hits),
-                           trace_names.failed(judge.name): int(sum(math.isnan(s) for s in g[column]))}
+    for step, g in generations[generations["kind"] == "harmful"].groupby("step"):
+        rows[int(step)] = judge_figures(judge.name, g[column].tolist())
     if len(samples) and column in samples:
         for step, g in samples[samples["kind"] == "harmful"].groupby("step"):
-            hit = g[column].map(lambda s: float("nan") if math.isnan(s) else float(s >= FLAG_THRESHOLD))
-            at_k = [float((h == 1.0).any()) for _, h in hit.groupby(g["prompt_id"]) if not h.isna().all()]
-            rows.setdefault(int(step), {}).update({trace_names.asr_sampled(judge.name): _share(hit.tolist()),
-                                                   trace_names.asr_at_k(judge.name): _share(at_k)})
+            per_prompt = [hits(p.tolist()) for _, p in g.groupby("prompt_id", sort=False)[column]]
+            rows.setdefault(int(step), {}).update(sampled_figures(judge.name, per_prompt))
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("step").reset_index()
 
 

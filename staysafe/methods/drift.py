@@ -34,8 +34,7 @@ class DriftHooks(TrainingHooks):
     def beta(policy, risk):
         import torch
 
-        drift_risk = min(1.0, max(0.0, policy.o.drift_gain * policy.drift))
-        return policy.adaptive(torch.clamp(risk, min=drift_risk))
+        return policy.adaptive(torch.clamp(risk, min=drift_risk(policy)))
 
     def prepare(self, model, step: int) -> None:
         if step % self.trainer.args.drift_every or self.read_at == step:
@@ -71,7 +70,12 @@ class DriftHooks(TrainingHooks):
 
     def step_record(self) -> dict:
         policy = self.trainer.risk_policy
-        return {"drift": policy.drift, "drift_risk": min(1.0, max(0.0, policy.o.drift_gain * policy.drift))}
+        return {"drift": policy.drift, "drift_risk": drift_risk(policy)}
+
+
+def drift_risk(policy) -> float:
+    """The risk the policy's last canary reading stands for: ``clamp(drift_gain * drift, 0, 1)``."""
+    return min(1.0, max(0.0, policy.o.drift_gain * policy.drift))
 
 
 def canary_batch(tokenizer, n: int, answer_tokens: int) -> dict:
