@@ -129,6 +129,40 @@ def test_the_starting_models_evaluation_is_shared_with_the_same_results(tmp_path
             assert step0["wall_time"] < first[run.config["seed"]] / 3
 
 
+def test_a_planted_shared_evaluation_is_never_read_through_a_link(tmp_path):
+    """The shared step-0 folder is inside the experiment (a runs folder may be shared): an entry or the folder
+    itself replaced by a link to planted rows is ignored (the run evaluates itself), a FIFO or rows of the wrong
+    types too, and nothing is written through a link."""
+    import os
+
+    from staysafe.eval.evaluation import SharedStep0
+    from staysafe.options import RunSpec
+
+    shared = SharedStep0(tmp_path / "exp" / ".step0", RunSpec(model="tiny"))
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    pd.DataFrame([{"step": 0, "asr_keyword": 0.0}]).to_parquet(planted / "evals.parquet")
+    pd.DataFrame([{"step": 0, "prompt_id": "p", "kind": "harmful", "response": "planted"}]).to_parquet(
+        planted / "generations.parquet")
+    shared.path.parent.mkdir(parents=True)
+    os.symlink(planted, shared.path)
+    assert shared.load() is None
+    shared.save({"step": 0, "asr_keyword": 1.0}, [{"step": 0, "prompt_id": "q", "kind": "harmful"}], [])
+    assert pd.read_parquet(planted / "evals.parquet")["asr_keyword"].tolist() == [0.0]  # not written through
+    os.unlink(shared.path)
+    os.rmdir(shared.path.parent)
+    os.symlink(planted.parent, shared.path.parent)  # the whole .step0 folder a link
+    assert shared.load() is None
+    os.unlink(shared.path.parent)
+    shared.path.mkdir(parents=True)
+    os.mkfifo(shared.path / "evals.parquet")
+    assert shared.load() is None  # named, never waited on
+    os.unlink(shared.path / "evals.parquet")
+    pd.DataFrame([{"step": "zero"}]).to_parquet(shared.path / "evals.parquet")
+    pd.DataFrame([{"step": 0, "prompt_id": "p"}]).to_parquet(shared.path / "generations.parquet")
+    assert shared.load() is None
+
+
 def test_an_experiment_is_summarised_again_from_its_runs(tmp_path):
     """summarise_again rebuilds results.parquet / results.md from the runs as they are now (the recorded demo got
     its intervals this way): same numbers, the columns added since, each row's method and seed kept."""

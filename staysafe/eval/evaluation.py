@@ -43,7 +43,7 @@ from staysafe.reference import lm_head_positions_supported
 from staysafe.runs import trace_names
 from staysafe.runs.atomic import build_once, write_parquet
 from staysafe.runs.faults import fault_pause
-from staysafe.runs.traces import TABLES, TraceError, read_table
+from staysafe.runs.traces import TABLES, TraceError, read_table, real_dir
 
 
 @dataclass
@@ -254,7 +254,10 @@ class SharedStep0:
         self.path = Path(folder) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def load(self) -> tuple[dict, list[dict], list[dict]] | None:
-        """The kept rows, or None when there are none (or they cannot be read: then the run evaluates itself)."""
+        """The kept rows, or None when there are none (or they cannot be read, or the folder is a link: then the
+        run evaluates itself)."""
+        if not (real_dir(self.path.parent) and real_dir(self.path)):
+            return None
         try:
             row = read_table(self.path / "evals.parquet", TABLES["evals"])
             gens = read_table(self.path / "generations.parquet", TABLES["generations"])
@@ -272,6 +275,8 @@ class SharedStep0:
                 write_parquet(tmp / "samples.parquet", pd.DataFrame(samples))
             write_parquet(tmp / "evals.parquet", pd.DataFrame([row]))  # last: the marker of a complete entry
 
+        if self.path.parent.is_symlink() or self.path.is_symlink():  # never written through a planted link
+            return
         build_once(self.path, build, marker="evals.parquet")
 
 
