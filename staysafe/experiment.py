@@ -348,7 +348,10 @@ def summarise_again(out: Path, runs_dir: Path) -> pd.DataFrame:
     desc, old = load_experiment(out)
     spec_cols = [c for c in old.columns if c in ("method", "seed", "beta") or c.startswith("sweep_")]
     base = desc.get("base") if isinstance(desc.get("base"), dict) else {}  # the runs' recorded common options
-    beta_mid = (float(base.get("beta_min", RunSpec.beta_min)) + float(base.get("beta_max", RunSpec.beta_max))) / 2
+    try:
+        beta_mid = (float(base.get("beta_min", RunSpec.beta_min)) + float(base.get("beta_max", RunSpec.beta_max))) / 2
+    except (TypeError, ValueError):
+        raise TraceError(f"{out / 'experiment.json'}: base beta_min / beta_max are not numbers") from None
     rows = [{**{c: r[c] for c in spec_cols}, **run_summary(load_run(safe_run_path(runs_dir, str(r["run_id"]))),
                                                            beta_mid)} for r in old.to_dict("records")]
     results = pd.DataFrame(rows)

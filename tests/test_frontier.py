@@ -9,7 +9,7 @@ import pytest
 
 from staysafe.eval.frontier import axes, frontier_points, judges, on_frontier
 from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
-from staysafe.runs.traces import load_run, write_json
+from staysafe.runs.traces import TraceError, load_run, write_json
 
 TINY = dict(lora_r=0, batch_size=4, max_length=64, steps=2, eval_every=0, eval_harmful=2, eval_benign=2,
             max_new_tokens=2, eval_judges=[], record_judge=False, save_model=False, n_harmful=12, risk="label")
@@ -173,6 +173,11 @@ def test_an_experiment_is_summarised_again_from_its_runs(tmp_path):
     old = full.drop(columns=[c for c in full if c.endswith(("_lo", "_hi"))])
     old.to_parquet(out / "results.parquet")
     (out / "results.md").write_text("stale")
+    desc = json.loads((out / "experiment.json").read_text())
+    (out / "experiment.json").write_text(json.dumps({**desc, "base": {**desc["base"], "beta_min": [[[]]]}}))
+    with pytest.raises(TraceError, match="experiment.json: base beta_min"):  # a foreign description: named
+        summarise_again(out, tmp_path / "runs")
+    (out / "experiment.json").write_text(json.dumps(desc))
     again = summarise_again(out, tmp_path / "runs")
     pd.testing.assert_frame_equal(again[full.columns.tolist()], full, check_like=True)
     assert again.equals(pd.read_parquet(out / "results.parquet")) and "| sft | 1 |" in (out / "results.md").read_text()
