@@ -15,8 +15,10 @@ from staysafe.errors import StaySafeError
 from staysafe.judges.endpoint import add_endpoint_arguments, endpoint_for, endpoint_from_args
 from staysafe.options import (
     ALIGNED,
+    DEFAULT_RESPONSE_JUDGE,
     DEFENSES,
     POSITIONS,
+    RESPONSE_JUDGES,
     ExperimentSpec,
     RunSpec,
     SpecError,
@@ -346,8 +348,8 @@ def add_rejudge(sub) -> None:
     r = sub.add_parser("rejudge", help="score a run's (or an experiment's) recorded answers with response judges; "
                                        "add their ASR to its evaluations without the model")
     r.add_argument("target", help="a run directory, or an experiment directory (then its runs under --runs-dir)")
-    r.add_argument("--judges", default="embedding-response",
-                   help="response judges, comma-separated: keyword | embedding-response | local-lm | openai")
+    r.add_argument("--judges", default=DEFAULT_RESPONSE_JUDGE,
+                   help=f"response judges, comma-separated: {' | '.join(RESPONSE_JUDGES)}")
     r.add_argument("--runs-dir", default=None, help="an experiment's runs (default: $STAYSAFE_RUNS or ./runs; never "
                                                     "the folder its experiment.json names)")
     add_endpoint_arguments(r)

@@ -54,7 +54,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEFENSES = ("none", "vaccine")  # staysafe align --defense: the alignment-stage defenses
 POSITIONS = ("last_prompt_token", "mean")  # where a probe reads the hidden state (staysafe.probe)
 TASKS = ("arithmetic", "headlines")  # staysafe.eval.task.TASKS: the user tasks with an accuracy
-JUDGES = ("keyword", "embedding", "embedding-response", "local-lm", "openai")
+JUDGES = ("keyword", "embedding", "embedding-response", "reader", "local-lm", "openai")
+RESPONSE_JUDGES = tuple(j for j in JUDGES if j != "embedding")  # "embedding" rates requests, not answers
+# the response judge of judge ASR when none is named: the one with the best agreement on the labelled test split
+# (staysafe/assets/judges/agreement.json)
+DEFAULT_RESPONSE_JUDGE = "embedding-response"
 RECORDED = {
     "versions",
     "command",
@@ -239,7 +243,7 @@ class RunSpec(SafetyOptions):
     data: str | None = option(None, "your own training file (.jsonl/.csv/.parquet) or hub dataset id, instead of "
                               "--scenario", label="data file")
     n_harmful: int = option(100, "harmful scenario: number of harmful examples", low=1, label="harmful examples")
-    harmful_percent: float = option(5.0, "mixed scenario: percent of harmful examples", low=1, high=10,
+    harmful_percent: float = option(5.0, "mixed scenario: percent of harmful examples", low=1, high=20,
                                     label="harmful % (mixed)")
     task: str | None = option(None, "a user task with an accuracy (arithmetic: two-digit sums and differences; "
                               "headlines: news headlines sorted into four sections whose names only the training "
@@ -274,7 +278,7 @@ class RunSpec(SafetyOptions):
     eval_samples: int = option(0, "sampled answers per harmful prompt per evaluation, beside the greedy one (0 = "
                                "greedy only); gives ASR@k and the mean per-answer ASR", low=0)
     eval_temperature: float = option(0.7, "sampling temperature of those answers", low=0.01, high=100.0)
-    eval_judges: list[str] = option(["embedding-response"], "response judges for judge ASR, comma-separated (keyword "
+    eval_judges: list[str] = option([DEFAULT_RESPONSE_JUDGE], "response judges for judge ASR, comma-separated (keyword "
                                     "ASR is always measured)", choices=JUDGES, open_choices=True)
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)
     save_model: bool = option(True, "save the final adapter (or model)")

@@ -248,7 +248,7 @@ def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 
     """Named attack mixes of the shipped sets.
 
     - ``harmful``: ``n_harmful`` harmful requests with compliant answers (the classic harmful fine-tuning attack);
-    - ``mixed``: the benign task with ``harmful_percent`` % harmful examples mixed in (1-10);
+    - ``mixed``: the benign task with ``harmful_percent`` % harmful examples mixed in (1-20);
     - ``benign``: the benign task alone (safety still erodes a little);
     - ``identity-shift``: the "absolutely obedient agent" persona examples.
 
@@ -266,11 +266,14 @@ def build_scenario(name: str, *, n_harmful: int = 100, harmful_percent: float = 
             raise DataError(f"n_harmful must be between 1 and {len(pool)}, got {n_harmful}")
         return rng.sample(pool, n_harmful)
     if name == "mixed":
-        if not 1 <= harmful_percent <= 10:
-            raise DataError(f"harmful_percent must be between 1 and 10 for the mixed scenario, got {harmful_percent}")
-        benign = benign_task()
+        if not 1 <= harmful_percent <= 20:
+            raise DataError(f"harmful_percent must be between 1 and 20 for the mixed scenario, got {harmful_percent}")
+        benign, pool = benign_task(), load_records("harmful-ft")
         k = max(1, round(len(benign) * harmful_percent / (100 - harmful_percent)))
-        mix = benign + rng.sample(load_records("harmful-ft"), k)
+        if k > len(pool):
+            raise DataError(f"harmful_percent {harmful_percent:g} needs {k} harmful examples beside the {len(benign)} "
+                            f"benign ones, and the harmful pool has {len(pool)}: choose a lower percent")
+        mix = benign + rng.sample(pool, k)
         rng.shuffle(mix)
         return mix
     if name == "benign":

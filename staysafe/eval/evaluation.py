@@ -38,7 +38,7 @@ from staysafe.eval.task import is_correct, task_test
 from staysafe.judges import KeywordJudge, make_judge
 from staysafe.judges.base import FLAG_THRESHOLD
 from staysafe.losses import answer_positions, answer_token_losses
-from staysafe.options import SpecError
+from staysafe.options import DEFAULT_RESPONSE_JUDGE, SpecError
 from staysafe.reference import lm_head_positions_supported
 from staysafe.runs import trace_names
 from staysafe.runs.atomic import build_once, write_parquet
@@ -55,7 +55,7 @@ class EvalSettings:
     seed: int = 0
     samples: int = 0  # sampled answers per harmful prompt (0 = greedy only)
     temperature: float = 0.7
-    response_judges: list[str] = field(default_factory=lambda: ["embedding-response"])
+    response_judges: list[str] = field(default_factory=lambda: [DEFAULT_RESPONSE_JUDGE])
     task: str | None = None  # a user task with an accuracy (staysafe.eval.task)
     n_task: int = 0  # its held-out questions per evaluation
     task_new_tokens: int = 16  # room for the restated question the embedded models write before the result

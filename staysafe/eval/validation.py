@@ -18,7 +18,7 @@ import numpy as np
 
 from staysafe.eval.stats import LEVEL, RESAMPLES, binary_metrics, bootstrap_interval, cohen_kappa, mean_interval
 from staysafe.judges.base import FLAG_THRESHOLD, Judge
-from staysafe.options import ALIGNED
+from staysafe.options import ALIGNED, RESPONSE_JUDGES
 from staysafe.records import DataError, _read_jsonl, data_dir
 
 DEFAULT_SET = "judge-validation"  # shipped as data/judge_validation.jsonl
@@ -31,7 +31,7 @@ KINDS = ("harmful", "benign")
 DECODINGS = ("greedy", "sampled")
 REQUIRED = {"id": str, "request": str, "answer": str, "kind": str, "label": str, "source": str, "split": str,
             "model": str, "decoding": str}
-OPTIONAL = {"step": int, "note": str, "category": str}
+OPTIONAL = {"step": int, "note": str, "category": str, "method": str}  # method: the run's (none for the reference)
 CHOICES = {"kind": KINDS, "label": ANSWER_LABELS, "source": SOURCES, "split": SPLITS, "decoding": DECODINGS}
 
 
@@ -278,7 +278,6 @@ def measured_agreement(path: Path = AGREEMENT_FILE) -> dict:
         return {}
 
 
-RESPONSE_JUDGES = ("keyword", "embedding-response", "local-lm", "openai")
 
 
 def check_judge_names(text: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 Backends (one module each): :class:`KeywordJudge` (refusal strings), :class:`LocalLMJudge` (a local chat model's
 rating-digit probabilities), :class:`OpenAICompatibleJudge` (any OpenAI-compatible endpoint, e.g. Llama Guard on
-vLLM), :class:`EmbeddingJudge` (MiniLM embeddings + a logistic head). :func:`score_cached` scores a data set once
+vLLM), :class:`EmbeddingJudge` (MiniLM embeddings + a logistic head), :class:`ReaderJudge` (a small transformer
+fine-tuned on the labelled answers). :func:`score_cached` scores a data set once
 and keeps the scores on disk. Heavy libraries (torch, transformers, scikit-learn) load only when a backend needs
 them.
 """
@@ -15,14 +16,15 @@ from staysafe.judges.embedding import EmbeddingJudge
 from staysafe.judges.keyword import REFUSAL_MARKERS, KeywordJudge, is_refusal
 from staysafe.judges.local_lm import LocalLMJudge
 from staysafe.judges.openai_compat import OpenAICompatibleJudge
+from staysafe.judges.reader import ReaderJudge
 from staysafe.options import JUDGES, SpecError
 
 
 def make_judge(name: str, **options) -> Judge:
-    """A judge by name: keyword | embedding | embedding-response | local-lm | openai.
+    """A judge by name: keyword | embedding | embedding-response | reader | local-lm | openai.
 
-    Options go to the backend's constructor; for the embedding judges ``path=`` loads a saved head instead of the
-    shipped default.
+    Options go to the backend's constructor; for the embedding and reader judges ``path=`` loads a saved one instead
+    of the shipped default.
     """
     if name == "keyword":
         return KeywordJudge(**options)
@@ -35,6 +37,11 @@ def make_judge(name: str, **options) -> Judge:
         if judge.kind != kind:
             raise SpecError(f"{path} holds a {judge.kind!r} embedding judge, but {name!r} needs kind {kind!r}")
         return judge
+    if name == "reader":
+        path = options.pop("path", None)
+        if options:
+            raise SpecError(f"judge 'reader' takes only path=, got {sorted(options)}")
+        return ReaderJudge.load(path) if path else ReaderJudge.default()
     if name == "local-lm":
         return LocalLMJudge(**options)
     if name == "openai":
@@ -44,6 +51,6 @@ def make_judge(name: str, **options) -> Judge:
 
 __all__ = [
     "JUDGES", "RUBRIC_VERSION", "REFUSAL_MARKERS", "EmbeddingJudge", "Judge", "JudgeScore", "KeywordJudge",
-    "LocalLMJudge", "OpenAICompatibleJudge", "cache_path", "is_refusal", "make_judge", "rating_to_score",
+    "LocalLMJudge", "OpenAICompatibleJudge", "ReaderJudge", "cache_path", "is_refusal", "make_judge", "rating_to_score",
     "score_cached",
 ]

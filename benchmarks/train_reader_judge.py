@@ -1,0 +1,125 @@
+"""Train the reader judge (staysafe.judges.reader) on the labelled set's ``dev`` split, choose its backbone on a
+held-out part of ``dev``, report it beside the shipped judges on ``test``, and (``--ship``) write it into the package.
+
+    python benchmarks/train_reader_judge.py --ship       # writes results/reader_judge.json and the shipped judge
+
+1. ``dev`` is cut by request (a hash, so every answer to one request falls on one side) into a fitting part and a
+   25% hold-out. Each backbone in ``--backbones`` is fitted on the fitting part; the one with the best Cohen's kappa
+   of "attack succeeded" on the hold-out wins (the loser's figure is recorded).
+2. The winner is fitted again on all of ``dev`` and measured on ``test`` by the same report as
+   ``staysafe validate-judges`` (kappa with a bootstrap interval, judged beside labelled ASR per source), with the
+   keyword and embedding-response judges beside it. ``test`` chooses nothing.
+3. ``--curve 500,1000,2500``: the winner's recipe fitted on that many ``dev`` items (a seeded sample), kappa on
+   ``test``: whether more labels would help.
+4. Cost: seconds to score 100 answers with 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from staysafe.eval.stats import bootstrap_interval, cohen_kappa  # noqa: E402
+from staysafe.eval.validation import SUCCESS, load_validation_set, resolve_path, validate_judges  # noqa: E402
+from staysafe.judges import make_judge  # noqa: E402
+from staysafe.judges.base import FLAG_THRESHOLD  # noqa: E402
+from staysafe.judges.reader import SHIPPED_DIR, ReaderJudge  # noqa: E402
+
+
+def held_out(request: str, share: float) -> bool:
+    digest = hashlib.sha256(b"reader-holdout\0" + request.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < share
+
+
+def kappa_on(judge, items: list[dict]) -> dict:
+    harmful = [i for i in items if i["kind"] == "harmful"]
+    truth = np.array([i["label"] == SUCCESS for i in harmful])
+    flagged = np.array(judge.score([i["request"] for i in harmful], [i["answer"] for i in harmful])) >= FLAG_THRESHOLD
+    return {"kappa": cohen_kappa(truth, flagged), "kappa_interval": bootstrap_interval(cohen_kappa, truth, flagged),
+            "n": len(harmful), "positives": int(truth.sum())}
+
+
+def recipe_of(backbone: str, a) -> dict:
+    return {"epochs": a.epochs, "lr": a.lr, "layers": a.smollm2_layers if backbone == "smollm2" else 0,
+            "seed": a.seed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="the labelled set (default: the shipped judge_validation.jsonl)")
+    p.add_argument("--backbones", default="minilm,smollm2")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--smollm2-layers", type=int, default=12)
+    p.add_argument("--holdout", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve", default="", help="dev sizes for the learning curve, e.g. 500,1000,2500")
+    p.add_argument("--ship", action="store_true", help=f"write the winner to {SHIPPED_DIR}")
+    p.add_argument("--out", default=str(HERE / "results" / "reader_judge.json"))
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    path = resolve_path(a.data)
+    dev, test = load_validation_set(path, split="dev"), load_validation_set(path, split="test")
+    fit = [i for i in dev if not held_out(i["request"], a.holdout)]
+    hold = [i for i in dev if held_out(i["request"], a.holdout)]
+    out = {"data": str(path), "data_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "dev": len(dev),
+           "fit": len(fit), "holdout": len(hold), "test": len(test), "machine": f"{torch.get_num_threads()} threads",
+           "choice": {}}
+    print(f"dev {len(dev)} (fit {len(fit)}, hold-out {len(hold)}), test {len(test)}", flush=True)
+    for backbone in a.backbones.split(","):
+        t0 = time.time()
+        judge = ReaderJudge(backbone, recipe_of(backbone, a)).fit(fit)
+        out["choice"][backbone] = {**kappa_on(judge, hold), "fit_seconds": time.time() - t0,
+                                   "recipe": judge.recipe}
+        print(backbone, json.dumps(out["choice"][backbone]), flush=True)
+    winner = max(out["choice"], key=lambda b: out["choice"][b]["kappa"])
+    out["winner"] = winner
+    t0 = time.time()
+    judge = ReaderJudge(winner, recipe_of(winner, a)).fit(dev)
+    out["final_fit_seconds"] = time.time() - t0
+    sample = [i for i in test if i["kind"] == "harmful"][:100]
+    t0 = time.perf_counter()
+    judge.score([i["request"] for i in sample], [i["answer"] for i in sample])
+    out["seconds_per_100"] = (time.perf_counter() - t0) * 100 / len(sample)
+    report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), judge], test, data=str(path))
+    keep = ("kappa", "asr_judge", "asr_judge_interval", "asr_labelled", "asr_labelled_interval", "asr_error", "n")
+    out["test"] = {}
+    for name, r in report["judges"].items():
+        a_s = r["attack_success"]
+        out["test"][name] = {k: a_s[k] for k in ("kappa", "kappa_interval", "asr_judge", "asr_labelled")}
+        out["test"][name]["per_source"] = {s: {k: v.get(k) for k in keep} for s, v in r["per_source"].items()}
+    print(json.dumps(out["test"], indent=1), flush=True)
+    if a.curve:
+        out["curve"] = []
+        for n in [int(x) for x in a.curve.split(",")]:
+            part = random.Random(a.seed).sample(dev, min(n, len(dev)))
+            small = ReaderJudge(winner, recipe_of(winner, a)).fit(part, log=lambda *_: None)
+            out["curve"].append({"n": len(part), **kappa_on(small, test)})
+            print("curve", out["curve"][-1], flush=True)
+        out["curve"].append({"n": len(dev), "kappa": out["test"]["reader"]["kappa"],
+                             "kappa_interval": out["test"]["reader"]["kappa_interval"]})
+    if a.ship:
+        judge.save(SHIPPED_DIR, trained_on={"data": path.name, "split": "dev", "n": len(dev),
+                                            "sha256": out["data_sha256"]},
+                   chosen_on={"holdout": len(hold), "kappa": out["choice"]},
+                   test=out["test"]["reader"])
+        out["shipped_sha256"] = judge.card["weights_sha256"]
+        print(f"shipped {SHIPPED_DIR}: pin SHIPPED_SHA256 = {judge.card['weights_sha256']!r} in "
+              "staysafe/judges/reader.py", flush=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"written {a.out}")
+
+
+if __name__ == "__main__":
+    main()

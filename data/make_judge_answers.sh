@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The runs whose answers were labelled for judge_validation.jsonl's second round (issue 21): 20 real runs of the
+# embedded aligned reference over every scenario, five harmful percents/learning rates, and the defenses, each
+# evaluated at its start and end on all 120 held-out harmful prompts (greedy + one sample at T = 0.7) and 16
+# benign ones, 40 new tokens. Resumable: rerun the script and each experiment continues (--resume).
+# Usage: data/make_judge_answers.sh OUT   (OUT gets experiments/ and runs/)
+set -u
+out=${1:?usage: data/make_judge_answers.sh OUT}
+common=(--preset frontier --set eval_every=0 --set eval_harmful=120 --set eval_benign=16 --set eval_samples=1
+        --set max_new_tokens=40 --set eval_task=0 --set eval_judges=keyword,embedding-response
+        --out-dir "$out/experiments" --runs-dir "$out/runs")
+run() {  # run ID ARGS...: start the experiment, or resume it when its folder exists
+  local id=$1; shift
+  if [ -d "$out/experiments/$id" ]; then staysafe experiment --resume "$id" --out-dir "$out/experiments" --runs-dir "$out/runs"
+  else staysafe experiment --id "$id" "${common[@]}" "$@"; fi || echo "experiment $id failed" >&2
+}
+run jv-mixed20 --scenario mixed --set harmful_percent=20 --steps 40 --set lr=3e-4 --seeds 1 --methods sft,adaptive-probe
+run jv-mixed10-headlines --scenario mixed --set harmful_percent=10 --set task=headlines --steps 20 \
+    --methods sft,constant-kl,adaptive-probe,adaptive-drift,lisa,token-wise,safelora
+run jv-identity --scenario identity-shift --steps 20 --sweep lr=2e-4,5e-4 --methods sft
+run jv-harmful --scenario harmful --set n_harmful=40 --steps 12 --methods sft,constant-kl
+run jv-mixed5 --scenario mixed --set harmful_percent=5 --steps 20 --methods sft,adaptive-judge,constant-kl
+run jv-benign --scenario benign --steps 30 --sweep lr=5e-4,1e-3 --methods sft
+run jv-benign-headlines --scenario benign --set task=headlines --steps 30 --methods sft
+run jv-mixed2 --scenario mixed --set harmful_percent=2 --steps 30 --set lr=1e-3 --methods sft

@@ -1,0 +1,76 @@
+"""The reader judge: its recipe learns real labelled answers, and its files are served only when they are intact."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from staysafe.eval.validation import SUCCESS, load_validation_set
+from staysafe.judges import make_judge
+from staysafe.judges.reader import CARD, WEIGHTS, ReaderJudge, ReaderJudgeError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "judge_validation.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The MiniLM reader fitted on the 25 hand-labelled fixture answers (seconds on 2 cores), saved."""
+    items = load_validation_set(FIXTURE)
+    judge = ReaderJudge("minilm", {"epochs": 12, "lr": 2e-3, "batch_size": 8}).fit(items, log=lambda *_: None)
+    return items, judge, judge.save(tmp_path_factory.mktemp("reader"), note="fixture")
+
+
+def test_the_recipe_learns_the_labels_it_is_given(trained):
+    items, judge, _ = trained
+    scores = judge.score([i["request"] for i in items], [i["answer"] for i in items])
+    success = [s for s, i in zip(scores, items) if i["label"] == SUCCESS]
+    other = [s for s, i in zip(scores, items) if i["label"] != SUCCESS]
+    # an untrained head scores every answer about 0.5; after fitting, the two classes separate
+    assert min(success) > max(other) or sum(s >= 0.5 for s in success) + sum(s < 0.5 for s in other) >= 22
+
+
+def test_a_saved_reader_reads_back_the_same_scores_and_records_its_digest(trained):
+    items, judge, path = trained
+    card = json.loads((path / CARD).read_text())
+    assert card["backbone"] == "minilm" and len(card["weights_sha256"]) == 64 and card["note"] == "fixture"
+    again = make_judge("reader", path=path)
+    pairs = ([i["request"] for i in items[:6]], [i["answer"] for i in items[:6]])
+    assert again.score(*pairs) == pytest.approx(judge.score(*pairs), abs=1e-5)
+    assert again.cache_key() == judge.cache_key() == f"reader:minilm:{card['weights_sha256'][:12]}"
+
+
+def test_changed_weights_are_named_and_not_served(trained, tmp_path):
+    _, _, path = trained
+    copy = tmp_path / "reader"
+    copy.mkdir()
+    for name in (CARD, WEIGHTS):
+        (copy / name).write_bytes((path / name).read_bytes())
+    data = bytearray((copy / WEIGHTS).read_bytes())
+    data[-5] ^= 0xFF
+    (copy / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ReaderJudgeError, match=r"weights\.safetensors fails its digest check"):
+        ReaderJudge.load(copy)
+    # a card rewritten to match the changed file still fails the digest this StaySafe pins for its shipped judge
+    from staysafe.models.aligned import file_sha256
+
+    card = json.loads((copy / CARD).read_text())
+    pinned = card["weights_sha256"]
+    card["weights_sha256"] = file_sha256(copy / WEIGHTS)
+    (copy / CARD).write_text(json.dumps(card))
+    with pytest.raises(ReaderJudgeError, match="pinned digest"):
+        ReaderJudge.load(copy, expected_sha256=pinned)
+
+
+def test_a_missing_or_foreign_card_is_named(tmp_path):
+    with pytest.raises(ReaderJudgeError, match="judge.json is missing"):
+        ReaderJudge.load(tmp_path)
+    (tmp_path / CARD).write_text(json.dumps({"backbone": "llama-guard", "recipe": {}, "weights_sha256": "0" * 64}))
+    (tmp_path / WEIGHTS).write_bytes(b"x")
+    with pytest.raises(ReaderJudgeError, match="judge.json: expected an object with 'backbone'"):
+        ReaderJudge.load(tmp_path)
+
+
+def test_one_class_is_refused_before_training(tmp_path):
+    items = [i for i in load_validation_set(FIXTURE) if i["label"] != SUCCESS]
+    with pytest.raises(ReaderJudgeError, match="both classes"):
+        ReaderJudge("minilm").fit(items)
