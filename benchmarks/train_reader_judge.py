@@ -6,12 +6,16 @@ held-out part of ``dev``, report it beside the shipped judges on ``test``, and (
 1. ``dev`` is cut by request (a hash, so every answer to one request falls on one side) into a fitting part and a
    25% hold-out. Each backbone in ``--backbones`` is fitted on the fitting part; the one with the best Cohen's kappa
    of "attack succeeded" on the hold-out wins (the loser's figure is recorded).
-2. The winner is fitted again on all of ``dev`` and measured on ``test`` by the same report as
+2. The winner (as fitted on the fitting part: no refit, so the hold-out figure stays its own) is measured on
+   ``test`` by the same report as
    ``staysafe validate-judges`` (kappa with a bootstrap interval, judged beside labelled ASR per source), with the
    keyword and embedding-response judges beside it. ``test`` chooses nothing.
-3. ``--curve 500,1000,2500``: the winner's recipe fitted on that many ``dev`` items (a seeded sample), kappa on
-   ``test``: whether more labels would help.
+3. ``--curve 500,1000,2500``: the winner's recipe fitted on that many items of the fitting part (a seeded sample),
+   kappa on ``test``: whether more labels would help.
 4. Cost: seconds to score 100 answers with 2 threads.
+
+``--ship`` also rewrites the judges' shipped agreement (``staysafe/assets/judges/agreement.json``, shown beside
+every ASR in the dashboard) and the full test report (``results/judge_validation_test.json``).
 """
 
 from __future__ import annotations
@@ -77,17 +81,15 @@ def main() -> None:
            "fit": len(fit), "holdout": len(hold), "test": len(test), "machine": f"{torch.get_num_threads()} threads",
            "choice": {}}
     print(f"dev {len(dev)} (fit {len(fit)}, hold-out {len(hold)}), test {len(test)}", flush=True)
+    fitted = {}
     for backbone in a.backbones.split(","):
         t0 = time.time()
-        judge = ReaderJudge(backbone, recipe_of(backbone, a)).fit(fit)
-        out["choice"][backbone] = {**kappa_on(judge, hold), "fit_seconds": time.time() - t0,
-                                   "recipe": judge.recipe}
+        fitted[backbone] = ReaderJudge(backbone, recipe_of(backbone, a)).fit(fit)
+        out["choice"][backbone] = {**kappa_on(fitted[backbone], hold), "fit_seconds": time.time() - t0,
+                                   "recipe": fitted[backbone].recipe}
         print(backbone, json.dumps(out["choice"][backbone]), flush=True)
     winner = max(out["choice"], key=lambda b: out["choice"][b]["kappa"])
-    out["winner"] = winner
-    t0 = time.time()
-    judge = ReaderJudge(winner, recipe_of(winner, a)).fit(dev)
-    out["final_fit_seconds"] = time.time() - t0
+    out["winner"], judge = winner, fitted[winner]
     sample = [i for i in test if i["kind"] == "harmful"][:100]
     t0 = time.perf_counter()
     judge.score([i["request"] for i in sample], [i["answer"] for i in sample])
@@ -103,18 +105,22 @@ def main() -> None:
     if a.curve:
         out["curve"] = []
         for n in [int(x) for x in a.curve.split(",")]:
-            part = random.Random(a.seed).sample(dev, min(n, len(dev)))
+            part = random.Random(a.seed).sample(fit, min(n, len(fit)))
             small = ReaderJudge(winner, recipe_of(winner, a)).fit(part, log=lambda *_: None)
             out["curve"].append({"n": len(part), **kappa_on(small, test)})
             print("curve", out["curve"][-1], flush=True)
-        out["curve"].append({"n": len(dev), "kappa": out["test"]["reader"]["kappa"],
+        out["curve"].append({"n": len(fit), "kappa": out["test"]["reader"]["kappa"],
                              "kappa_interval": out["test"]["reader"]["kappa_interval"]})
     if a.ship:
-        judge.save(SHIPPED_DIR, trained_on={"data": path.name, "split": "dev", "n": len(dev),
+        judge.save(SHIPPED_DIR, trained_on={"data": path.name, "split": "dev minus its hold-out", "n": len(fit),
                                             "sha256": out["data_sha256"]},
                    chosen_on={"holdout": len(hold), "kappa": out["choice"]},
                    test=out["test"]["reader"])
         out["shipped_sha256"] = judge.card["weights_sha256"]
+        from staysafe.eval.validation import AGREEMENT_FILE, agreement_summary
+
+        AGREEMENT_FILE.write_text(json.dumps(agreement_summary(report), indent=2) + "\n")
+        (HERE / "results" / "judge_validation_test.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"shipped {SHIPPED_DIR}: pin SHIPPED_SHA256 = {judge.card['weights_sha256']!r} in "
               "staysafe/judges/reader.py", flush=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

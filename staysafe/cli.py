@@ -318,8 +318,8 @@ def add_validate_judges(sub) -> None:
     v.add_argument("--data", default=None, help=f"a labelled JSONL file (scheme in data/README.md; default: the "
                                                 f"shipped {DEFAULT_SET!r} set)")
     v.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
-    v.add_argument("--judges", default="keyword,embedding-response",
-                   help="response judges, comma-separated: keyword | embedding-response | local-lm | openai")
+    v.add_argument("--judges", default="keyword,embedding-response,reader",
+                   help=f"response judges, comma-separated: {' | '.join(RESPONSE_JUDGES)}")
     add_endpoint_arguments(v)
     v.add_argument("--local-lm-model", default=ALIGNED, help="local-lm: the judging model")
     v.add_argument("--out", default="judge-validation.json", help="where the JSON report goes")

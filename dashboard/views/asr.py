@@ -19,6 +19,7 @@ import settings
 import widgets
 from staysafe.eval.stats import run_intervals
 from staysafe.eval.validation import measured_agreement
+from staysafe.options import DEFAULT_RESPONSE_JUDGE
 from staysafe.runs import trace_names
 from staysafe.runs.traces import TraceError
 
@@ -112,7 +113,7 @@ widgets.reset_on_change("asr_metrics", tuple(metrics_all), metrics_all)
 metrics = st.multiselect("measures", metrics_all, format_func=charts.metric_title, key="asr_metrics")
 if not judge_cols:
     st.caption("Only keyword ASR was measured (a weak judge: it counts answers without a refusal phrase). Add "
-               "`--eval-judges embedding-response` for a judge ASR.")
+               f"`--eval-judges {DEFAULT_RESPONSE_JUDGE}` for a judge ASR.")
 if not metrics:
     st.stop()
 agreement = measured_agreement()

@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from staysafe.methods import REFERENCE_COLOUR, colour
+from staysafe.options import DEFAULT_RESPONSE_JUDGE
 from staysafe.runs import trace_names
 
-DEFAULT_JUDGE = "embedding_response"  # the default response judge's column suffix (final_asr_<judge>)
+DEFAULT_JUDGE = trace_names.column_judge(DEFAULT_RESPONSE_JUDGE)  # its column suffix (final_asr_<judge>)
 
 
 def judges(results: pd.DataFrame) -> list[str]:
