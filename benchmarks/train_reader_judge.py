@@ -56,15 +56,16 @@ def kappa_on(judge, items: list[dict]) -> dict:
 
 def recipe_of(backbone: str, a) -> dict:
     return {"epochs": a.epochs, "lr": a.lr, "layers": a.smollm2_layers if backbone == "smollm2" else 0,
-            "seed": a.seed}
+            "lora_r": a.lora_r, "seed": a.seed}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="the labelled set (default: the shipped judge_validation.jsonl)")
-    p.add_argument("--backbones", default="minilm,smollm2")
+    p.add_argument("--backbones", default="minilm,smollm2", help="fitted and compared on the hold-out")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lora-r", type=int, default=8, help="0: fine-tune every block (embeddings frozen), no adapter")
     p.add_argument("--smollm2-layers", type=int, default=12)
     p.add_argument("--holdout", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
@@ -107,9 +108,9 @@ def main() -> None:
         for n in [int(x) for x in a.curve.split(",")]:
             part = random.Random(a.seed).sample(fit, min(n, len(fit)))
             small = ReaderJudge(winner, recipe_of(winner, a)).fit(part, log=lambda *_: None)
-            out["curve"].append({"n": len(part), **kappa_on(small, test)})
+            out["curve"].append({**kappa_on(small, test), "n_train": len(part)})
             print("curve", out["curve"][-1], flush=True)
-        out["curve"].append({"n": len(fit), "kappa": out["test"]["reader"]["kappa"],
+        out["curve"].append({"n_train": len(fit), "kappa": out["test"]["reader"]["kappa"],
                              "kappa_interval": out["test"]["reader"]["kappa_interval"]})
     if a.ship:
         judge.save(SHIPPED_DIR, trained_on={"data": path.name, "split": "dev minus its hold-out", "n": len(fit),

@@ -6,7 +6,7 @@ How the second round (issue 21) was made, step by step (provenance in data/READM
     python data/make_judge_validation.py batches POOL.jsonl --dir BATCHES --wave 1         # what each labeller reads
     # ... each labeller writes BATCHES/<batch>.labels.jsonl by reading (data/judge_validation_instructions.md)
     python data/make_judge_validation.py agreement POOL.jsonl --dir BATCHES        # double-labelled: kappa, thirds
-    # ... a third reader settles BATCHES/third.jsonl -> BATCHES/third.labels.jsonl
+    # ... a third reader settles BATCHES/thirdN.jsonl -> BATCHES/thirdN.labels.jsonl
     python data/make_judge_validation.py merge POOL.jsonl --dir BATCHES            # appends to judge_validation.jsonl
 
 Labellers see only ``id``, ``kind``, ``request`` and ``answer``. The shipped judges' scores are used for one thing:
@@ -137,6 +137,11 @@ def read_labels(dir_: Path, prefix: str) -> dict[str, dict]:
     return labels
 
 
+def read_thirds(dir_: Path) -> dict[str, dict]:
+    """The third reads that settled disagreements (``third<N>.labels.jsonl``), by id."""
+    return {r["id"]: r for path in sorted(dir_.glob("third*.labels.jsonl")) for r in read_jsonl(path)}
+
+
 def agreement(a) -> None:
     import numpy as np
     from sklearn.metrics import cohen_kappa_score
@@ -160,21 +165,30 @@ def agreement(a) -> None:
         report["per_source"][s] = {"n": int(m.sum()), "n_success_either": int((x[m] | y[m]).sum()),
                                    "kappa": cohen_kappa(x[m], y[m]) if (x[m] | y[m]).any() else None}
     split = [i for i in both if first[i]["label"] != second[i]["label"]]
-    write_jsonl(d / "third.jsonl", [{k: items[i][k] for k in SHOWN} for i in split])
+    settled = read_thirds(d)
+    todo = [i for i in split if i not in settled]
+    third = d / f"third{len(list(d.glob('third*.labels.jsonl'))) + 1}.jsonl"
+    if todo:
+        write_jsonl(third, [{k: items[i][k] for k in SHOWN} for i in todo])
     report["disagreements"] = len(split)
     (d / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    print(f"{len(split)} disagreements -> {d / 'third.jsonl'} (a third reader writes third.labels.jsonl)")
+    print(f"{len(split)} disagreements, {len(todo)} not yet settled" +
+          (f" -> {third} (a third reader writes {third.with_suffix('.labels.jsonl').name})" if todo else ""))
 
 
 def merge(a) -> None:
     items = {r["id"]: r for pool in a.pool for r in read_jsonl(Path(pool))}
     d = Path(a.dir)
     first, second = read_labels(d, "p"), read_labels(d, "d")
-    third_path = d / "third.labels.jsonl"
-    third = {r["id"]: r for r in read_jsonl(third_path)} if third_path.is_file() else {}
+    third = read_thirds(d)
+    target = Path(a.into)
+    old = target.read_text() if target.is_file() else ""
+    merged = {json.loads(line)["id"] for line in old.splitlines() if line.strip()}
     rows, unsafe, unsettled = [], 0, 0
     for i, lab in first.items():
+        if i in merged:  # an earlier wave, merged before
+            continue
         if i in second and second[i]["label"] != lab["label"]:
             if i not in third:
                 unsettled += 1
@@ -189,8 +203,6 @@ def merge(a) -> None:
                      "decoding": r["decoding"], "category": r.get("category", ""), "note": lab.get("note") or "",
                      "method": r.get("method", "")})
     rows = assign_splits(rows)
-    target = Path(a.into)
-    old = target.read_text() if target.is_file() else ""
     target.write_text(old + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"appended {len(rows)} labelled answers to {target} ({unsafe} left out as unsafe to ship, {unsettled} "
           f"disagreements without a third read left out):", dict(Counter(r["label"] for r in rows)))

@@ -58,7 +58,7 @@ JUDGES = ("keyword", "embedding", "embedding-response", "reader", "local-lm", "o
 RESPONSE_JUDGES = tuple(j for j in JUDGES if j != "embedding")  # "embedding" rates requests, not answers
 # the response judge of judge ASR when none is named: the one with the best agreement on the labelled test split
 # (staysafe/assets/judges/agreement.json)
-DEFAULT_RESPONSE_JUDGE = "embedding-response"
+DEFAULT_RESPONSE_JUDGE = "reader"
 RECORDED = {
     "versions",
     "command",

@@ -567,8 +567,14 @@ def test_asr_page_runs_experiment_and_answers_at_a_step(env):
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     titles = [a["text"] for a in fig["layout"]["annotations"]]
     # each judge's measured agreement with the labelled answers (the shipped figures) stands beside its ASR
-    assert titles[0] == "judge ASR (embedding_response) · κ 0.70" and "keyword ASR (weak judge) · κ 0.66" in titles
-    assert any("κ 0.70 [0.62, 0.77]" in c.value for c in at.caption)
+    from staysafe.eval.validation import measured_agreement
+
+    shipped = measured_agreement()
+    emb, kw = shipped["embedding_response"], shipped["keyword"]
+    assert titles[0] == f"judge ASR (embedding_response) · κ {emb['kappa']:.2f}"
+    assert f"keyword ASR (weak judge) · κ {kw['kappa']:.2f}" in titles
+    lo, hi = emb["kappa_interval"]
+    assert any(f"κ {emb['kappa']:.2f} [{lo:.2f}, {hi:.2f}]" in c.value for c in at.caption)
     assert "the ASR" not in titles
     # one run per line: a band of its 95% bootstrap interval over prompts, around its line
     bands = [t for t in fig["data"] if t.get("fill") == "toself"]
@@ -615,7 +621,10 @@ def test_frontier_page_draws_the_sweep_as_a_curve_and_opens_runs(env):
     assert traces["constant-kl"]["mode"] == "lines+markers" and len(traces["constant-kl"]["x"]) == 2  # the sweep
     assert traces["sft"]["mode"] == "markers"
     assert "benign NLL" in fig["layout"]["xaxis"]["title"]["text"]
-    assert any("keyword judge (κ = 0.66" in c.value for c in at.caption)  # no response judge in these runs
+    from staysafe.eval.validation import measured_agreement
+
+    kw = measured_agreement()["keyword"]["kappa"]
+    assert any(f"keyword judge (κ = {kw:.2f}" in c.value for c in at.caption)  # no response judge in these runs
     assert at.radio(key="frontier_judge").options == ["keyword"]
     table = at.dataframe[0].value
     assert len(table) == 3 and "on frontier" in table and table["on frontier"].any()

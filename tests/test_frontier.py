@@ -33,7 +33,11 @@ def test_a_sweep_varies_an_option_only_for_the_methods_that_read_it(tmp_path):
     assert "constant-kl beta=0.1" in points["label"].tolist()
     table = (out / "results.md").read_text()  # one row per swept value, and each judge's kappa under its ASR
     assert "| constant-kl beta=0.1 | 1 |" in table and "| constant-kl beta=0.9 | 1 |" in table
-    assert "| judge agreement (labelled test split) |  | κ 0.66 [0.59, 0.73] |" in table
+    from staysafe.eval.validation import measured_agreement
+
+    kw = measured_agreement()["keyword"]
+    lo, hi = kw["kappa_interval"]
+    assert f"| judge agreement (labelled test split) |  | κ {kw['kappa']:.2f} [{lo:.2f}, {hi:.2f}] |" in table
     html = (out / "frontier.html").read_text()
     assert "constant-kl" in html and "benign NLL" in html
     # ASR by another recorded judge on request (the default response judge first when recorded)

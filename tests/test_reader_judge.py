@@ -61,6 +61,16 @@ def test_changed_weights_are_named_and_not_served(trained, tmp_path):
         ReaderJudge.load(copy, expected_sha256=pinned)
 
 
+def test_a_fully_fine_tuned_reader_keeps_its_blocks_in_half_precision_under_25_mb(tmp_path):
+    items = load_validation_set(FIXTURE)
+    judge = ReaderJudge("minilm", {"epochs": 1, "lr": 5e-5, "lora_r": 0}).fit(items, log=lambda *_: None)
+    path = judge.save(tmp_path / "full")
+    assert (path / WEIGHTS).stat().st_size < 25e6
+    again = ReaderJudge.load(path)
+    pairs = ([i["request"] for i in items[:6]], [i["answer"] for i in items[:6]])
+    assert again.score(*pairs) == pytest.approx(judge.score(*pairs), abs=2e-3)
+
+
 def test_a_missing_or_foreign_card_is_named(tmp_path):
     with pytest.raises(ReaderJudgeError, match="judge.json is missing"):
         ReaderJudge.load(tmp_path)
@@ -74,3 +84,16 @@ def test_one_class_is_refused_before_training(tmp_path):
     items = [i for i in load_validation_set(FIXTURE) if i["label"] != SUCCESS]
     with pytest.raises(ReaderJudgeError, match="both classes"):
         ReaderJudge("minilm").fit(items)
+
+
+@pytest.mark.slow
+def test_the_shipped_reader_agrees_with_the_labels_as_shipped():
+    """The shipped judge (verified against the pinned digest) measured again on the labelled test split gives the
+    agreement the dashboard shows beside its ASR (staysafe/assets/judges/agreement.json)."""
+    from staysafe.eval.validation import measured_agreement, validate_judges
+
+    judge = make_judge("reader")
+    report = validate_judges([judge], load_validation_set(split="test"))
+    kappa = report["judges"]["reader"]["attack_success"]["kappa"]
+    assert kappa == pytest.approx(measured_agreement()["reader"]["kappa"], abs=0.01)
+    assert kappa > 0.8  # the first round's best candidate reached 0.82 with a fifth of the labels

@@ -187,10 +187,10 @@ def test_judge_agreement_on_the_shipped_test_split_is_as_documented():
     from staysafe.eval.validation import agreement_summary, measured_agreement
     from staysafe.judges import make_judge
 
-    report = validate_judges([make_judge("keyword"), make_judge("embedding-response")],
+    report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), make_judge("reader")],
                              load_validation_set(DEFAULT_SET, split="test"), split="test", resamples=200)
     shipped = measured_agreement()
-    assert set(shipped) == {"keyword", "embedding_response"}
+    assert set(shipped) == {"keyword", "embedding_response", "reader"}
     for name, now in agreement_summary(report)["judges"].items():  # the shipped file is this summary of a report
         assert now["kappa"] == pytest.approx(shipped[name]["kappa"], abs=1e-9)
         assert now["config"] == shipped[name]["config"] and now["n"] == shipped[name]["n"]

@@ -28,16 +28,19 @@ from staysafe.errors import StaySafeError
 from staysafe.judges.base import Judge, JudgeScore, check_inputs
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges" / "reader"
-SHIPPED_SHA256 = ""  # the shipped weights' digest, pinned when they are trained (benchmarks/train_reader_judge.py)
+# the shipped weights' digest, pinned when they were trained (benchmarks/train_reader_judge.py --ship)
+SHIPPED_SHA256 = "a3ed73acc3754a6fe55a38e27e3d95e12cc600357d7ff51873b2270c24ed28d7"
 CARD, WEIGHTS = "judge.json", "weights.safetensors"
 BACKBONES = {
     "smollm2": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 "pool": "last"},
     "minilm": {"targets": ["query", "key", "value", "dense"], "pool": "mean"},
 }
-# layers: how many of the backbone's blocks read (0 = all); SmolLM2's first 12 of 30 hold the refusal direction
-# (benchmarks/results/judge_candidates.json's hidden-state head) at 40% of the cost.
-RECIPE = {"epochs": 3, "lr": 3e-4, "batch_size": 16, "lora_r": 8, "lora_alpha": 16, "max_length": 128, "layers": 0,
+# The recipe chosen on a dev hold-out (benchmarks/results/reader_judge_choice.json: minilm at lr 1e-3 beat smollm2's
+# first 12 of 30 layers at 5e-4, kappa 0.77 against 0.75, at an eighth of the cost). layers: how many of the
+# backbone's blocks read (0 = all).
+# lora_r 0: fine-tune every block, not an adapter (the token embeddings stay frozen).
+RECIPE = {"epochs": 3, "lr": 1e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16, "max_length": 128, "layers": 0,
           "seed": 0}
 
 
@@ -76,8 +79,12 @@ def _backbone(name: str, lora_r: int, lora_alpha: int, layers: int, seed: int):
     if 0 < layers < len(blocks):
         del blocks[layers:]
         base.config.num_hidden_layers = layers
-    model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                            target_modules=BACKBONES[name]["targets"]))
+    if lora_r == 0:  # every block fine-tuned; the embeddings (most of MiniLM's weights) stay frozen
+        (base.embeddings if name == "minilm" else base.get_input_embeddings()).requires_grad_(False)
+        model = base
+    else:
+        model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                target_modules=BACKBONES[name]["targets"]))
     head = torch.nn.Linear(base.config.hidden_size, 1)
     return model, tok, head
 
@@ -87,7 +94,7 @@ class ReaderJudge(Judge):
 
     name = "reader"
 
-    def __init__(self, backbone: str = "smollm2", recipe: dict | None = None, card: dict | None = None):
+    def __init__(self, backbone: str = "minilm", recipe: dict | None = None, card: dict | None = None):
         self.backbone = backbone
         self.recipe = {**RECIPE, **(recipe or {})}
         self.card = dict(card or {})
@@ -181,7 +188,10 @@ class ReaderJudge(Judge):
     def _trained(self) -> dict:
         from peft import get_peft_model_state_dict
 
-        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.model).items()}
+        if self.recipe["lora_r"] == 0:  # the fine-tuned blocks in fp16: half the size, scores equal to 1e-3
+            state = {f"full.{k}": v.half() for k, v in self.model.named_parameters() if v.requires_grad}
+        else:
+            state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.model).items()}
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         return {k: v.detach().contiguous() for k, v in state.items()}
 
@@ -234,8 +244,15 @@ class ReaderJudge(Judge):
         judge = cls(card["backbone"], recipe, card)
         try:
             state = load_file(str(weights))
-            lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
-            unexpected = set_peft_model_state_dict(judge.model, lora).unexpected_keys
+            if judge.recipe["lora_r"] == 0:
+                full = {k[len("full."):]: v.float() for k, v in state.items() if k.startswith("full.")}
+                want = {k for k, v in judge.model.named_parameters() if v.requires_grad}
+                if set(full) != want:
+                    raise ValueError(f"holds {len(full)} fine-tuned tensors, the recipe trains {len(want)}")
+                unexpected = judge.model.load_state_dict(full, strict=False).unexpected_keys
+            else:
+                lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+                unexpected = set_peft_model_state_dict(judge.model, lora).unexpected_keys
             judge.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
         except Exception as err:  # wrong shapes or names: weights of another recipe
             raise ReaderJudgeError(f"{weights}: not the weights of a {card['backbone']} reader with this recipe "
