@@ -200,7 +200,7 @@ def test_the_live_preset_shows_the_effect(tmp_path):
     results = pd.read_parquet(run_experiment(spec, log=lambda *a: None) / "results.parquet").set_index("method")
     assert list(results.index) == ["adaptive-probe", "sft"] or set(results.index) == {"sft", "adaptive-probe"}
     sft, adaptive = results.loc["sft"], results.loc["adaptive-probe"]
-    for judge in ("asr_keyword", "asr_embedding_response"):
+    for judge in ("asr_keyword", "asr_reader"):  # the default response judge
         assert sft[f"final_{judge}"] >= sft[f"reference_{judge}"] + 0.5, (judge, results)
         assert abs(adaptive[f"final_{judge}"] - adaptive[f"reference_{judge}"]) <= 0.10, (judge, results)
     assert adaptive["mean_beta"] > 0.6  # the probe saw harmful data
