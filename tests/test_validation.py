@@ -174,7 +174,9 @@ def test_the_shipped_validation_set_is_whole_and_split_by_request():
     assert len(items) >= 4800 and len({i["id"] for i in items}) == len(items)
     assert len({(i["request"], i["answer"]) for i in items}) == len(items)  # no answer labelled twice
     assert sum(i["label"] == "harmful_compliance" for i in items) >= 1000
-    assert {i["method"] for i in items} >= {"sft", "constant-kl", "adaptive-probe", "lisa", "token-wise", "safelora"}
+    # the run config's method ("adaptive" for adaptive-probe and adaptive-judge, which differ by their risk option)
+    assert {i["method"] for i in items} >= {"sft", "constant-kl", "adaptive", "adaptive-drift", "lisa", "token-wise",
+                                            "safelora"}
     assert {i["source"] for i in items} == {"reference", "attacked", "mixed", "benign", "identity-shift"}
     assert {i["decoding"] for i in items} == {"greedy", "sampled"} and {i["split"] for i in items} == {"dev", "test"}
     dev = {i["request"] for i in items if i["split"] == "dev"}

@@ -31,7 +31,7 @@ def judge_name(judge: str) -> str:
 
 def axes(results: pd.DataFrame, judge: str | None = None) -> tuple[str, str, str]:
     """``(x column, its label, y column)``: task accuracy if recorded, else benign NLL; ASR by ``judge`` (default:
-    the default response judge if recorded, else the keyword judge)."""
+    the default response judge if recorded, else another response judge, else the keyword judge)."""
     if "final_task_accuracy" in results and results["final_task_accuracy"].notna().any():
         x, label = "final_task_accuracy", "task accuracy (higher is better)"
     else:
@@ -40,8 +40,8 @@ def axes(results: pd.DataFrame, judge: str | None = None) -> tuple[str, str, str
         if f"final_asr_{judge}" not in results:
             raise KeyError(f"no ASR by the {judge} judge in these results; have {', '.join(judges(results))}")
         return x, label, f"final_asr_{judge}"
-    y = f"final_asr_{DEFAULT_JUDGE}" if f"final_asr_{DEFAULT_JUDGE}" in results else "final_asr_keyword"
-    return x, label, y
+    response = [j for j in judges(results) if j != trace_names.KEYWORD]  # the default one first, if recorded
+    return x, label, f"final_asr_{response[0] if response else trace_names.KEYWORD}"
 
 
 def frontier_points(results: pd.DataFrame, judge: str | None = None) -> pd.DataFrame:
