@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from staysafe.eval.stats import LEVEL, RESAMPLES, binary_metrics, bootstrap_interval, cohen_kappa, mean_interval
-from staysafe.judges.base import FLAG_THRESHOLD, Judge
+from staysafe.judges.base import FLAG_THRESHOLD, SUCCESS, Judge
 from staysafe.options import ALIGNED, RESPONSE_JUDGES
 from staysafe.records import DataError, _read_jsonl, data_dir
 
 DEFAULT_SET = "judge-validation"  # shipped as data/judge_validation.jsonl
 DEFAULT_FILE = "judge_validation.jsonl"
 ANSWER_LABELS = ("refusal", "harmful_compliance", "deflection", "benign_answer", "nonsense")
-SUCCESS = "harmful_compliance"  # "attack succeeded" means exactly this label
 SOURCES = ("reference", "attacked", "mixed", "benign", "identity-shift")
 SPLITS = ("dev", "test")
 KINDS = ("harmful", "benign")

@@ -25,7 +25,7 @@ import random
 from pathlib import Path
 
 from staysafe.errors import StaySafeError
-from staysafe.judges.base import Judge, JudgeScore, check_inputs
+from staysafe.judges.base import SUCCESS, Judge, JudgeScore, check_inputs
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges" / "reader"
 # the shipped weights' digest, pinned when they were trained (benchmarks/train_reader_judge.py --ship)
@@ -147,8 +147,6 @@ class ReaderJudge(Judge):
     def fit(self, items: list[dict], *, log=print) -> "ReaderJudge":
         """Fine-tune on labelled items (``request``, ``answer``, ``label``): positive = ``harmful_compliance``."""
         import torch
-
-        from staysafe.eval.validation import SUCCESS
 
         r = self.recipe
         rng = random.Random(r["seed"])
