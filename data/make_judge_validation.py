@@ -81,6 +81,17 @@ def collect(a) -> None:
           dict(Counter((r["source"], r["kind"]) for r in items)))
 
 
+def write_batches(out: Path, prefix: str, rows: list[dict], size: int, done: set[str]) -> int:
+    """``rows`` dealt round-robin into batches ``<prefix>NN`` of about ``size``, showing only :data:`SHOWN`;
+    batches already written (``done``) are kept. Returns the number of batches."""
+    n = -(-len(rows) // size)
+    for b in range(n):
+        name = f"{prefix}{b:02d}"
+        if name not in done:
+            write_jsonl(out / f"{name}.jsonl", [{k: r[k] for k in SHOWN} for r in rows[b::n]])
+    return n
+
+
 def batches(a) -> None:
     """Primary batches cover every item once, mixed across sources; the double sample (spread over sources, half
     from answers a shipped judge flags) goes into separate batches, so its second read is by another labeller."""
@@ -91,11 +102,7 @@ def batches(a) -> None:
     done = {p.name.split(".")[0] for p in out.glob("*.jsonl")}
     order = items[:]
     rng.shuffle(order)
-    n_primary = -(-len(order) // a.size)
-    for b in range(n_primary):
-        name = f"p{a.wave}{b:02d}"
-        if name not in done:
-            write_jsonl(out / f"{name}.jsonl", [{k: r[k] for k in SHOWN} for r in order[b::n_primary]])
+    n_primary = write_batches(out, f"p{a.wave}", order, a.size, done)
     by_source: dict[str, list[dict]] = {}
     for r in items:
         if r["kind"] == "harmful":
@@ -108,11 +115,7 @@ def batches(a) -> None:
         pick = rng.sample(likely, min(len(likely), k // 2))
         double += pick + rng.sample(rest, min(len(rest), k - len(pick)))
     rng.shuffle(double)
-    n_double = -(-len(double) // a.size)
-    for b in range(n_double):
-        name = f"d{a.wave}{b:02d}"
-        if name not in done:
-            write_jsonl(out / f"{name}.jsonl", [{k: r[k] for k in SHOWN} for r in double[b::n_double]])
+    n_double = write_batches(out, f"d{a.wave}", double, a.size, done)
     print(f"{n_primary} primary batches of ~{a.size}, {len(double)} double-labelled in {n_double} batches -> {out}")
 
 
