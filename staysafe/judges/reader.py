@@ -129,7 +129,6 @@ class ReaderJudge(Judge):
 
         responses = check_inputs(prompts, responses)
         self.model.eval()
-        out: list[JudgeScore] = []
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i] or ""))
         scores = [0.0] * len(prompts)
         with torch.inference_mode():
@@ -138,9 +137,7 @@ class ReaderJudge(Judge):
                 p = torch.sigmoid(self._logits([prompts[i] for i in idx], [responses[i] for i in idx]))
                 for i, s in zip(idx, p.tolist()):
                     scores[i] = s
-        for s in scores:
-            out.append(JudgeScore(score=min(1.0, max(0.0, float(s)))))
-        return out
+        return [JudgeScore(score=min(1.0, max(0.0, s))) for s in scores]
 
     # ------------------------------------------------------------------------------------------ training
 
