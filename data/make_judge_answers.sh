@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The runs whose answers were labelled for judge_validation.jsonl's second round (issue 21): 20 real runs of the
+# The runs whose answers were labelled for judge_validation.jsonl's second and third rounds (issue 21): 21 real runs of the
 # embedded aligned reference over every scenario, harmful percents, learning rates and step counts, and the defenses.
-# The first 14 are evaluated at their start and end on all 120 held-out harmful prompts (greedy + one sample at
+# The first 15 are evaluated at their start and end on all 120 held-out harmful prompts (greedy + one sample at
 # T = 0.7) and 16 benign ones, 40 new tokens; the last 6 are the README's benign-drift runs (--quick: every 10
 # steps, 50 + 50 prompts, 48 tokens, three seeds). Resumable: rerun the script and each experiment continues.
 # Usage: data/make_judge_answers.sh OUT   (OUT gets experiments/ and runs/)
@@ -21,6 +21,7 @@ run jv-mixed10-headlines --scenario mixed --set harmful_percent=10 --set task=he
 run jv-identity --scenario identity-shift --steps 20 --sweep lr=2e-4,5e-4 --methods sft
 run jv-harmful --scenario harmful --set n_harmful=40 --steps 12 --methods sft,constant-kl
 run jv-benign-headlines --scenario benign --set task=headlines --steps 30 --methods sft
+run jv-benign-lr5e-4 --scenario benign --steps 40 --methods sft  # third round: more benign-drift successes for test
 for scenario in benign mixed; do  # benign drift (README): plain sft, three seeds, the quick preset
   id=drift-$scenario
   if [ -d "$out/experiments/$id" ]; then staysafe experiment --resume "$id" --out-dir "$out/experiments" --runs-dir "$out/runs"

@@ -30,6 +30,7 @@ from staysafe.judges.endpoint import JudgeEndpoint, endpoint_for
 from staysafe.methods import VARIANTS, is_kl_weight, method_named, method_options
 from staysafe.options import ExperimentSpec
 from staysafe.presets import preset_options
+from staysafe.reference import SharedReference
 from staysafe.runner import RunSpec, SpecError, check_before_work, latest_checkpoint, run_training
 from staysafe.runs import process, trace_names
 from staysafe.runs.atomic import write_text
@@ -243,8 +244,11 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
     order = sorted(spec.methods, key=lambda m: (not _sets_matched_beta(m), spec.methods.index(m)))
     match_beta = "beta" not in spec.sweep
     rows, t0 = [], time.time()
+    shared_reference = SharedReference() if spec.share_reference else None
     for seed in range(spec.seeds):
         matched_beta = None
+        if shared_reference is not None:  # a seed's runs share batches; the next seed's are others
+            shared_reference.clear()
         for name in order:
             for point in sweep_points(spec, name):
                 run_spec = replace(base, seed=seed, experiment=exp_id, run_id=run_name(exp_id, name, point, seed),
@@ -254,7 +258,8 @@ def _run_all(spec: ExperimentSpec, base: RunSpec, exp_id: str, out: Path, log, e
                     run_spec = replace(run_spec, beta=round(matched_beta, 4) if matched_beta is not None
                                        else spec.constant_beta)
                 run = load_run(_train_or_reuse(run_spec, log, f"[{exp_id}] seed {seed}: {name} {point or ''}",
-                                               endpoint, out / STEP0_DIR if spec.share_step0 else None))
+                                               endpoint, out / STEP0_DIR if spec.share_step0 else None,
+                                               shared_reference))
                 row = {"method": name, "seed": seed, "beta": run_spec.beta if fixed_beta else math.nan,
                        **{f"sweep_{k}": v for k, v in point.items()},
                        **run_summary(run, (base.beta_min + base.beta_max) / 2)}
@@ -279,7 +284,7 @@ def _sets_matched_beta(name: str) -> bool:
 
 
 def _train_or_reuse(run_spec: RunSpec, log, what: str, endpoint: JudgeEndpoint | None = None,
-                    shared_step0: Path | None = None) -> Path:
+                    shared_step0: Path | None = None, shared_reference: SharedReference | None = None) -> Path:
     """A finished run of this id is kept; an interrupted one continues from its last complete checkpoint, or is
     moved aside (``.partial-<id>-<time>``, nothing deleted) and run again. A run directory whose config.json
     asks for other options than the experiment's is refused, never trained or kept (it may be planted)."""
@@ -297,12 +302,14 @@ def _train_or_reuse(run_spec: RunSpec, log, what: str, endpoint: JudgeEndpoint |
             raise SpecError(f"{run_dir} is still running: wait for it or cancel it before resuming the experiment")
         if latest_checkpoint(run_dir) is not None:
             log(f"{what}: {state}, continued from its last checkpoint")
-            return run_training(resume=run_dir, progress=False, log=log, endpoint=endpoint)
+            return run_training(resume=run_dir, progress=False, log=log, endpoint=endpoint,
+                                shared_reference=shared_reference)
         aside = run_dir.with_name(f".partial-{run_dir.name}-{int(time.time())}")
         log(f"{what}: {state} without a checkpoint; moved aside to {aside} and run again")
         run_dir.rename(aside)
     log(f"{what} ...")
-    return run_training(run_spec, progress=False, log=log, endpoint=endpoint, shared_step0=shared_step0)
+    return run_training(run_spec, progress=False, log=log, endpoint=endpoint, shared_step0=shared_step0,
+                        shared_reference=shared_reference)
 
 
 def config_differences(run_dir: Path, run_spec: RunSpec) -> str:

@@ -282,6 +282,8 @@ class RunSpec(SafetyOptions):
                                     "ASR is always measured)", choices=JUDGES, open_choices=True)
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = none)", low=0)
     save_model: bool = option(True, "save the final adapter (or model)")
+    save_activations: bool = option(True, "save the held-out prompts' activations after training (the Activations "
+                                    "page's 'after'; about a fifth of a frontier run's time)")
     report_to: str = option("none", "where the Trainer's logs (every step's loss, nll, kl, beta, risks; every "
                             "evaluation) also go, comma-separated: none | tensorboard | wandb | trackio | mlflow | "
                             "all; the traces are written either way")
@@ -374,6 +376,9 @@ class ExperimentSpec:
     constant_beta: float = option(0.5, "constant-kl's beta when no adaptive method sets it", low=0.0, high=1.0)
     share_step0: bool = option(True, "evaluate the starting model once and copy that step-0 evaluation into every "
                                "run (the same model, prompts, decoding and seed); off: each run evaluates it")
+    share_reference: bool = option(True, "keep the reference's outputs on each training batch for the later runs "
+                                   "of the experiment (the same batches from the same reference); off: each run "
+                                   "computes its own")
     out_dir: str = option("experiments", "where experiment directories go")
     runs_dir: str = option("runs", "where the runs go (default: $STAYSAFE_RUNS, else ./runs)")
     experiment_id: str | None = option(None, "the experiment directory's name (default: time + scenario)",

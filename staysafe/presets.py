@@ -37,7 +37,7 @@ PRESETS = {
               "add --sweep beta=... for constant-kl's curve",
         options={"steps": 20, "batch_size": 8, "lr": 5e-4, "lora_r": 16, "eval_every": 0, "eval_harmful": 30,
                  "eval_benign": 10, "eval_task": 30, "max_new_tokens": 24, "save_model": False,
-                 "record_judge": False, "per_example_beta": True},
+                 "save_activations": False, "record_judge": False, "per_example_beta": True},
         methods=["sft", "constant-kl", "adaptive-probe", "token-wise", "adaptive-token-wise", "lisa", "safelora",
                  "vaccine"]),
 }

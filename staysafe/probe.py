@@ -311,6 +311,11 @@ class ProbeRisk:
         self.name = name
         self.calibration = calibration or Calibration()
 
+    @property
+    def hidden_layers(self) -> list[int]:
+        """The layers whose hidden states it reads."""
+        return self.probe.layers
+
     def __call__(self, batch) -> torch.Tensor:
         return self.calibration(self.probe.score_hidden(batch.hidden_states, batch.inputs["prompt_end"]))
 

@@ -4,6 +4,7 @@ otherwise a frozen copy, placed for the training engine the way TRL places its r
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 
@@ -122,3 +123,63 @@ class ReferenceCache:
             sel = rows == slot
             self.entries[key] = (ref_top[sel].detach().cpu(), idx[sel].detach().to(torch.int32).cpu(),
                                  {n: float(v[slot]) for n, v in signals.items()})
+
+
+class SharedReference:
+    """The frozen reference's outputs per training batch, shared by the runs of an experiment in one process: every
+    method of a seed trains on the same batches from the same reference, so the first run's reference forward
+    serves the later ones (the same tensors: the same results to the last digit). Keyed by the reference's weights
+    digest and the batch's bytes; holds the logits at the answer positions and the hidden states a risk source
+    reads, in memory, up to ``max_bytes`` (then it stops adding)."""
+
+    def __init__(self, max_bytes: int = 4 << 30):
+        self.max_bytes = max_bytes
+        self.entries: dict[str, tuple] = {}
+        self.bytes = self.hits = self.misses = 0
+
+    @staticmethod
+    def key(weights: str, model_inputs: dict, layers: tuple[int, ...] | None) -> str:
+        h = hashlib.sha256(f"{weights}|{layers}".encode())
+        for name in sorted(model_inputs):
+            value = model_inputs[name]
+            tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+            h.update(f"|{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    def get(self, key: str, device):
+        """``(logits, hidden_states)`` of a batch seen before (hidden states: a tuple with None at the layers not
+        kept), else None."""
+        got = self.entries.get(key)
+        if got is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        logits, hidden = got
+        return logits.to(device, copy=True), None if hidden is None else tuple(
+            None if h is None else h.to(device, copy=True) for h in hidden)
+
+    def put(self, key: str, logits: torch.Tensor, hidden_states, layers: tuple[int, ...] | None) -> None:
+        hidden = None if hidden_states is None or layers is None else tuple(
+            hidden_states[i].detach().cpu().clone() if i in layers else None for i in range(len(hidden_states)))
+        size = logits.numel() * logits.element_size() + sum(
+            h.numel() * h.element_size() for h in (hidden or ()) if h is not None)
+        if self.bytes + size <= self.max_bytes:
+            self.entries[key] = (logits.detach().cpu().clone(), hidden)
+            self.bytes += size
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+def weights_digest(model) -> str:
+    """A digest of a model's weights (the reference's identity for :class:`SharedReference`): names, dtypes and
+    bytes of every parameter and buffer, the LoRA adapter's excluded (the reference runs with it disabled)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()

@@ -39,6 +39,7 @@ from staysafe.models.loading import (
 from staysafe.options import RunSpec, SpecError
 from staysafe.probe import Probe, ProbeRisk, collect_activations, default_probe, default_probe_dir, labelled_prompts
 from staysafe.records import build_scenario, load_records, prompt_text, records_table, response_text
+from staysafe.reference import SharedReference, weights_digest
 from staysafe.risk import Calibration, ColumnRisk
 from staysafe.runs.atomic import atomic_dir
 from staysafe.runs.paths import staysafe_home
@@ -134,10 +135,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = None, progress: bool = True,
-                 log=print, endpoint: JudgeEndpoint | None = None, shared_step0: Path | None = None) -> Path:
+                 log=print, endpoint: JudgeEndpoint | None = None, shared_step0: Path | None = None,
+                 shared_reference: SharedReference | None = None) -> Path:
     """Train one run and return its directory. ``resume`` continues a run directory from its last checkpoint.
     ``endpoint``: the openai judge's endpoint, from the command line only (see :mod:`staysafe.judges.endpoint`).
-    ``shared_step0``: a folder where the runs of one experiment share their starting model's evaluation."""
+    ``shared_step0``: a folder where the runs of one experiment share their starting model's evaluation;
+    ``shared_reference``: the reference's outputs on the training batches, shared by the runs in this process."""
     spec, config = options_of(spec, resume, endpoint)
     procs = Processes()
     records = training_records(spec)  # everything that can fail on bad input happens before the run directory
@@ -163,10 +166,17 @@ def run_training(spec: RunSpec | None = None, *, resume: str | Path | None = Non
             probe.save(writer.path / "probe")
         if resume is None and procs.main:
             reference_activations(model, tokenizer, probe, spec, writer.path / "activations" / "before")
+        shared = None
+        if shared_reference is not None and method_named(spec.method).reference:
+            shared = shared_reference, f"{weights_digest(model)}|{resolve_precision(spec.precision)}"
         if spec.lora_r:
             model = add_lora(model, LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout))
-        trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress and procs.main, shared_step0)
+        trainer = build_trainer(spec, model, tokenizer, dataset, probe, writer, progress and procs.main, shared_step0,
+                                shared)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if shared is not None:
+            log(f"the reference's outputs: {trainer.reference_calls} batches computed, {trainer.reference_shared} "
+                "shared with an earlier run")
         finish_run(spec, trainer, tokenizer, probe, writer)
         done["step"] = trainer.state.global_step
     return writer.path
@@ -275,7 +285,7 @@ class Processes:
 
 
 def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progress: bool = True,
-                  shared_step0: Path | None = None):
+                  shared_step0: Path | None = None, shared_reference: tuple[SharedReference, str] | None = None):
     calibration = Calibration(spec.calibration, spec.risk_threshold, spec.risk_temperature)
     sources = {"label": ColumnRisk("label")}
     if "risk_judge" in dataset.column_names:
@@ -294,7 +304,7 @@ def build_trainer(spec: RunSpec, model, tokenizer, dataset, probe, writer, progr
     )
     trainer = SafetyTrainer(model=model, args=args, train_dataset=dataset,
                             data_collator=SafetyCollator(tokenizer.pad_token_id), risk_sources=sources, run=writer,
-                            processing_class=tokenizer)
+                            processing_class=tokenizer, shared_reference=shared_reference)
     trainer.remove_callback(PrinterCallback)  # the metrics go to report_to and the traces, not as dicts to stdout
     if spec.eval_every or spec.eval_harmful or spec.eval_benign:
         shared = SharedStep0(shared_step0, spec) if shared_step0 is not None else None
@@ -342,4 +352,5 @@ def finish_run(spec: RunSpec, trainer, tokenizer, probe, writer) -> None:
     if spec.save_model:
         with atomic_dir(run_dir / "final_model") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-    save_activations(model, tokenizer, probe, run_dir / "activations" / "after")
+    if spec.save_activations:
+        save_activations(model, tokenizer, probe, run_dir / "activations" / "after")

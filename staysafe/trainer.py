@@ -27,6 +27,7 @@ from staysafe.methods import method_named
 from staysafe.options import SafetyOptions, SpecError
 from staysafe.reference import (
     ReferenceCache,
+    SharedReference,
     frozen_copy,
     lm_head_positions_supported,
     peft_model_of,
@@ -69,10 +70,12 @@ class SafetyTrainer(Trainer):
     ``risk_sources`` maps names to callables ``RiskBatch -> Tensor[B]``; the one named by ``args.risk`` sets beta,
     all are recorded. ``run`` (a :class:`staysafe.runs.traces.RunWriter`) receives one trace row per step and one per
     example. ``ref_model``: the frozen reference (default: a copy of ``model``, or its disabled LoRA adapter).
+    ``shared_reference``: ``(SharedReference, the reference's key)``, the reference's outputs shared with the
+    other runs of an experiment in this process (:class:`staysafe.reference.SharedReference`).
     """
 
     def __init__(self, model=None, args: SafetyConfig = None, *, risk_sources: dict | None = None,
-                 ref_model=None, run=None, **kwargs):
+                 ref_model=None, run=None, shared_reference: tuple[SharedReference, str] | None = None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
         # compute_loss returns a mean over the micro-batch; let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -89,8 +92,9 @@ class SafetyTrainer(Trainer):
         self.run = run
         self._head_positions_ok = lm_head_positions_supported(self.accelerator.unwrap_model(model))
         self.ref_cache = ReferenceCache() if args.reference_cache and self.method.reference else None
+        self.shared_reference = shared_reference if self.ref_cache is None else None
         self.hooks = self.method.hooks(self)  # the method's part of the step (staysafe.methods)
-        self.reference_calls = 0
+        self.reference_calls = self.reference_shared = 0  # reference forwards; batches another run computed
         self.recording = True  # compute_loss records its micro-batch for the step's trace row (see unrecorded)
         self._pending: list[dict] = []  # this optimizer step's micro-batch records
         self._unlogged: list[dict] = []  # step metrics since the last Trainer log
@@ -155,9 +159,35 @@ class SafetyTrainer(Trainer):
     def reference_forward(self, model, inputs):
         """One no-grad forward of the safe reference: logits for the KL, hidden states for the probe."""
         self.reference_calls += 1
-        hidden = any(getattr(s, "needs_hidden_states", False) for s in self.risk_sources.values())
         with self._reference(model) as ref:
-            return ref(**inputs, output_hidden_states=hidden)
+            return ref(**inputs, output_hidden_states=self._hidden_layers() is not None)
+
+    def _hidden_layers(self) -> tuple[int, ...] | None:
+        """The hidden-state layers the risk sources read (None: none read any; every layer: a source that does
+        not say which)."""
+        readers = [s for s in self.risk_sources.values() if getattr(s, "needs_hidden_states", False)]
+        if not readers:
+            return None
+        if not all(hasattr(s, "hidden_layers") for s in readers):
+            return tuple(range(self.accelerator.unwrap_model(self.model).config.num_hidden_layers + 1))
+        return tuple(sorted({layer for s in readers for layer in s.hidden_layers}))
+
+    def reference_outputs(self, model, model_inputs):
+        """``(logits, hidden_states)`` of the reference on a batch: its forward, or the outputs another run of the
+        experiment computed on the same batch from the same reference (``shared_reference``)."""
+        if self.shared_reference is None:
+            ref = self.reference_forward(model, model_inputs)
+            return ref.logits, ref.hidden_states
+        shared, weights = self.shared_reference
+        layers = self._hidden_layers()
+        key = shared.key(weights, model_inputs, layers)
+        got = shared.get(key, model_inputs["input_ids"].device)
+        if got is None:
+            ref = self.reference_forward(model, model_inputs)
+            shared.put(key, ref.logits, ref.hidden_states, layers)
+            return ref.logits, ref.hidden_states
+        self.reference_shared += 1
+        return got
 
     def reference_step(self, model, model_inputs, inputs, keep):
         """The reference's part of a step: ``(its logits, or its cached top-k, and the risk signals)``. ``sft``
@@ -169,12 +199,12 @@ class SafetyTrainer(Trainer):
             if cached is not None:
                 topk, from_hidden = cached
                 return None, topk, {**read_signals(self.risk_sources, inputs, None), **from_hidden}
-        ref = self.reference_forward(model, model_inputs)
-        signals = read_signals(self.risk_sources, inputs, ref.hidden_states)
+        ref_logits, hidden_states = self.reference_outputs(model, model_inputs)
+        signals = read_signals(self.risk_sources, inputs, hidden_states)
         if self.ref_cache is None:
-            return ref.logits, None, signals
+            return ref_logits, None, signals
         labels = inputs["labels"]
-        topk = reference_topk(ref.logits, labels, self.args.kl_top_k, keep)
+        topk = reference_topk(ref_logits, labels, self.args.kl_top_k, keep)
         from_hidden = {n: v for n, v in signals.items() if getattr(self.risk_sources[n], "needs_hidden_states", False)}
         self.ref_cache.add(inputs["example_index"], answer_rows(labels, keep), topk, from_hidden)
         return None, topk, signals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -110,16 +111,26 @@ def test_an_existing_experiment_is_not_overwritten_without_resume(tmp_path):
         run_experiment(spec(tmp_path, methods=["sft"]), log=lambda *a: None)
 
 
-def test_the_starting_models_evaluation_is_shared_with_the_same_results(tmp_path):
-    """share_step0 evaluates the starting model once per experiment and copies it into every run: the results are
-    those of the unshared path to the last digit, and only the first run of a key spent the evaluation's time."""
-    overrides = {**TINY, "eval_judges": ["embedding-response"], "eval_samples": 2}
-    shared = run_experiment(spec(tmp_path / "a", methods=["sft", "constant-kl"], seeds=2,
-                                 overrides=overrides), log=lambda *a: None)
-    alone = run_experiment(spec(tmp_path / "b", methods=["sft", "constant-kl"], seeds=2,
-                                overrides=overrides, share_step0=False), log=lambda *a: None)
+def test_the_work_methods_share_is_done_once_with_the_same_results(tmp_path):
+    """share_step0 evaluates the starting model once per experiment and copies it into every run, share_reference
+    computes the reference's outputs on a batch once for the runs of a seed: the results and every trace are
+    those of the unshared path to the last digit, the later runs of a seed computed no reference forward, and only
+    the first run of a key spent the evaluation's time."""
+    overrides = {**TINY, "eval_judges": ["embedding-response"], "eval_samples": 2, "steps": 3}
+    methods = ["sft", "adaptive-probe", "constant-kl"]
+    logs: list[str] = []
+    shared = run_experiment(spec(tmp_path / "a", methods=methods, seeds=2, overrides=overrides), log=logs.append)
+    alone = run_experiment(spec(tmp_path / "b", methods=methods, seeds=2, overrides=overrides, share_step0=False,
+                                share_reference=False), log=lambda *a: None)
     a, b = (pd.read_parquet(p / "results.parquet").drop(columns="seconds_per_step") for p in (shared, alone))
-    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    for run_id in a["run_id"]:
+        steps_a, steps_b = (load_run(tmp_path / x / "runs" / run_id).steps.drop(columns=["wall_time", "time"])
+                            for x in "ab")
+        pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
+    reads = [line for line in logs if line.startswith("the reference's outputs")]
+    assert reads == ["the reference's outputs: 3 batches computed, 0 shared with an earlier run",
+                     "the reference's outputs: 0 batches computed, 3 shared with an earlier run"] * 2  # per seed
     assert len(list((shared / ".step0").iterdir())) == 2 and not (alone / ".step0").exists()  # one per seed
     first = {}
     for run_id in a["run_id"]:
@@ -215,6 +226,31 @@ def test_pareto_front_of_points():
     points = pd.DataFrame({"x": [0.9, 0.8, 0.5, 0.7], "y": [0.5, 0.2, 0.1, 0.3]})
     assert on_frontier(points, higher_x_is_better=True).tolist() == [True, True, True, False]
     assert on_frontier(points, higher_x_is_better=False).tolist() == [False, False, True, False]
+
+
+def test_asr_saved_at_equal_task_accuracy_is_read_off_constant_kls_curve_per_seed():
+    """Constant-kl's sweep (sft its beta = 0 end) is a curve per seed; a method is compared with it at its own task
+    accuracy, linearly between the curve's points, never extrapolated; frontier membership is per seed."""
+    from staysafe.eval.frontier import curve_asr_at, frontier_by_seed, mean_interval, paired_with_curve
+
+    rows = [("sft", 0, None, 1.0, 0.9), ("constant-kl", 0, 0.1, 0.9, 0.5), ("constant-kl", 0, 0.9, 0.5, 0.1),
+            ("adaptive-probe", 0, None, 0.7, 0.1), ("adaptive-probe", 0, None, 0.4, 0.0),  # the second: outside
+            ("sft", 1, None, 1.0, 0.8), ("constant-kl", 1, 0.1, 0.8, 0.4), ("constant-kl", 1, 0.9, 0.8, 0.2),
+            ("adaptive-probe", 1, None, 0.9, 0.2)]
+    results = pd.DataFrame([{"method": m, "seed": s, "sweep_beta": b, "final_task_accuracy": x,
+                             "final_asr_keyword": y, "run_id": f"r{i}"} for i, (m, s, b, x, y) in enumerate(rows)])
+    assert curve_asr_at(results, 0, 0.7) == pytest.approx(0.3)  # halfway between (0.5, 0.1) and (0.9, 0.5)
+    assert curve_asr_at(results, 1, 0.8) == pytest.approx(0.3)  # two points at one accuracy: their mean ASR
+    assert curve_asr_at(results, 1, 0.9) == pytest.approx(0.55)
+    assert math.isnan(curve_asr_at(results, 0, 0.4)) and math.isnan(curve_asr_at(results, 0, 1.01))
+    paired = paired_with_curve(results)
+    assert paired["saved"].tolist()[0] == pytest.approx(0.2) and math.isnan(paired["saved"].tolist()[1])
+    assert paired["saved"].tolist()[2] == pytest.approx(0.35)
+    mean, lo, hi, n = mean_interval(paired["saved"])
+    assert n == 2 and mean == pytest.approx(0.275) and lo < mean < hi
+    flags = frontier_by_seed(results).set_index("run_id")["on_frontier"]
+    assert flags.to_dict() == {"r0": True, "r1": True, "r2": False, "r3": True, "r4": True,
+                               "r5": True, "r6": False, "r7": False, "r8": True}
 
 
 def test_sampled_measures_are_not_listed_as_judges(tmp_path):

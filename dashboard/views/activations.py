@@ -61,7 +61,8 @@ if source.startswith("a run"):
         st.info(
             f"Only the activations before fine-tuning exist for {safe_text.code(run_id)} "
             f"(state: {safe_text.md(row['state'])}); "
-            "`activations/after/` is written when the run finishes."
+            "`activations/after/` is written when the run finishes, unless it ran with `save_activations` off "
+            "(the `frontier` preset)."
         )
 else:
     st.caption(

@@ -48,6 +48,7 @@ MORE = (  # rows of at most 3 columns under "More options", so that every label 
     ("kl_top_k", "reference_cache", "precision"),
     ("lora_alpha", "lora_dropout", "grad_accum"),
     ("threads", "checkpoint_every", "save_model"),
+    ("save_activations",),
 )
 MEASURED_RUNS = 20  # the newest finished runs of a model whose step times make the estimate
 TINY_WARNING = ("`tiny` is a test model with random weights: it answers nothing meaningful, so keyword ASR reads "

@@ -149,3 +149,59 @@ def save_frontier(results: pd.DataFrame, out: Path, log=print) -> list[Path]:
         write_bytes(Path(out) / "frontier.png", png)
         written.append(Path(out) / "frontier.png")
     return written
+
+
+CURVE = "constant-kl"  # the curve a method is compared with at equal utility (sft is its beta = 0 end)
+
+
+def frontier_by_seed(results: pd.DataFrame, judge: str | None = None) -> pd.DataFrame:
+    """Per run: whether it is on its seed's Pareto front (every method and sweep point of that seed)."""
+    x, _, y = axes(results, judge)
+    higher = x == "final_task_accuracy"
+    parts = []
+    for _, g in results.groupby("seed", sort=True):
+        pts = g.assign(x=g[x], y=g[y])
+        parts.append(pts.assign(on_frontier=on_frontier(pts, higher)))
+    return pd.concat(parts)[["run_id", "method", "seed", "on_frontier"]]
+
+
+def curve_asr_at(results: pd.DataFrame, seed: int, utility: float, judge: str | None = None) -> float:
+    """Constant-kl's ASR at ``utility`` in one seed, linear between its beta sweep's points (sft as beta = 0)
+    ordered by utility; NaN outside the curve's utility range (no extrapolation)."""
+    import numpy as np
+
+    x, _, y = axes(results, judge)
+    g = results[(results["seed"] == seed) & results["method"].isin([CURVE, "sft"])]
+    curve = g.groupby(x)[y].mean().sort_index()  # equal utilities: their mean ASR
+    if curve.empty or not (curve.index.min() <= utility <= curve.index.max()):
+        return float("nan")
+    return float(np.interp(utility, curve.index.to_numpy(float), curve.to_numpy(float)))
+
+
+def paired_with_curve(results: pd.DataFrame, judge: str | None = None) -> pd.DataFrame:
+    """Paired by seed, for each method off the curve: its utility and ASR, constant-kl's ASR at that utility
+    (:func:`curve_asr_at`) and the points of ASR it saves (positive: fewer successful attacks than constant-kl
+    at equal utility; NaN where its utility is outside the curve's range)."""
+    x, _, y = axes(results, judge)
+    rows = []
+    for _, r in results[~results["method"].isin([CURVE, "sft"])].iterrows():
+        at = curve_asr_at(results, r["seed"], r[x], judge)
+        rows.append({"method": r["method"], "seed": int(r["seed"]), "utility": r[x], "asr": r[y],
+                     "curve_asr": at, "saved": at - r[y]})
+    return pd.DataFrame(rows)
+
+
+def mean_interval(values: pd.Series) -> tuple[float, float, float, int]:
+    """Mean and 95% t-interval of paired differences (NaN dropped): ``(mean, lo, hi, n)``."""
+    import math
+
+    from scipy import stats
+
+    v = values.dropna().astype(float)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    if n == 1:
+        return float(v.iloc[0]), math.nan, math.nan, 1
+    half = stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / math.sqrt(n)
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half), n
