@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,8 +89,7 @@ def main() -> None:
                 agreement.append({"model": model_name, "judge": name, "tokens": k, "agreement_with_64": agree,
                                   "asr_at_k": sum(verdict) / len(cut), "asr_at_64": sum(full[name]) / len(cut)})
                 print(agreement[-1], flush=True)
-    result = {"machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-              "cpu_flags_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text(),
+    result = {"machine": machine(),
               "n_harmful": 50, "n_benign": 50, "timing": timing, "sft_seconds_per_step": step_seconds,
               "token_agreement": agreement, "answer_tokens_mean": {
                   m: sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in v) / len(v)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+from machine import machine
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,7 +58,7 @@ def main() -> None:
     pd.testing.assert_frame_equal(results["shared"], results["unshared"], check_exact=True)  # to the last digit
     for run_id, trace in steps["shared"].items():  # and the same step traces (loss, NLL, KL, beta, risks, drift)
         pd.testing.assert_frame_equal(trace, steps["unshared"][run_id], check_exact=True)
-    report = {"machine": {"cpu": platform.processor() or platform.machine()},
+    report = {"machine": machine(),
               "options": vars(a) | {"preset": "frontier", **overrides}, "runs": len(results["shared"]),
               "seconds": times, "ratio shared / unshared": times["shared"] / times["unshared"],
               "same results": True, "same step traces": True}

@@ -15,22 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+from machine import machine
+
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def run(runs_dir: str, **options) -> tuple[list[dict], float]:
@@ -64,7 +55,6 @@ def main() -> None:
     p.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
 
-    import torch
 
     from staysafe.eval.task import SETS
     from staysafe.records import load_records
@@ -73,9 +63,7 @@ def main() -> None:
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
              if v not in (None, False) and k != "runs_dir"]
     result = {"commands": ["python benchmarks/task_learning_curve.py " + " ".join(flags)],
-              "machine": {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
-                          "bf16": torch.backends.mkldnn.is_available() and "avx512_bf16" in Path(
-                              "/proc/cpuinfo").read_text()},
+              "machine": machine(),
               "options": {"preset": "frontier", "method": "sft", "task": args.task, "steps": args.steps,
                           "eval_every": args.eval_every, "eval_task": args.eval_task, "eval_judges": []},
               "runs": []}
