@@ -80,6 +80,25 @@ def test_a_missing_or_foreign_card_is_named(tmp_path):
         ReaderJudge.load(tmp_path)
 
 
+def test_a_linked_file_or_a_huge_card_is_refused_before_reading(trained, tmp_path):
+    """A judge folder may be shared: a weights file or card that is a link (here to the real, intact file) is not
+    followed, and an oversized card is not read into memory."""
+    _, _, path = trained
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / CARD).write_bytes((path / CARD).read_bytes())
+    (linked / WEIGHTS).symlink_to(path / WEIGHTS)
+    with pytest.raises(ReaderJudgeError, match="weights.safetensors is missing or not a plain file"):
+        ReaderJudge.load(linked)
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / WEIGHTS).write_bytes((path / WEIGHTS).read_bytes())
+    with open(huge / CARD, "wb") as f:
+        f.truncate(2 << 20)  # sparse: 2 MB of card
+    with pytest.raises(ReaderJudgeError, match="judge.json is 2097152 bytes"):
+        ReaderJudge.load(huge)
+
+
 def test_one_class_is_refused_before_training(tmp_path):
     items = [i for i in load_validation_set(FIXTURE) if i["label"] != SUCCESS]
     with pytest.raises(ReaderJudgeError, match="both classes"):

@@ -29,6 +29,7 @@ from staysafe.judges.base import SUCCESS, Judge, JudgeScore, check_inputs
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges" / "reader"
 # the shipped weights' digest, pinned when they were trained (benchmarks/train_reader_judge.py --ship)
+MAX_CARD_BYTES = 1 << 20  # a card is a short JSON object; anything larger is not read
 SHIPPED_SHA256 = "a3ed73acc3754a6fe55a38e27e3d95e12cc600357d7ff51873b2270c24ed28d7"
 CARD, WEIGHTS = "judge.json", "weights.safetensors"
 BACKBONES = {
@@ -222,6 +223,9 @@ class ReaderJudge(Judge):
             if not f.is_file() or f.is_symlink():
                 raise ReaderJudgeError(f"{f} is missing or not a plain file (expected a judge saved by "
                                        "ReaderJudge.save)")
+        if card_file.stat().st_size > MAX_CARD_BYTES:
+            raise ReaderJudgeError(f"{card_file} is {card_file.stat().st_size} bytes: a judge's card is a short JSON "
+                                   f"object (at most {MAX_CARD_BYTES} bytes); not read")
         try:
             card = json.loads(card_file.read_text())
         except (OSError, ValueError) as err:
