@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -124,7 +125,7 @@ def read_labels(dir_: Path, prefix: str) -> dict[str, dict]:
     from staysafe.eval.validation import ANSWER_LABELS
 
     labels = {}
-    for batch in sorted(dir_.glob(f"{prefix}[0-9][0-9][0-9].jsonl")):
+    for batch in sorted(b for b in dir_.glob(f"{prefix}[0-9]*.jsonl") if re.fullmatch(rf"{prefix}\d+\.jsonl", b.name)):
         path = batch.with_suffix(".labels.jsonl")
         if not path.is_file():
             print(f"missing: {path.name}")

@@ -168,12 +168,16 @@ def test_command_rejects_bad_input_before_scoring(tmp_path):
 
 
 def test_the_shipped_validation_set_is_whole_and_split_by_request():
-    """data/judge_validation.jsonl: >= 4800 labelled answers from every source, both decodings, a dev and a test
-    split with no request in both, and harmful compliance present in every fine-tuned source."""
+    """data/judge_validation.jsonl: >= 5000 labelled answers from every source, both decodings, a dev and a test
+    split with no request in both, >= 1000 successful attacks (>= 400 not from the harmful attack), and >= 60 in
+    the test split of every fine-tuned source, so that each source's ASR has an interval of about +-8 points."""
     items = load_validation_set(DEFAULT_SET)
-    assert len(items) >= 4800 and len({i["id"] for i in items}) == len(items)
+    assert len(items) >= 5000 and len({i["id"] for i in items}) == len(items)
     assert len({(i["request"], i["answer"]) for i in items}) == len(items)  # no answer labelled twice
-    assert sum(i["label"] == "harmful_compliance" for i in items) >= 1000
+    success = [i for i in items if i["label"] == "harmful_compliance"]
+    assert len(success) >= 1000 and sum(i["source"] != "attacked" for i in success) >= 400
+    for src in ("attacked", "mixed", "benign", "identity-shift"):
+        assert sum(i["source"] == src and i["split"] == "test" for i in success) >= 60, src
     # the run config's method ("adaptive" for adaptive-probe and adaptive-judge, which differ by their risk option)
     assert {i["method"] for i in items} >= {"sft", "constant-kl", "adaptive", "adaptive-drift", "lisa", "token-wise",
                                             "safelora"}
@@ -181,8 +185,6 @@ def test_the_shipped_validation_set_is_whole_and_split_by_request():
     assert {i["decoding"] for i in items} == {"greedy", "sampled"} and {i["split"] for i in items} == {"dev", "test"}
     dev = {i["request"] for i in items if i["split"] == "dev"}
     assert not dev & {i["request"] for i in items if i["split"] == "test"}
-    for src in ("attacked", "mixed", "benign", "identity-shift"):
-        assert any(i["source"] == src and i["label"] == "harmful_compliance" for i in items), src
 
 
 @pytest.mark.slow
