@@ -94,6 +94,9 @@ def has_data(cfg: Settings) -> bool:
     return entries(cfg.runs) or entries(cfg.experiments)
 
 
+DEMO_TRADEOFF = "tradeoff"  # the recorded demo's frontier experiment (the Safety-utility trade-off page opens it)
+
+
 def demo_settings() -> Settings:
     """The recorded demo's roots: ``data/demo/{runs,experiment,compare}``; its runs hold the saved activations."""
     demo = demo_dir()

@@ -46,6 +46,8 @@ def test_every_page_shows_the_recorded_demo_with_nothing_configured(nothing_conf
         assert str(nothing_configured / "runs") in shown  # launching writes to the user's runs root only
     if page == "home":
         assert "experiment-sft-s0" in at.dataframe[0].value["run"].tolist()
+    if page == "frontier":  # the demo's beta sweep, where the methods separate on both axes
+        assert at.selectbox(key="frontier_exp").value == "tradeoff (recorded demo)"
     if page in CHARTS:
         assert len(at.get("plotly_chart")) >= 1, (page, shown[:2000])
 
@@ -94,8 +96,8 @@ def test_a_method_has_one_colour_on_every_page(nothing_configured):
 @pytest.mark.browser
 def test_the_demo_in_a_real_browser_and_a_trade_off_click_opens_its_run(nothing_configured):
     """Every page at 1024 px (the narrow case; tests/scripts/screenshots.py shoots 1440 too) with nothing
-    configured shows the recorded demo without an error; clicking sft's point on the trade-off chart selects its
-    run, and "Open the traces" shows that run's traces."""
+    configured shows the recorded demo without an error; the trade-off page opens on the demo's beta sweep
+    (`tradeoff`), clicking sft's point selects its run, and "Open the traces" shows that run's traces."""
     from playwright.sync_api import sync_playwright
     from scripts.screenshots import browser, dashboard, full_page, settled
     from test_dashboard import SCREENSHOTS
@@ -125,7 +127,7 @@ def test_the_demo_in_a_real_browser_and_a_trade_off_click_opens_its_run(nothing_
         traces.nth(names.index("sft")).locator("path.point").first.click(force=True)
         runs_box = page.get_by_test_id("stMultiSelect").first
         deadline = time.time() + 60  # the selection reruns the page; its runs box then holds the clicked run
-        while "experiment-sft-s0" not in runs_box.inner_text():
+        while "tradeoff-sft-s0" not in runs_box.inner_text():
             assert time.time() < deadline, runs_box.inner_text()
             page.wait_for_timeout(300)
         assert "adaptive" not in runs_box.inner_text()
@@ -133,7 +135,7 @@ def test_the_demo_in_a_real_browser_and_a_trade_off_click_opens_its_run(nothing_
         page.get_by_role("heading", name="Training traces").wait_for(timeout=60_000)
         settled(page)
         picked = page.get_by_test_id("stMultiSelect").first.inner_text()
-        assert "experiment-sft-s0" in picked and "constant-kl" not in picked, picked
+        assert "tradeoff-sft-s0" in picked and "constant-kl" not in picked, picked
         legend = page.get_by_test_id("stPlotlyChart").first.locator("g.legend text.legendtext").all_text_contents()
-        assert legend == ["experiment-sft-s0 (sft)"], legend
+        assert legend == ["tradeoff-sft-s0 (sft)"], legend
         b.close()

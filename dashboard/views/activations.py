@@ -35,7 +35,10 @@ if source.startswith("a run"):
     if runs.empty:
         widgets.no_runs(cfg.runs)
         st.stop()
-    chosen = widgets.pick_runs(runs, "run", key="act_run", prefer=regularised)
+    def shown_first(row) -> bool:  # regularised runs that saved activations (a frontier run saves none)
+        return regularised(row) and (cfg.runs / str(row["run_id"]) / "activations" / "before").is_dir()
+
+    chosen = widgets.pick_runs(runs, "run", key="act_run", prefer=shown_first)
     run_id = chosen[0]
     try:
         run_dir = settings.run_path(cfg.runs, run_id)

@@ -41,10 +41,13 @@ if not found:
     st.stop()
 by_label = {f"{exp.name} ({origin})": (origin, exp, runs_root) for origin, exp, runs_root in found}
 own = [label for label, (origin, *_) in by_label.items() if origin == "yours"]
-picked = st.selectbox("experiment", list(by_label), index=list(by_label).index(own[-1]) if own else 0,
-                      key="frontier_exp",
-                      help="Your experiments, the recorded demo and the frontiers recorded for the README "
-                           "(benchmarks/results: their tables only; their runs are not shipped).")
+demo_curve = [label for label, (origin, exp, _) in by_label.items()
+              if origin == "recorded demo" and exp.name == settings.DEMO_TRADEOFF]
+first = (own[-1:] or demo_curve or list(by_label))[0]  # yours, else the demo's beta sweep
+picked = st.selectbox("experiment", list(by_label), index=list(by_label).index(first), key="frontier_exp",
+                      help="Your experiments, the recorded demo's (`tradeoff`: constant-kl's beta sweep beside the "
+                           "adaptive methods) and the frontiers recorded for the README (benchmarks/results: their "
+                           "tables; the points open runs only for your experiments and the demo's).")
 origin, exp_dir, runs_root = by_label[picked]
 try:
     desc, results = loaders.load_experiment_cached(exp_dir)

@@ -59,13 +59,15 @@ def dashboard(env: dict, timeout: float = 120):
 
 
 def settled(page, timeout: float = 180) -> None:
-    """Wait until the page stopped changing: no running-status widget and the same text and number of charts
-    for 6 s in a row (the status widget shows only after a while, so its absence alone says nothing)."""
+    """Wait until the page stopped changing: its script not running (the app root's script state, which Streamlit
+    sets for its own browser tests), no running-status widget, and the same text and number of charts for 6 s in a
+    row (on a loaded machine a script can pause longer than that between two elements)."""
     page.wait_for_selector("h1", timeout=timeout * 1000)  # the page's script has started drawing
     deadline, quiet, last = time.time() + timeout, 0, None
     while time.time() < deadline and quiet < 12:
         now = (page.locator('[data-testid="stMain"]').inner_text(), page.locator(".js-plotly-plot").count())
-        busy = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        running = page.locator('[data-testid="stApp"][data-test-script-state="running"]').count() > 0
+        busy = running or page.locator('[data-testid="stStatusWidget"]').count() > 0
         quiet = quiet + 1 if now == last and not busy else 0
         last = now
         page.wait_for_timeout(500)
