@@ -106,7 +106,8 @@ def demo_settings() -> Settings:
 
 def experiment_roots() -> list[tuple[str, Path, Path]]:
     """Where experiments are found, as (origin, experiments root, runs root): the user's, the recorded demo's and
-    the shipped benchmark results (``benchmarks/results``: results tables only, their runs are not shipped)."""
+    the shipped benchmark results (``benchmarks/results``: their results tables; a frontier that ships its runs
+    keeps them inside its own folder, for re-judging, and the pages do not open them)."""
     own, demo = own_settings(), demo_settings()
     return [("yours", own.experiments, own.runs), ("recorded demo", demo.experiments, demo.runs),
             ("recorded benchmark", results_dir(), results_dir() / "runs")]
