@@ -135,16 +135,13 @@ class SharedReference:
     def __init__(self, max_bytes: int = 4 << 30):
         self.max_bytes = max_bytes
         self.entries: dict[str, tuple] = {}
-        self.bytes = self.hits = self.misses = 0
+        self.bytes = 0
 
     @staticmethod
     def key(weights: str, model_inputs: dict, layers: tuple[int, ...] | None) -> str:
         h = hashlib.sha256(f"{weights}|{layers}".encode())
         for name in sorted(model_inputs):
-            value = model_inputs[name]
-            tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-            h.update(f"|{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+            _hash_tensor(h, name, torch.as_tensor(model_inputs[name]))
         return h.hexdigest()
 
     def get(self, key: str, device):
@@ -152,9 +149,7 @@ class SharedReference:
         kept), else None."""
         got = self.entries.get(key)
         if got is None:
-            self.misses += 1
             return None
-        self.hits += 1
         logits, hidden = got
         return logits.to(device, copy=True), None if hidden is None else tuple(
             None if h is None else h.to(device, copy=True) for h in hidden)
@@ -178,8 +173,12 @@ def weights_digest(model) -> str:
     bytes of every parameter and buffer, the LoRA adapter's excluded (the reference runs with it disabled)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        if "lora_" not in name:
+            _hash_tensor(h, name, tensor)
     return h.hexdigest()
+
+
+def _hash_tensor(h, name: str, tensor: torch.Tensor) -> None:
+    """Add a named tensor to a digest: its name, dtype, shape and bytes."""
+    h.update(f"|{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
+    h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())

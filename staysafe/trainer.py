@@ -94,6 +94,7 @@ class SafetyTrainer(Trainer):
         self.ref_cache = ReferenceCache() if args.reference_cache and self.method.reference else None
         self.shared_reference = shared_reference if self.ref_cache is None else None
         self.hooks = self.method.hooks(self)  # the method's part of the step (staysafe.methods)
+        self.hidden_layers = self._hidden_layers()  # what the reference forward returns for the risk sources
         self.reference_calls = self.reference_shared = 0  # reference forwards; batches another run computed
         self.recording = True  # compute_loss records its micro-batch for the step's trace row (see unrecorded)
         self._pending: list[dict] = []  # this optimizer step's micro-batch records
@@ -160,7 +161,7 @@ class SafetyTrainer(Trainer):
         """One no-grad forward of the safe reference: logits for the KL, hidden states for the probe."""
         self.reference_calls += 1
         with self._reference(model) as ref:
-            return ref(**inputs, output_hidden_states=self._hidden_layers() is not None)
+            return ref(**inputs, output_hidden_states=self.hidden_layers is not None)
 
     def _hidden_layers(self) -> tuple[int, ...] | None:
         """The hidden-state layers the risk sources read (None: none read any; every layer: a source that does
@@ -179,12 +180,11 @@ class SafetyTrainer(Trainer):
             ref = self.reference_forward(model, model_inputs)
             return ref.logits, ref.hidden_states
         shared, weights = self.shared_reference
-        layers = self._hidden_layers()
-        key = shared.key(weights, model_inputs, layers)
+        key = shared.key(weights, model_inputs, self.hidden_layers)
         got = shared.get(key, model_inputs["input_ids"].device)
         if got is None:
             ref = self.reference_forward(model, model_inputs)
-            shared.put(key, ref.logits, ref.hidden_states, layers)
+            shared.put(key, ref.logits, ref.hidden_states, self.hidden_layers)
             return ref.logits, ref.hidden_states
         self.reference_shared += 1
         return got
