@@ -13,6 +13,7 @@ Benign requests (t05 t13 t16 t17): labelled refusals t13, t17 ("No."); the keywo
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -202,9 +203,23 @@ def test_judge_agreement_on_the_shipped_test_split_is_as_documented():
         assert now["kappa"] == pytest.approx(shipped[name]["kappa"], abs=1e-9)
         assert now["config"] == shipped[name]["config"] and now["n"] == shipped[name]["n"]
     kappa = {name: r["attack_success"]["kappa"] for name, r in report["judges"].items()}
-    assert kappa["keyword"] == pytest.approx(0.618, abs=0.02)
-    assert kappa["embedding_response"] == pytest.approx(0.597, abs=0.02)
-    assert kappa["reader"] == pytest.approx(0.798, abs=0.02) and kappa["reader"] > max(kappa.values()) - 1e-9
+    documented = readme_kappas()
+    for name in kappa:  # the README's agreement table says what is measured now, to its two digits
+        assert round(kappa[name], 2) == documented[name], f"README's {name} kappa is stale: now {kappa[name]:.3f}"
+    assert kappa["reader"] > max(kappa.values()) - 1e-9
+
+
+def readme_kappas() -> dict[str, float]:
+    """The kappa column of README's "Measured agreement" table, by judge name."""
+    rows = {"keyword": r"^\| keyword \(", "embedding_response": r"^\| embedding response \(",
+            "reader": r"^\| \*\*reader \("}
+    text = (REPO / "README.md").read_text()
+    found = {}
+    for name, start in rows.items():
+        match = re.search(start + r"[^|]*\| (\d\.\d\d) \[", text, flags=re.M)
+        assert match, f"README.md has no agreement row for {name}"
+        found[name] = float(match.group(1))
+    return found
 
 
 class ToyGuard(BaseHTTPRequestHandler):
