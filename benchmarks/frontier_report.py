@@ -3,7 +3,8 @@ points of ASR each method saves over constant-kl (paired by seed).
 
     python benchmarks/frontier_report.py benchmarks/results/frontier-headlines-mixed10 [--judge reader]
 
-Prints Markdown: per method and judge, the seeds in which the run is on its seed's Pareto front; then, per method
+Prints Markdown: the README's summary (per method: ASR by each judge, task accuracy, over-refusal and mean beta as
+mean ± std over the seeds, and the seeds in which it is on its seed's Pareto front by each judge); then, per method
 off constant-kl's curve and per judge, the ASR saved at equal utility in each seed (constant-kl's ASR interpolated
 along its beta sweep, sft as beta = 0, at the method's task accuracy; outside the curve's range: not compared)
 with the mean and its 95% t-interval over the seeds.
@@ -23,16 +24,33 @@ def pct(v: float) -> str:
     return "n/a" if pd.isna(v) else f"{100 * v:+.0f}"
 
 
+def mean_std(values: pd.Series, percent: bool = True) -> str:
+    v = values.astype(float) * (100 if percent else 1)
+    return f"{v.mean():.0f} ± {v.std():.0f}" if percent else f"{v.mean():.2f} ± {v.std():.2f}"
+
+
 def report(results: pd.DataFrame, judge_list: list[str]) -> str:
     seeds = results["seed"].nunique()
     label = results["method"] + results.get("sweep_beta", pd.Series(index=results.index, dtype=float)).map(
         lambda b: "" if pd.isna(b) else f" β={b:g}")
-    lines = ["| method | " + " | ".join(f"on the frontier ({judge_name(j)}), seeds of {seeds}" for j in judge_list)
-             + " |", "|---" * (1 + len(judge_list)) + "|"]
     flags = {j: frontier_by_seed(results, j).set_index("run_id")["on_frontier"] for j in judge_list}
+    asr = " | ".join(f"ASR {judge_name(j)} %" for j in judge_list)
+    lines = [f"| method | {asr} | task accuracy % | over-refusal % | mean β | on the frontier "
+             f"({' / '.join(judge_name(j) for j in judge_list)}), of {seeds} seeds |",
+             "|---" * (5 + len(judge_list)) + "|"]
+    start = results.groupby("seed").first()  # every run of a seed shares its step-0 evaluation
+    lines.append("| aligned reference (step 0) | "
+                 + " | ".join(mean_std(start[f"reference_asr_{j}"]) for j in judge_list)
+                 + f" | {mean_std(start['reference_task_accuracy'])}"
+                 + f" | {mean_std(start['reference_over_refusal'])} | | |")
     for name in dict.fromkeys(label):
-        runs = results.loc[label == name, "run_id"]
-        lines.append(f"| {name} | " + " | ".join(str(int(flags[j].loc[runs].sum())) for j in judge_list) + " |")
+        g = results[label == name]
+        pulls = g["method"].iloc[0] not in ("lisa", "safelora") and not g["mean_beta"].isna().all()
+        beta = "" if not pulls else (f"{g['mean_beta'].mean():.2f}" if len(g) == 1 or g["mean_beta"].std() < 0.005
+                                     else mean_std(g["mean_beta"], percent=False))
+        lines.append(f"| {name} | " + " | ".join(mean_std(g[f"final_asr_{j}"]) for j in judge_list)
+                     + f" | {mean_std(g['final_task_accuracy'])} | {mean_std(g['over_refusal'])} | {beta} | "
+                     + " / ".join(str(int(flags[j].loc[g["run_id"]].sum())) for j in judge_list) + " |")
     lines += ["", "| method | judge | ASR saved vs constant-kl at equal task accuracy, points, per seed | mean "
               "[95% t-interval] |", "|---|---|---|---|"]
     for j in judge_list:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
+from conftest import REPO
 from staysafe.eval.frontier import axes, frontier_points, judges, on_frontier
 from staysafe.experiment import ExperimentSpec, resume_experiment, run_experiment
 from staysafe.runs.traces import TraceError, load_run, write_json
@@ -286,3 +289,19 @@ def test_an_experiment_goes_through_the_run_lifecycle_when_cancelled(tmp_path):
     desc = json.loads((tmp_path / "exp" / "e" / "experiment.json").read_text())
     assert desc["state"] == "cancelled" and "SIGTERM" in desc["error"]
     assert load_run(tmp_path / "runs" / "e-sft-s0").status["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("name", ["frontier-headlines-mixed10", "frontier-headlines-benign",
+                                  "frontier-headlines-mixed5"])
+def test_the_readmes_frontier_tables_are_what_the_report_prints_from_the_shipped_results(name):
+    """Every row of the summary table that benchmarks/frontier_report.py prints from a shipped frontier is in the
+    README as printed: re-judging or re-running a frontier without updating the README fails here."""
+    folder = REPO / "benchmarks" / "results" / name
+    if not folder.exists():
+        pytest.skip(f"{name} is not shipped yet")
+    printed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_report.py"), str(folder),
+                              "--judge", "reader", "--judge", "keyword"], capture_output=True, text=True,
+                             check=True, cwd=REPO).stdout
+    summary = printed.split("\n\n")[0].splitlines()
+    readme = (REPO / "README.md").read_text()
+    assert len(summary) >= 12 and [row for row in summary if row not in readme] == []
