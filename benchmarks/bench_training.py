@@ -30,7 +30,7 @@ HEAD_VARIANTS = ("sft", "sft-allpos", "constant-kl", "constant-kl-allpos", "adap
 
 
 def batches(tokenizer, n: int, batch_size: int, max_length: int) -> list[dict]:
-    """n fixed batches of the harmful scenario (plus benign), tokenised and collated once."""
+    """n fixed batches of the harmful scenario (plus benign), tokenised and collated once (200 examples, cycled)."""
     from staysafe.data import SafetyCollator, build_scenario, load_records, tokenize_dataset
 
     records = build_scenario("harmful", n_harmful=100, seed=0) + load_records("benign")[:100]
@@ -38,7 +38,7 @@ def batches(tokenizer, n: int, batch_size: int, max_length: int) -> list[dict]:
     collate = SafetyCollator(tokenizer.pad_token_id)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(ds), generator=g).tolist()
-    return [collate([ds[i] for i in order[k * batch_size:(k + 1) * batch_size]]) for k in range(n)]
+    return [collate([ds[order[(k * batch_size + j) % len(order)]] for j in range(batch_size)]) for k in range(n)]
 
 
 def build(variant: str, model_spec: str, lora_r: int, tmp: Path, probe=None):

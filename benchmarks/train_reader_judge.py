@@ -14,8 +14,9 @@ held-out part of ``dev``, report it beside the shipped judges on ``test``, and (
    kappa on ``test``: whether more labels would help.
 4. Cost: seconds to score 100 answers with 2 threads.
 
-``--ship`` also rewrites the judges' shipped agreement (``staysafe/assets/judges/agreement.json``, shown beside
-every ASR in the dashboard) and the full test report (``results/judge_validation_test.json``).
+``--ship`` writes the winner only if it beats the shipped reader on the same hold-out. It also rewrites the
+judges' shipped agreement (``staysafe/assets/judges/agreement.json``, shown beside every ASR in the dashboard)
+and the full test report (``results/judge_validation_test.json``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main() -> None:
                                    "recipe": fitted[backbone].recipe}
         print(backbone, json.dumps(out["choice"][backbone]), flush=True)
     winner = max(out["choice"], key=lambda b: out["choice"][b]["kappa"])
+    if SHIPPED_DIR.exists():  # the judge shipped now, on the same hold-out: a refit is shipped only if it is better
+        out["shipped_on_holdout"] = kappa_on(make_judge("reader"), hold)
+        print("shipped reader", json.dumps(out["shipped_on_holdout"]), flush=True)
     out["winner"], judge = winner, fitted[winner]
     sample = [i for i in test if i["kind"] == "harmful"][:100]
     t0 = time.perf_counter()
@@ -112,7 +116,11 @@ def main() -> None:
             print("curve", out["curve"][-1], flush=True)
         out["curve"].append({"n_train": len(fit), "kappa": out["test"]["reader"]["kappa"],
                              "kappa_interval": out["test"]["reader"]["kappa_interval"]})
-    if a.ship:
+    shipped = out.get("shipped_on_holdout", {}).get("kappa", -1.0)
+    if a.ship and out["choice"][winner]["kappa"] <= shipped:
+        print(f"not shipped: the shipped reader reads kappa {shipped:.3f} on the hold-out, the refit "
+              f"{out['choice'][winner]['kappa']:.3f}", flush=True)
+    elif a.ship:
         judge.save(SHIPPED_DIR, trained_on={"data": path.name, "split": "dev minus its hold-out", "n": len(fit),
                                             "sha256": out["data_sha256"]},
                    chosen_on={"holdout": len(hold), "kappa": out["choice"]},
