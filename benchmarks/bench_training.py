@@ -125,9 +125,19 @@ def step_times(model_spec: str, lora_r: int, steps: int, warmup: int, batch_size
                 t = timed_step(trainers[v], batch, v)
                 if k >= warmup:
                     times[v].append(t)
+        readings = []
+        if "adaptive-drift" in trainers:  # the closed loop's own work, timed alone: one canary reading
+            tr = trainers["adaptive-drift"]
+            for _ in range(10):
+                t0 = time.perf_counter()
+                tr.hooks.read_drift(tr.model)
+                readings.append(time.perf_counter() - t0)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     mean = {v: statistics.fmean(ts) for v, ts in times.items()}
-    return {"median_s": med, "mean_s": mean, "all_s": times, "tokens_per_batch": int(data[0]["attention_mask"].sum())}
+    out = {"median_s": med, "mean_s": mean, "all_s": times, "tokens_per_batch": int(data[0]["attention_mask"].sum())}
+    if readings:
+        out["reading_s"] = statistics.median(readings)
+    return out
 
 
 def peak_memory(model_spec: str, lora_r: int, variant: str, steps: int, batch_size: int, max_length: int) -> float:
@@ -362,7 +372,10 @@ def main() -> None:
         med, mean = res["median_s"], res["mean_s"]
         res["ratios"] = {f"adaptive-drift / adaptive-probe (mean over {a.steps} steps: the readings included)":
                          mean["adaptive-drift"] / mean["adaptive-probe"],
-                         "adaptive-drift / adaptive-probe (median step)": med["adaptive-drift"] / med["adaptive-probe"]}
+                         "adaptive-drift / adaptive-probe (median step)": med["adaptive-drift"] / med["adaptive-probe"],
+                         # the same code path but for the readings: their cost, one every drift_every (5) steps
+                         "1 + reading / (5 x adaptive-probe's median step)":
+                         1 + res["reading_s"] / (5 * med["adaptive-probe"])}
         results["drift"] = res
         print(json.dumps({"drift": {"mean_s": mean, "ratios": res["ratios"]}}, indent=2), flush=True)
     if "profile" not in skip:  # where the time of an sft and a constant-kl step goes
