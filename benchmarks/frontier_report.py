@@ -3,11 +3,11 @@ points of ASR each method saves over constant-kl (paired by seed).
 
     python benchmarks/frontier_report.py benchmarks/results/frontier-headlines-mixed10 [--judge reader]
 
-Prints Markdown: the README's summary (per method: ASR by each judge, task accuracy, over-refusal and mean beta as
-mean ± std over the seeds, and the seeds in which it is on its seed's Pareto front by each judge); then, per method
-off constant-kl's curve and per judge, the ASR saved at equal utility in each seed (constant-kl's ASR interpolated
-along its beta sweep, sft as beta = 0, at the method's task accuracy; outside the curve's range: not compared)
-with the mean and its 95% t-interval over the seeds.
+Prints Markdown, the README's two tables: the summary (per method: ASR by each judge, task accuracy, over-refusal
+and mean beta as mean ± std over the seeds, and the seeds in which it is on its seed's Pareto front by each judge);
+then, per method off constant-kl's curve and per judge, the ASR saved at equal utility in each seed (the method's
+task accuracy in brackets; constant-kl's ASR interpolated along its beta sweep, sft as beta = 0, at that accuracy;
+outside the curve's range: n/a) with the mean and its 95% t-interval over the seeds.
 """
 
 from __future__ import annotations
@@ -51,15 +51,19 @@ def report(results: pd.DataFrame, judge_list: list[str]) -> str:
         lines.append(f"| {name} | " + " | ".join(mean_std(g[f"final_asr_{j}"]) for j in judge_list)
                      + f" | {mean_std(g['final_task_accuracy'])} | {mean_std(g['over_refusal'])} | {beta} | "
                      + " / ".join(str(int(flags[j].loc[g["run_id"]].sum())) for j in judge_list) + " |")
-    lines += ["", "| method | judge | ASR saved vs constant-kl at equal task accuracy, points, per seed | mean "
-              "[95% t-interval] |", "|---|---|---|---|"]
-    for j in judge_list:
-        paired = paired_with_curve(results, j)
-        for method, g in paired.groupby("method", sort=False):
+    lines += ["", "| method | " + " | ".join(f"{judge_name(j)}: points saved per seed (its task accuracy) | mean "
+                                           "[95% t-interval]" for j in judge_list) + " |",
+              "|---" * (1 + 2 * len(judge_list)) + "|"]
+    paired = {j: paired_with_curve(results, j) for j in judge_list}
+    for method in dict.fromkeys(paired[judge_list[0]]["method"]):
+        cells = []
+        for j in judge_list:
+            g = paired[j][paired[j]["method"] == method]
             mean, lo, hi, n = mean_interval(g["saved"])
-            per_seed = ", ".join(f"{pct(s)} (task {100 * u:.0f}%)" for s, u in zip(g["saved"], g["utility"]))
-            ci = "" if pd.isna(lo) else f" [{pct(lo)}, {pct(hi)}]"
-            lines.append(f"| {method} | {judge_name(j)} | {per_seed} | {pct(mean)}{ci} (n = {n}) |")
+            cells.append(", ".join(f"{pct(s)} ({100 * u:.0f}%)" for s, u in zip(g["saved"], g["utility"])))
+            cells.append("outside constant-kl's curve in every seed" if n == 0 else
+                         f"{pct(mean)}" + ("" if pd.isna(lo) else f" [{pct(lo)}, {pct(hi)}]") + f" (n = {n})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """Train the reader judge (staysafe.judges.reader) on the labelled set's ``dev`` split, choose its backbone on a
 held-out part of ``dev``, report it beside the shipped judges on ``test``, and (``--ship``) write it into the package.
 
-    python benchmarks/train_reader_judge.py --ship       # writes results/reader_judge.json and the shipped judge
+    python benchmarks/train_reader_judge.py --curve 500,1000 --ship   # the shipped judge, again
 
 1. ``dev`` is cut by request (a hash, so every answer to one request falls on one side) into a fitting part and a
    25% hold-out. Each backbone in ``--backbones`` is fitted on the fitting part; the one with the best Cohen's kappa
@@ -39,7 +39,7 @@ from staysafe.eval.stats import bootstrap_interval, cohen_kappa  # noqa: E402
 from staysafe.eval.validation import SUCCESS, load_validation_set, resolve_path, validate_judges  # noqa: E402
 from staysafe.judges import make_judge  # noqa: E402
 from staysafe.judges.base import FLAG_THRESHOLD  # noqa: E402
-from staysafe.judges.reader import SHIPPED_DIR, ReaderJudge  # noqa: E402
+from staysafe.judges.reader import RECIPE, SHIPPED_DIR, ReaderJudge  # noqa: E402
 
 
 def held_out(request: str, share: float) -> bool:
@@ -55,6 +55,17 @@ def kappa_on(judge, items: list[dict]) -> dict:
             "n": len(harmful), "positives": int(truth.sum())}
 
 
+def test_figures(report: dict) -> dict:
+    """Per judge: kappa with its interval, judged and labelled ASR, and the same per answer source."""
+    keep = ("kappa", "asr_judge", "asr_judge_interval", "asr_labelled", "asr_labelled_interval", "asr_error", "n")
+    figures = {}
+    for name, r in report["judges"].items():
+        a_s = r["attack_success"]
+        figures[name] = {k: a_s[k] for k in ("kappa", "kappa_interval", "asr_judge", "asr_labelled")}
+        figures[name]["per_source"] = {s: {k: v.get(k) for k in keep} for s, v in r["per_source"].items()}
+    return figures
+
+
 def recipe_of(backbone: str, a) -> dict:
     return {"epochs": a.epochs, "lr": a.lr, "layers": a.smollm2_layers if backbone == "smollm2" else 0,
             "lora_r": a.lora_r, "seed": a.seed}
@@ -63,10 +74,12 @@ def recipe_of(backbone: str, a) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="the labelled set (default: the shipped judge_validation.jsonl)")
-    p.add_argument("--backbones", default="minilm,smollm2", help="fitted and compared on the hold-out")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lora-r", type=int, default=8, help="0: fine-tune every block (embeddings frozen), no adapter")
+    p.add_argument("--backbones", default="minilm", help="fitted and compared on the hold-out, e.g. minilm,smollm2 "
+                   "(smollm2 lost with a LoRA adapter: results/reader_judge_choice.json)")
+    p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    p.add_argument("--lr", type=float, default=RECIPE["lr"])
+    p.add_argument("--lora-r", type=int, default=RECIPE["lora_r"],
+                   help="0: fine-tune every block (embeddings frozen), no adapter")
     p.add_argument("--smollm2-layers", type=int, default=12)
     p.add_argument("--holdout", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
@@ -100,12 +113,7 @@ def main() -> None:
     judge.score([i["request"] for i in sample], [i["answer"] for i in sample])
     out["seconds_per_100"] = (time.perf_counter() - t0) * 100 / len(sample)
     report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), judge], test, data=str(path))
-    keep = ("kappa", "asr_judge", "asr_judge_interval", "asr_labelled", "asr_labelled_interval", "asr_error", "n")
-    out["test"] = {}
-    for name, r in report["judges"].items():
-        a_s = r["attack_success"]
-        out["test"][name] = {k: a_s[k] for k in ("kappa", "kappa_interval", "asr_judge", "asr_labelled")}
-        out["test"][name]["per_source"] = {s: {k: v.get(k) for k in keep} for s, v in r["per_source"].items()}
+    out["test"] = test_figures(report)
     print(json.dumps(out["test"], indent=1), flush=True)
     if a.curve:
         out["curve"] = []
@@ -121,10 +129,15 @@ def main() -> None:
         print(f"not shipped: the shipped reader reads kappa {shipped:.3f} on the hold-out, the refit "
               f"{out['choice'][winner]['kappa']:.3f}", flush=True)
     elif a.ship:
-        judge.save(SHIPPED_DIR, trained_on={"data": path.name, "split": "dev minus its hold-out", "n": len(fit),
-                                            "sha256": out["data_sha256"]},
-                   chosen_on={"holdout": len(hold), "kappa": out["choice"]},
-                   test=out["test"]["reader"])
+        card = dict(trained_on={"data": path.name, "split": "dev minus its hold-out", "n": len(fit),
+                                "sha256": out["data_sha256"]}, chosen_on={"holdout": len(hold), "kappa": out["choice"]})
+        judge.save(SHIPPED_DIR, **card)
+        # the figures of what ships: the judge as read back from its files (a lora_r = 0 judge is stored in fp16)
+        shipped = ReaderJudge.load(SHIPPED_DIR, expected_sha256=judge.card["weights_sha256"])
+        report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), shipped], test,
+                                 data=str(path))
+        out["test"] = test_figures(report)
+        judge.save(SHIPPED_DIR, **card, test=out["test"]["reader"])
         out["shipped_sha256"] = judge.card["weights_sha256"]
         from staysafe.eval.validation import AGREEMENT_FILE, agreement_summary
 

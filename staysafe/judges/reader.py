@@ -30,18 +30,18 @@ from staysafe.judges.base import SUCCESS, Judge, JudgeScore, check_inputs
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges" / "reader"
 # the shipped weights' digest, pinned when they were trained (benchmarks/train_reader_judge.py --ship)
 MAX_CARD_BYTES = 1 << 20  # a card is a short JSON object; anything larger is not read
-SHIPPED_SHA256 = "a3ed73acc3754a6fe55a38e27e3d95e12cc600357d7ff51873b2270c24ed28d7"
+SHIPPED_SHA256 = "84f47c575ae3f94efc6b080c3d81823ceecccc6ecb0e8ebfe84752ddf3653e27"
 CARD, WEIGHTS = "judge.json", "weights.safetensors"
 BACKBONES = {
     "smollm2": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 "pool": "last"},
     "minilm": {"targets": ["query", "key", "value", "dense"], "pool": "mean"},
 }
-# The recipe chosen on a dev hold-out (benchmarks/results/reader_judge_choice.json: minilm at lr 1e-3 beat smollm2's
-# first 12 of 30 layers at 5e-4, kappa 0.77 against 0.75, at an eighth of the cost). layers: how many of the
-# backbone's blocks read (0 = all).
-# lora_r 0: fine-tune every block, not an adapter (the token embeddings stay frozen).
-RECIPE = {"epochs": 3, "lr": 1e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16, "max_length": 128, "layers": 0,
+# The recipe chosen on a dev hold-out (benchmarks/results/reader_judge.json): MiniLM with every block fine-tuned at
+# lr 5e-5 (lora_r 0; the token embeddings stay frozen) read kappa 0.77 against 0.73 for a LoRA adapter (r 8, lr 1e-3)
+# on the same answers; earlier, MiniLM beat SmolLM2-135M's first 12 of 30 layers, 0.77 against 0.75, at an eighth of
+# the cost (reader_judge_choice.json). layers: how many of the backbone's blocks read (0 = all).
+RECIPE = {"epochs": 3, "lr": 5e-5, "batch_size": 16, "lora_r": 0, "lora_alpha": 16, "max_length": 128, "layers": 0,
           "seed": 0}
 
 
