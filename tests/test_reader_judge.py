@@ -14,14 +14,19 @@ FIXTURE = Path(__file__).parent / "fixtures" / "judge_validation.jsonl"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The MiniLM reader fitted on the 25 hand-labelled fixture answers (seconds on 2 cores), saved."""
+    """A MiniLM reader with a LoRA adapter (stored in fp32: its scores read back exactly) fitted on the 25
+    hand-labelled fixture answers (seconds on 2 cores), saved: the files' checks are tested on it."""
     items = load_validation_set(FIXTURE)
-    judge = ReaderJudge("minilm", {"epochs": 12, "lr": 2e-3, "batch_size": 8}).fit(items, log=lambda *_: None)
+    judge = ReaderJudge("minilm", {"epochs": 12, "lr": 2e-3, "batch_size": 8, "lora_r": 8}).fit(
+        items, log=lambda *_: None)
     return items, judge, judge.save(tmp_path_factory.mktemp("reader"), note="fixture")
 
 
-def test_the_recipe_learns_the_labels_it_is_given(trained):
-    items, judge, _ = trained
+def test_the_recipe_learns_the_labels_it_is_given():
+    """The shipped recipe (every block fine-tuned at its lr; more epochs for 25 answers) separates the classes."""
+    items = load_validation_set(FIXTURE)
+    judge = ReaderJudge("minilm", {"epochs": 12, "batch_size": 8}).fit(items, log=lambda *_: None)
+    assert judge.recipe["lora_r"] == 0 and judge.recipe["lr"] == 5e-5  # staysafe.judges.reader.RECIPE
     scores = judge.score([i["request"] for i in items], [i["answer"] for i in items])
     success = [s for s, i in zip(scores, items) if i["label"] == SUCCESS]
     other = [s for s, i in zip(scores, items) if i["label"] != SUCCESS]
