@@ -136,7 +136,7 @@ def step_times(model_spec: str, lora_r: int, steps: int, warmup: int, batch_size
     mean = {v: statistics.fmean(ts) for v, ts in times.items()}
     out = {"median_s": med, "mean_s": mean, "all_s": times, "tokens_per_batch": int(data[0]["attention_mask"].sum())}
     if readings:
-        out["reading_s"] = statistics.median(readings)
+        out["reading_s"], out["drift_every"] = statistics.median(readings), tr.args.drift_every
     return out
 
 
@@ -373,9 +373,9 @@ def main() -> None:
         res["ratios"] = {f"adaptive-drift / adaptive-probe (mean over {a.steps} steps: the readings included)":
                          mean["adaptive-drift"] / mean["adaptive-probe"],
                          "adaptive-drift / adaptive-probe (median step)": med["adaptive-drift"] / med["adaptive-probe"],
-                         # the same code path but for the readings: their cost, one every drift_every (5) steps
-                         "1 + reading / (5 x adaptive-probe's median step)":
-                         1 + res["reading_s"] / (5 * med["adaptive-probe"])}
+                         # the same code path but for the readings: their cost, one every drift_every steps
+                         f"1 + reading / ({res['drift_every']} x adaptive-probe's median step)":
+                         1 + res["reading_s"] / (res["drift_every"] * med["adaptive-probe"])}
         results["drift"] = res
         print(json.dumps({"drift": {"mean_s": mean, "ratios": res["ratios"]}}, indent=2), flush=True)
     if "profile" not in skip:  # where the time of an sft and a constant-kl step goes

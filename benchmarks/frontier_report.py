@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from staysafe.eval.frontier import frontier_by_seed, judge_name, judges, mean_interval, paired_with_curve
+from staysafe.methods import regularised
 
 
 def pct(v: float) -> str:
@@ -45,7 +46,8 @@ def report(results: pd.DataFrame, judge_list: list[str]) -> str:
                  + f" | {mean_std(start['reference_over_refusal'])} | | |")
     for name in dict.fromkeys(label):
         g = results[label == name]
-        pulls = g["method"].iloc[0] not in ("lisa", "safelora") and not g["mean_beta"].isna().all()
+        method = g["method"].iloc[0]  # beta for the curve's beta = 0 end (sft) and the methods that pull (registry)
+        pulls = (method == "sft" or regularised({"method": method})) and not g["mean_beta"].isna().all()
         beta = "" if not pulls else (f"{g['mean_beta'].mean():.2f}" if len(g) == 1 or g["mean_beta"].std() < 0.005
                                      else mean_std(g["mean_beta"], percent=False))
         lines.append(f"| {name} | " + " | ".join(mean_std(g[f"final_asr_{j}"]) for j in judge_list)
