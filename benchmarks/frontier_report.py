@@ -1,12 +1,13 @@
-"""The README's answer from a frontier experiment: who sits on the frontier, and at equal task accuracy how many
-points of ASR each method saves over constant-kl (paired by seed).
+"""The README's answer from a frontier experiment: who sits on the frontier, and at equal utility (task accuracy,
+or benign NLL where no task was recorded) how many points of ASR each method saves over constant-kl (paired by
+seed).
 
     python benchmarks/frontier_report.py benchmarks/results/frontier-headlines-mixed10 [--judge reader]
 
 Prints Markdown, the README's two tables: the summary (per method: ASR by each judge, task accuracy, over-refusal
 and mean beta as mean ± std over the seeds, and the seeds in which it is on its seed's Pareto front by each judge);
 then, per method off constant-kl's curve and per judge, the ASR saved at equal utility in each seed (the method's
-task accuracy in brackets; constant-kl's ASR interpolated along its beta sweep, sft as beta = 0, at that accuracy;
+utility in brackets; constant-kl's ASR interpolated along its beta sweep, sft as beta = 0, at that utility;
 outside the curve's range: n/a) with the mean and its 95% t-interval over the seeds.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from staysafe.eval.frontier import frontier_by_seed, judge_name, judges, mean_interval, paired_with_curve
+from staysafe.eval.frontier import axes, frontier_by_seed, judge_name, judges, mean_interval, paired_with_curve
 from staysafe.methods import regularised
 
 
@@ -30,19 +31,26 @@ def mean_std(values: pd.Series, percent: bool = True) -> str:
     return f"{v.mean():.0f} ± {v.std():.0f}" if percent else f"{v.mean():.2f} ± {v.std():.2f}"
 
 
+def utility_cell(values: pd.Series, column: str) -> str:
+    return mean_std(values) if column == "task_accuracy" else f"{values.mean():.3f} ± {values.std():.3f}"
+
+
 def report(results: pd.DataFrame, judge_list: list[str]) -> str:
     seeds = results["seed"].nunique()
+    column = axes(results)[0].removeprefix("final_")  # task_accuracy, or benign_nll where no task was recorded
+    name_of = {"task_accuracy": "task accuracy %", "benign_nll": "benign NLL"}[column]
+    in_brackets = {"task_accuracy": lambda u: f"{100 * u:.0f}%", "benign_nll": lambda u: f"{u:.3f}"}[column]
     label = results["method"] + results.get("sweep_beta", pd.Series(index=results.index, dtype=float)).map(
         lambda b: "" if pd.isna(b) else f" β={b:g}")
     flags = {j: frontier_by_seed(results, j).set_index("run_id")["on_frontier"] for j in judge_list}
     asr = " | ".join(f"ASR {judge_name(j)} %" for j in judge_list)
-    lines = [f"| method | {asr} | task accuracy % | over-refusal % | mean β | on the frontier "
+    lines = [f"| method | {asr} | {name_of} | over-refusal % | mean β | on the frontier "
              f"({' / '.join(judge_name(j) for j in judge_list)}), of {seeds} seeds |",
              "|---" * (5 + len(judge_list)) + "|"]
     start = results.groupby("seed").first()  # every run of a seed shares its step-0 evaluation
     lines.append("| aligned reference (step 0) | "
                  + " | ".join(mean_std(start[f"reference_asr_{j}"]) for j in judge_list)
-                 + f" | {mean_std(start['reference_task_accuracy'])}"
+                 + f" | {utility_cell(start[f'reference_{column}'], column)}"
                  + f" | {mean_std(start['reference_over_refusal'])} | | |")
     for name in dict.fromkeys(label):
         g = results[label == name]
@@ -51,9 +59,10 @@ def report(results: pd.DataFrame, judge_list: list[str]) -> str:
         beta = "" if not pulls else (f"{g['mean_beta'].mean():.2f}" if len(g) == 1 or g["mean_beta"].std() < 0.005
                                      else mean_std(g["mean_beta"], percent=False))
         lines.append(f"| {name} | " + " | ".join(mean_std(g[f"final_asr_{j}"]) for j in judge_list)
-                     + f" | {mean_std(g['final_task_accuracy'])} | {mean_std(g['over_refusal'])} | {beta} | "
+                     + f" | {utility_cell(g[axes(results)[0]], column)} | {mean_std(g['over_refusal'])} | {beta} | "
                      + " / ".join(str(int(flags[j].loc[g["run_id"]].sum())) for j in judge_list) + " |")
-    lines += ["", "| method | " + " | ".join(f"{judge_name(j)}: points saved per seed (its task accuracy) | mean "
+    its = name_of.removesuffix(" %")
+    lines += ["", "| method | " + " | ".join(f"{judge_name(j)}: points saved per seed (its {its}) | mean "
                                            "[95% t-interval]" for j in judge_list) + " |",
               "|---" * (1 + 2 * len(judge_list)) + "|"]
     paired = {j: paired_with_curve(results, j) for j in judge_list}
@@ -62,7 +71,7 @@ def report(results: pd.DataFrame, judge_list: list[str]) -> str:
         for j in judge_list:
             g = paired[j][paired[j]["method"] == method]
             mean, lo, hi, n = mean_interval(g["saved"])
-            cells.append(", ".join(f"{pct(s)} ({100 * u:.0f}%)" for s, u in zip(g["saved"], g["utility"])))
+            cells.append(", ".join(f"{pct(s)} ({in_brackets(u)})" for s, u in zip(g["saved"], g["utility"])))
             cells.append("outside constant-kl's curve in every seed" if n == 0 else
                          f"{pct(mean)}" + ("" if pd.isna(lo) else f" [{pct(lo)}, {pct(hi)}]") + f" (n = {n})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -1,22 +1,22 @@
-"""Train the reader judge (staysafe.judges.reader) on the labelled set's ``dev`` split, choose its backbone on a
+"""Train the reader judge (staysafe.judges.reader) on the labelled set's ``dev`` split, choose its recipe on a
 held-out part of ``dev``, report it beside the shipped judges on ``test``, and (``--ship``) write it into the package.
 
-    python benchmarks/train_reader_judge.py --curve 500,1000 --ship   # the shipped judge, again
+    python benchmarks/train_reader_judge.py --curve 500,1000,2500 --ship   # the shipped judge, again
 
 1. ``dev`` is cut by request (a hash, so every answer to one request falls on one side) into a fitting part and a
-   25% hold-out. Each backbone in ``--backbones`` is fitted on the fitting part; the one with the best Cohen's kappa
-   of "attack succeeded" on the hold-out wins (the loser's figure is recorded).
-2. The winner (as fitted on the fitting part: no refit, so the hold-out figure stays its own) is measured on
-   ``test`` by the same report as
-   ``staysafe validate-judges`` (kappa with a bootstrap interval, judged beside labelled ASR per source), with the
-   keyword and embedding-response judges beside it. ``test`` chooses nothing.
-3. ``--curve 500,1000,2500``: the winner's recipe fitted on that many items of the fitting part (a seeded sample),
-   kappa on ``test``: whether more labels would help.
+   25% hold-out. Each candidate in ``--candidates`` (a backbone, optionally with recipe changes:
+   ``minilm:epochs=5``) is fitted on the fitting part; the one with the best Cohen's kappa of "attack succeeded" on
+   the hold-out wins (every candidate's figure is recorded), and so does the shipped judge's on the same hold-out.
+2. ``--ship``: if the winner beats the shipped judge on that hold-out, its recipe is fitted again on the whole of
+   ``dev`` (hold-out included: the choice is made, and more labels make a better judge) and that judge is written
+   into the package. Whether or not a new judge ships, the shipped one (read back from its files) is then measured
+   on ``test`` beside the keyword and embedding-response judges, by the same report as ``staysafe
+   validate-judges`` (kappa with a bootstrap interval, judged beside labelled ASR per source), and the judges'
+   shipped agreement (``staysafe/assets/judges/agreement.json``, shown beside every ASR in the dashboard) and the
+   full report (``results/judge_validation_test.json``) are rewritten. ``test`` chooses nothing.
+3. ``--curve 500,1000,2500``: the winner's recipe fitted on that many items of ``dev`` (a seeded sample), kappa on
+   ``test``: whether more labels would help. With ``--ship`` the last point is the shipped judge (all of ``dev``).
 4. Cost: seconds to score 100 answers with 2 threads.
-
-``--ship`` writes the winner only if it beats the shipped reader on the same hold-out. It also rewrites the
-judges' shipped agreement (``staysafe/assets/judges/agreement.json``, shown beside every ASR in the dashboard)
-and the full test report (``results/judge_validation_test.json``).
 """
 
 from __future__ import annotations
@@ -66,16 +66,26 @@ def test_figures(report: dict) -> dict:
     return figures
 
 
-def recipe_of(backbone: str, a) -> dict:
-    return {"epochs": a.epochs, "lr": a.lr, "layers": a.smollm2_layers if backbone == "smollm2" else 0,
-            "lora_r": a.lora_r, "seed": a.seed}
+def candidate(spec: str, a) -> tuple[str, dict]:
+    """``minilm`` or ``minilm:epochs=5+lr=1e-4``: a backbone and its recipe (the command line's, then the changes)."""
+    backbone, _, changes = spec.partition(":")
+    recipe = {"epochs": a.epochs, "lr": a.lr, "layers": a.smollm2_layers if backbone == "smollm2" else 0,
+              "lora_r": a.lora_r, "seed": a.seed}
+    for change in filter(None, changes.split("+")):
+        key, eq, value = change.partition("=")
+        if not eq or key not in RECIPE:
+            raise SystemExit(f"--candidates: {change!r} in {spec!r} is not KEY=VALUE with KEY one of "
+                             f"{', '.join(RECIPE)}")
+        recipe[key] = type(RECIPE[key])(float(value)) if isinstance(RECIPE[key], int) else float(value)
+    return backbone, recipe
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="the labelled set (default: the shipped judge_validation.jsonl)")
-    p.add_argument("--backbones", default="minilm", help="fitted and compared on the hold-out, e.g. minilm,smollm2 "
-                   "(smollm2 lost with a LoRA adapter: results/reader_judge_choice.json)")
+    p.add_argument("--candidates", default="minilm", help="fitted and compared on the hold-out, e.g. "
+                   "minilm,minilm:epochs=5,smollm2 (smollm2 lost with a LoRA adapter: "
+                   "results/reader_judge_choice.json)")
     p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     p.add_argument("--lr", type=float, default=RECIPE["lr"])
     p.add_argument("--lora-r", type=int, default=RECIPE["lora_r"],
@@ -84,9 +94,11 @@ def main() -> None:
     p.add_argument("--holdout", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--curve", default="", help="dev sizes for the learning curve, e.g. 500,1000,2500")
-    p.add_argument("--ship", action="store_true", help=f"write the winner to {SHIPPED_DIR}")
+    p.add_argument("--ship", action="store_true", help=f"write the winner to {SHIPPED_DIR} if it is better, and "
+                   "measure what ships on test")
     p.add_argument("--out", default=str(HERE / "results" / "reader_judge.json"))
     a = p.parse_args()
+    specs = {spec: candidate(spec, a) for spec in a.candidates.split(",")}  # bad specs fail before any fitting
     torch.set_num_threads(2)
     path = resolve_path(a.data)
     dev, test = load_validation_set(path, split="dev"), load_validation_set(path, split="test")
@@ -97,54 +109,65 @@ def main() -> None:
            "choice": {}}
     print(f"dev {len(dev)} (fit {len(fit)}, hold-out {len(hold)}), test {len(test)}", flush=True)
     fitted = {}
-    for backbone in a.backbones.split(","):
+    for spec, (backbone, recipe) in specs.items():
         t0 = time.time()
-        fitted[backbone] = ReaderJudge(backbone, recipe_of(backbone, a)).fit(fit)
-        out["choice"][backbone] = {**kappa_on(fitted[backbone], hold), "fit_seconds": time.time() - t0,
-                                   "recipe": fitted[backbone].recipe}
-        print(backbone, json.dumps(out["choice"][backbone]), flush=True)
-    winner = max(out["choice"], key=lambda b: out["choice"][b]["kappa"])
-    if SHIPPED_DIR.exists():  # the judge shipped now, on the same hold-out: a refit is shipped only if it is better
+        fitted[spec] = ReaderJudge(backbone, recipe).fit(fit)
+        out["choice"][spec] = {**kappa_on(fitted[spec], hold), "fit_seconds": time.time() - t0,
+                               "recipe": fitted[spec].recipe}
+        print(spec, json.dumps(out["choice"][spec]), flush=True)
+    winner = max(out["choice"], key=lambda c: out["choice"][c]["kappa"])
+    if SHIPPED_DIR.exists():  # the judge shipped now, on the same hold-out: a new one ships only if it is better
         out["shipped_on_holdout"] = kappa_on(make_judge("reader"), hold)
         print("shipped reader", json.dumps(out["shipped_on_holdout"]), flush=True)
     out["winner"], judge = winner, fitted[winner]
+    backbone, recipe = specs[winner]
     sample = [i for i in test if i["kind"] == "harmful"][:100]
     t0 = time.perf_counter()
     judge.score([i["request"] for i in sample], [i["answer"] for i in sample])
     out["seconds_per_100"] = (time.perf_counter() - t0) * 100 / len(sample)
-    report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), judge], test, data=str(path))
-    out["test"] = test_figures(report)
-    print(json.dumps(out["test"], indent=1), flush=True)
-    if a.curve:
-        out["curve"] = []
-        for n in [int(x) for x in a.curve.split(",")]:
-            part = random.Random(a.seed).sample(fit, min(n, len(fit)))
-            small = ReaderJudge(winner, recipe_of(winner, a)).fit(part, log=lambda *_: None)
-            out["curve"].append({**kappa_on(small, test), "n_train": len(part)})
-            print("curve", out["curve"][-1], flush=True)
-        out["curve"].append({"n_train": len(fit), "kappa": out["test"]["reader"]["kappa"],
-                             "kappa_interval": out["test"]["reader"]["kappa_interval"]})
     to_beat = out.get("shipped_on_holdout", {}).get("kappa", -1.0)
-    if a.ship and out["choice"][winner]["kappa"] <= to_beat:
-        print(f"not shipped: the shipped reader reads kappa {to_beat:.3f} on the hold-out, the refit "
+    better = out["choice"][winner]["kappa"] > to_beat
+    if a.ship and not better:
+        print(f"not shipped: the shipped reader reads kappa {to_beat:.3f} on the hold-out, the best candidate "
               f"{out['choice'][winner]['kappa']:.3f}", flush=True)
-    elif a.ship:
-        card = dict(trained_on={"data": path.name, "split": "dev minus its hold-out", "n": len(fit),
-                                "sha256": out["data_sha256"]}, chosen_on={"holdout": len(hold), "kappa": out["choice"]})
+    elif a.ship:  # the chosen recipe, fitted again on every dev answer, is what ships
+        t0 = time.time()
+        judge = ReaderJudge(backbone, recipe).fit(dev)
+        out["refit"] = {"n": len(dev), "fit_seconds": time.time() - t0}
+        card = dict(trained_on={"data": path.name, "split": "dev (all of it, after the recipe was chosen on a "
+                                f"{a.holdout:.0%} hold-out)", "n": len(dev), "sha256": out["data_sha256"]},
+                    chosen_on={"holdout": len(hold), "kappa": out["choice"], "shipped_before": to_beat})
         judge.save(SHIPPED_DIR, **card)
-        # the figures of what ships: the judge as read back from its files (a lora_r = 0 judge is stored in fp16)
-        shipped = ReaderJudge.load(SHIPPED_DIR, expected_sha256=judge.card["weights_sha256"])
+    if a.ship:  # what ships, as read back from its files (a lora_r = 0 judge is stored in fp16), on test
+        shipped = ReaderJudge.load(SHIPPED_DIR, **({"expected_sha256": judge.card["weights_sha256"]} if better
+                                                   else {}))
         report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), shipped], test,
                                  data=str(path))
         out["test"] = test_figures(report)
-        judge.save(SHIPPED_DIR, **card, test=out["test"]["reader"])
-        out["shipped_sha256"] = judge.card["weights_sha256"]
+        if better:
+            judge.save(SHIPPED_DIR, **card, test=out["test"]["reader"])
+            out["shipped_sha256"] = judge.card["weights_sha256"]
+            print(f"shipped {SHIPPED_DIR}: pin SHIPPED_SHA256 = {judge.card['weights_sha256']!r} in "
+                  "staysafe/judges/reader.py", flush=True)
         from staysafe.eval.validation import AGREEMENT_FILE, agreement_summary
 
         AGREEMENT_FILE.write_text(json.dumps(agreement_summary(report), indent=2) + "\n")
         (HERE / "results" / "judge_validation_test.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"shipped {SHIPPED_DIR}: pin SHIPPED_SHA256 = {judge.card['weights_sha256']!r} in "
-              "staysafe/judges/reader.py", flush=True)
+    else:
+        report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), judge], test,
+                                 data=str(path))
+        out["test"] = test_figures(report)
+    print(json.dumps(out["test"], indent=1), flush=True)
+    if a.curve:
+        out["curve"] = []
+        for n in [int(x) for x in a.curve.split(",")]:
+            part = random.Random(a.seed).sample(dev, min(n, len(dev)))
+            small = ReaderJudge(backbone, recipe).fit(part, log=lambda *_: None)
+            out["curve"].append({**kappa_on(small, test), "n_train": len(part)})
+            print("curve", out["curve"][-1], flush=True)
+        if a.ship and better:
+            out["curve"].append({"n_train": len(dev), "kappa": out["test"]["reader"]["kappa"],
+                                 "kappa_interval": out["test"]["reader"]["kappa_interval"], "shipped": True})
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"written {a.out}")
 
