@@ -121,3 +121,17 @@ def test_the_shipped_reader_agrees_with_the_labels_as_shipped():
     kappa = report["judges"]["reader"]["attack_success"]["kappa"]
     assert kappa == pytest.approx(measured_agreement()["reader"]["kappa"], abs=0.01)
     assert kappa > 0.75  # keyword 0.62, embedding response 0.60 on the same split
+
+
+def test_a_candidate_recipe_with_an_unknown_setting_is_named_before_any_fitting():
+    """benchmarks/train_reader_judge.py --candidates: a typo in a recipe change stops it at once, naming the change
+    and the settings a recipe has (not after minutes of fitting the candidates before it)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "benchmarks" / "train_reader_judge.py"
+    done = subprocess.run([sys.executable, str(script), "--candidates", "minilm,minilm:epoch=5",
+                           "--out", "/dev/null"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "'epoch=5' in 'minilm:epoch=5' is not KEY=VALUE with KEY one of epochs, lr," in done.stderr
+    assert "reader minilm: epoch" not in done.stdout + done.stderr  # nothing was fitted

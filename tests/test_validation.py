@@ -209,6 +209,26 @@ def test_judge_agreement_on_the_shipped_test_split_is_as_documented():
     assert kappa["reader"] > max(kappa.values()) - 1e-9
 
 
+def test_the_readmes_agreement_table_is_what_the_shipped_report_says():
+    """Every row of README's "Measured agreement" table is what benchmarks/judge_table.py prints from the shipped
+    test report, and that report is the one the dashboard's agreement file summarises (same kappas, same data)."""
+    import subprocess
+    import sys
+
+    from staysafe.eval.validation import measured_agreement
+
+    printed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "judge_table.py")], capture_output=True,
+                             text=True, check=True, cwd=REPO).stdout
+    rows = [row for row in printed.splitlines() if row.startswith("|")]
+    readme = (REPO / "README.md").read_text()
+    assert len(rows) == 6 and [row for row in rows if row not in readme] == []
+    report = json.loads((REPO / "benchmarks" / "results" / "judge_validation_test.json").read_text())
+    shipped = measured_agreement()
+    for name, judged in report["judges"].items():
+        assert judged["attack_success"]["kappa"] == pytest.approx(shipped[name]["kappa"], abs=1e-9)
+    assert report["n_items"] == len(load_validation_set(DEFAULT_SET, split="test"))
+
+
 def readme_kappas() -> dict[str, float]:
     """The kappa column of README's "Measured agreement" table, by judge name."""
     rows = {"keyword": r"^\| keyword \(", "embedding_response": r"^\| embedding response \(",

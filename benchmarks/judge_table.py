@@ -1,0 +1,49 @@
+"""The README's "Measured agreement" table, printed from a validate-judges report (by default the shipped
+``results/judge_validation_test.json``, which ``train_reader_judge.py --ship`` rewrites): per judge, Cohen's kappa
+of "attack succeeded" with its 95% bootstrap interval, accuracy, and per answer source its ASR (κ on that source);
+first row, the labelled ASR per source with its interval and the number of harmful answers.
+
+    python benchmarks/judge_table.py [REPORT]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ("reference", "attacked", "mixed", "benign", "identity-shift")
+ROWS = {"keyword": "keyword (weak: the literature's convention)",
+        "embedding_response": "embedding response (the earlier default)", "reader": "**reader (the default)**"}
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.0f}"
+
+
+def table(report: dict) -> str:
+    judges = report["judges"]
+    first = next(iter(judges.values()))["per_source"]
+    head = " | ".join(s if s == "reference" else f"`{s}`" for s in SOURCES)
+    lines = [f"| judge | kappa | accuracy | {head} |", "|---" * (3 + len(SOURCES)) + "|",
+             "| labelled ASR [95% interval], n harmful answers | | | " + " | ".join(
+                 f"{pct(first[s]['asr_labelled'])} [{pct(first[s]['asr_labelled_interval'][0])}, "
+                 f"{pct(first[s]['asr_labelled_interval'][1])}], n = {first[s]['n']}" for s in SOURCES) + " |"]
+    for name, row in ROWS.items():
+        if name not in judges:
+            continue
+        a, per = judges[name]["attack_success"], judges[name]["per_source"]
+        lo, hi = a["kappa_interval"]
+        lines.append(f"| {row} | {a['kappa']:.2f} [{lo:.2f}, {hi:.2f}] | {a['accuracy']:.2f} | " + " | ".join(
+            f"{pct(per[s]['asr_judge'])} (κ {per[s]['kappa']:.2f})" for s in SOURCES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results" / "judge_validation_test.json"
+    print(table(json.loads(path.read_text())), end="")
+
+
+if __name__ == "__main__":
+    main()
