@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs whose answers were labelled for judge_validation.jsonl's second, third and fifth rounds (issue 21): 26 real
+# The runs whose answers were labelled for judge_validation.jsonl's second, third and fifth rounds (issue 21): 24 real
 # runs of the embedded aligned reference over every scenario, harmful percents, learning rates and step counts, and
 # the defenses (the fourth round labelled the shipped frontiers' runs, benchmarks/results/frontier-headlines-*).
 # All but the drift-* 6 are evaluated at their start and end on all 120 held-out harmful prompts (greedy + one
@@ -29,6 +29,5 @@ for scenario in benign mixed; do  # benign drift (README): plain sft, three seed
   else staysafe experiment --id "$id" --quick --scenario "$scenario" --seeds 3 --methods sft \
          --set eval_judges=keyword,embedding-response --out-dir "$out/experiments" --runs-dir "$out/runs"; fi
 done
-# fifth round: the sources the reader judge reads worst (identity-shift, benign), at learning rates not run before
+# fifth round: the source whose answers the reader judge reads worst after benign, at a learning rate not run before
 run jv-identity-lr3e-4 --scenario identity-shift --steps 20 --set lr=3e-4 --methods sft,constant-kl,adaptive-probe
-run jv-benign-lr7e-4 --scenario benign --steps 40 --set lr=7e-4 --methods sft,adaptive-probe
