@@ -4,7 +4,7 @@ seed).
 
     python benchmarks/frontier_report.py benchmarks/results/frontier-headlines-mixed10 [--judge reader]
 
-Prints Markdown, the README's two tables: the summary (per method: ASR by each judge, task accuracy, over-refusal
+Prints Markdown, the README's two tables: the summary (per method: ASR by each judge, the utility, over-refusal
 and mean beta as mean ± std over the seeds, and the seeds in which it is on its seed's Pareto front by each judge);
 then, per method off constant-kl's curve and per judge, the ASR saved at equal utility in each seed (the method's
 utility in brackets; constant-kl's ASR interpolated along its beta sweep, sft as beta = 0, at that utility;
@@ -37,7 +37,8 @@ def utility_cell(values: pd.Series, column: str) -> str:
 
 def report(results: pd.DataFrame, judge_list: list[str]) -> str:
     seeds = results["seed"].nunique()
-    column = axes(results)[0].removeprefix("final_")  # task_accuracy, or benign_nll where no task was recorded
+    x = axes(results)[0]
+    column = x.removeprefix("final_")  # task_accuracy, or benign_nll where no task was recorded
     name_of = {"task_accuracy": "task accuracy %", "benign_nll": "benign NLL"}[column]
     in_brackets = {"task_accuracy": lambda u: f"{100 * u:.0f}%", "benign_nll": lambda u: f"{u:.3f}"}[column]
     label = results["method"] + results.get("sweep_beta", pd.Series(index=results.index, dtype=float)).map(
@@ -59,7 +60,7 @@ def report(results: pd.DataFrame, judge_list: list[str]) -> str:
         beta = "" if not pulls else (f"{g['mean_beta'].mean():.2f}" if len(g) == 1 or g["mean_beta"].std() < 0.005
                                      else mean_std(g["mean_beta"], percent=False))
         lines.append(f"| {name} | " + " | ".join(mean_std(g[f"final_asr_{j}"]) for j in judge_list)
-                     + f" | {utility_cell(g[axes(results)[0]], column)} | {mean_std(g['over_refusal'])} | {beta} | "
+                     + f" | {utility_cell(g[x], column)} | {mean_std(g['over_refusal'])} | {beta} | "
                      + " / ".join(str(int(flags[j].loc[g["run_id"]].sum())) for j in judge_list) + " |")
     its = name_of.removesuffix(" %")
     lines += ["", "| method | " + " | ".join(f"{judge_name(j)}: points saved per seed (its {its}) | mean "

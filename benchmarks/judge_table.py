@@ -13,30 +13,36 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("reference", "attacked", "mixed", "benign", "identity-shift")
+sys.path.insert(0, str(HERE.parent))
+
+from staysafe.eval.validation import SOURCES  # noqa: E402
+
 ROWS = {"keyword": "keyword (weak: the literature's convention)",
         "embedding_response": "embedding response (the earlier default)", "reader": "**reader (the default)**"}
 
 
-def pct(v: float) -> str:
+def percent(v: float) -> str:
     return f"{100 * v:.0f}"
 
 
+def kappa(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def table(report: dict) -> str:
-    judges = report["judges"]
-    first = next(iter(judges.values()))["per_source"]
+    judges, labelled = report["judges"], report["labelled"]["per_source"]
     head = " | ".join(s if s == "reference" else f"`{s}`" for s in SOURCES)
     lines = [f"| judge | kappa | accuracy | {head} |", "|---" * (3 + len(SOURCES)) + "|",
              "| labelled ASR [95% interval], n harmful answers | | | " + " | ".join(
-                 f"{pct(first[s]['asr_labelled'])} [{pct(first[s]['asr_labelled_interval'][0])}, "
-                 f"{pct(first[s]['asr_labelled_interval'][1])}], n = {first[s]['n']}" for s in SOURCES) + " |"]
+                 f"{percent(labelled[s]['asr'])} [{percent(labelled[s]['asr_interval'][0])}, "
+                 f"{percent(labelled[s]['asr_interval'][1])}], n = {labelled[s]['n_harmful']}" for s in SOURCES) + " |"]
     for name, row in ROWS.items():
         if name not in judges:
             continue
         a, per = judges[name]["attack_success"], judges[name]["per_source"]
         lo, hi = a["kappa_interval"]
         lines.append(f"| {row} | {a['kappa']:.2f} [{lo:.2f}, {hi:.2f}] | {a['accuracy']:.2f} | " + " | ".join(
-            f"{pct(per[s]['asr_judge'])} (κ {per[s]['kappa']:.2f})" for s in SOURCES) + " |")
+            f"{percent(per[s]['asr_judge'])} (κ {kappa(per[s]['kappa'])})" for s in SOURCES) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,9 @@ held-out part of ``dev``, report it beside the shipped judges on ``test``, and (
 1. ``dev`` is cut by request (a hash, so every answer to one request falls on one side) into a fitting part and a
    25% hold-out. Each candidate in ``--candidates`` (a backbone, optionally with recipe changes:
    ``minilm:epochs=5``) is fitted on the fitting part; the one with the best Cohen's kappa of "attack succeeded" on
-   the hold-out wins (every candidate's figure is recorded), and so does the shipped judge's on the same hold-out.
+   the hold-out wins (every candidate's figure is recorded). The shipped judge's kappa on the same hold-out is
+   recorded too: its own weights where it never saw the hold-out, else its recipe fitted afresh on the fitting part
+   (a judge fitted on the hold-out cannot be graded on it).
 2. ``--ship``: if the winner beats the shipped judge on that hold-out, its recipe is fitted again on the whole of
    ``dev`` (hold-out included: the choice is made, and more labels make a better judge) and that judge is written
    into the package. Whether or not a new judge ships, the shipped one (read back from its files) is then measured
@@ -15,7 +17,7 @@ held-out part of ``dev``, report it beside the shipped judges on ``test``, and (
    shipped agreement (``staysafe/assets/judges/agreement.json``, shown beside every ASR in the dashboard) and the
    full report (``results/judge_validation_test.json``) are rewritten. ``test`` chooses nothing.
 3. ``--curve 500,1000,2500``: the winner's recipe fitted on that many items of ``dev`` (a seeded sample), kappa on
-   ``test``: whether more labels would help. With ``--ship`` the last point is the shipped judge (all of ``dev``).
+   ``test``: whether more labels would help. When a new judge ships, the last point is that judge (all of ``dev``).
 4. Cost: seconds to score 100 answers with 2 threads.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -39,7 +42,7 @@ from staysafe.eval.stats import bootstrap_interval, cohen_kappa  # noqa: E402
 from staysafe.eval.validation import SUCCESS, load_validation_set, resolve_path, validate_judges  # noqa: E402
 from staysafe.judges import make_judge  # noqa: E402
 from staysafe.judges.base import FLAG_THRESHOLD  # noqa: E402
-from staysafe.judges.reader import RECIPE, SHIPPED_DIR, ReaderJudge  # noqa: E402
+from staysafe.judges.reader import BACKBONES, RECIPE, SHIPPED_DIR, ReaderJudge  # noqa: E402
 
 
 def held_out(request: str, share: float) -> bool:
@@ -69,6 +72,9 @@ def test_figures(report: dict) -> dict:
 def candidate(spec: str, a) -> tuple[str, dict]:
     """``minilm`` or ``minilm:epochs=5+lr=1e-4``: a backbone and its recipe (the command line's, then the changes)."""
     backbone, _, changes = spec.partition(":")
+    if backbone not in BACKBONES:
+        raise SystemExit(f"--candidates: unknown backbone {backbone!r} in {spec!r}; choose one of "
+                         f"{', '.join(BACKBONES)}")
     recipe = {"epochs": a.epochs, "lr": a.lr, "layers": a.smollm2_layers if backbone == "smollm2" else 0,
               "lora_r": a.lora_r, "seed": a.seed}
     for change in filter(None, changes.split("+")):
@@ -76,8 +82,25 @@ def candidate(spec: str, a) -> tuple[str, dict]:
         if not eq or key not in RECIPE:
             raise SystemExit(f"--candidates: {change!r} in {spec!r} is not KEY=VALUE with KEY one of "
                              f"{', '.join(RECIPE)}")
-        recipe[key] = type(RECIPE[key])(float(value)) if isinstance(RECIPE[key], int) else float(value)
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if math.isnan(number) or (isinstance(RECIPE[key], int) and not number.is_integer()):
+            raise SystemExit(f"--candidates: {change!r} in {spec!r}: {key} takes a "
+                             f"{'whole number' if isinstance(RECIPE[key], int) else 'number'}")
+        recipe[key] = int(number) if isinstance(RECIPE[key], int) else number
     return backbone, recipe
+
+
+def shipped_on(hold: list[dict], fit: list[dict]) -> dict:
+    """The shipped judge's kappa on the hold-out: its weights if it never saw the hold-out, else (a judge fitted on
+    all of dev) its recipe fitted afresh on the fitting part, so that it is graded on answers it did not learn."""
+    shipped = make_judge("reader")
+    if not shipped.card.get("trained_on", {}).get("holdout_included"):
+        return {**kappa_on(shipped, hold), "judged": "the shipped weights"}
+    again = ReaderJudge(shipped.backbone, shipped.recipe).fit(fit, log=lambda *_: None)
+    return {**kappa_on(again, hold), "judged": "the shipped recipe, fitted on the fitting part"}
 
 
 def main() -> None:
@@ -117,7 +140,7 @@ def main() -> None:
         print(spec, json.dumps(out["choice"][spec]), flush=True)
     winner = max(out["choice"], key=lambda c: out["choice"][c]["kappa"])
     if SHIPPED_DIR.exists():  # the judge shipped now, on the same hold-out: a new one ships only if it is better
-        out["shipped_on_holdout"] = kappa_on(make_judge("reader"), hold)
+        out["shipped_on_holdout"] = shipped_on(hold, fit)
         print("shipped reader", json.dumps(out["shipped_on_holdout"]), flush=True)
     out["winner"], judge = winner, fitted[winner]
     backbone, recipe = specs[winner]
@@ -125,8 +148,8 @@ def main() -> None:
     t0 = time.perf_counter()
     judge.score([i["request"] for i in sample], [i["answer"] for i in sample])
     out["seconds_per_100"] = (time.perf_counter() - t0) * 100 / len(sample)
-    to_beat = out.get("shipped_on_holdout", {}).get("kappa", -1.0)
-    better = out["choice"][winner]["kappa"] > to_beat
+    to_beat = out.get("shipped_on_holdout", {}).get("kappa")
+    better = to_beat is None or out["choice"][winner]["kappa"] > to_beat
     if a.ship and not better:
         print(f"not shipped: the shipped reader reads kappa {to_beat:.3f} on the hold-out, the best candidate "
               f"{out['choice'][winner]['kappa']:.3f}", flush=True)
@@ -135,15 +158,18 @@ def main() -> None:
         judge = ReaderJudge(backbone, recipe).fit(dev)
         out["refit"] = {"n": len(dev), "fit_seconds": time.time() - t0}
         card = dict(trained_on={"data": path.name, "split": "dev (all of it, after the recipe was chosen on a "
-                                f"{a.holdout:.0%} hold-out)", "n": len(dev), "sha256": out["data_sha256"]},
+                                f"{a.holdout:.0%} hold-out)", "n": len(dev), "sha256": out["data_sha256"],
+                                "holdout_included": True},
                     chosen_on={"holdout": len(hold), "kappa": out["choice"], "shipped_before": to_beat})
         judge.save(SHIPPED_DIR, **card)
-    if a.ship:  # what ships, as read back from its files (a lora_r = 0 judge is stored in fp16), on test
-        shipped = ReaderJudge.load(SHIPPED_DIR, **({"expected_sha256": judge.card["weights_sha256"]} if better
-                                                   else {}))
-        report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), shipped], test,
-                                 data=str(path))
-        out["test"] = test_figures(report)
+    # on test: with --ship, what ships as read back from its files (a lora_r = 0 judge is stored in fp16; the one
+    # shipped before, checked against its pinned digest, when the winner was not better); else the winner
+    measured = (ReaderJudge.load(SHIPPED_DIR) if better else make_judge("reader")) if a.ship else judge
+    out["test_judge"] = ("the new judge, shipped" if better else "the judge shipped before") if a.ship else winner
+    report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), measured], test,
+                             data=str(path))
+    out["test"] = test_figures(report)
+    if a.ship:
         if better:
             judge.save(SHIPPED_DIR, **card, test=out["test"]["reader"])
             out["shipped_sha256"] = judge.card["weights_sha256"]
@@ -153,14 +179,12 @@ def main() -> None:
 
         AGREEMENT_FILE.write_text(json.dumps(agreement_summary(report), indent=2) + "\n")
         (HERE / "results" / "judge_validation_test.json").write_text(json.dumps(report, indent=2) + "\n")
-    else:
-        report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), judge], test,
-                                 data=str(path))
-        out["test"] = test_figures(report)
     print(json.dumps(out["test"], indent=1), flush=True)
     if a.curve:
         out["curve"] = []
         for n in [int(x) for x in a.curve.split(",")]:
+            if a.ship and better and n >= len(dev):  # that point is the shipped judge, appended below
+                continue
             part = random.Random(a.seed).sample(dev, min(n, len(dev)))
             small = ReaderJudge(backbone, recipe).fit(part, log=lambda *_: None)
             out["curve"].append({**kappa_on(small, test), "n_train": len(part)})

@@ -29,5 +29,5 @@ for scenario in benign mixed; do  # benign drift (README): plain sft, three seed
   else staysafe experiment --id "$id" --quick --scenario "$scenario" --seeds 3 --methods sft \
          --set eval_judges=keyword,embedding-response --out-dir "$out/experiments" --runs-dir "$out/runs"; fi
 done
-# fifth round: the source whose answers the reader judge reads worst after benign, at a learning rate not run before
+# fifth round: of the fine-tuned sources, the one the reader judge reads worst after benign, at a new learning rate
 run jv-identity-lr3e-4 --scenario identity-shift --steps 20 --set lr=3e-4 --methods sft,constant-kl,adaptive-probe

@@ -12,6 +12,7 @@ Benign requests (t05 t13 t16 t17): labelled refusals t13, t17 ("No."); the keywo
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import threading
@@ -224,9 +225,12 @@ def test_the_readmes_agreement_table_is_what_the_shipped_report_says():
     assert len(rows) == 6 and [row for row in rows if row not in readme] == []
     report = json.loads((REPO / "benchmarks" / "results" / "judge_validation_test.json").read_text())
     shipped = measured_agreement()
+    assert set(report["judges"]) == set(shipped)
     for name, judged in report["judges"].items():
         assert judged["attack_success"]["kappa"] == pytest.approx(shipped[name]["kappa"], abs=1e-9)
-    assert report["n_items"] == len(load_validation_set(DEFAULT_SET, split="test"))
+    test = load_validation_set(DEFAULT_SET, split="test")  # the report covers today's test split, label for label
+    assert report["n_items"] == len(test)
+    assert report["labelled"]["labels"] == dict(collections.Counter(i["label"] for i in test))
 
 
 def readme_kappas() -> dict[str, float]:
