@@ -30,7 +30,7 @@ from staysafe.judges.base import SUCCESS, Judge, JudgeScore, check_inputs
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges" / "reader"
 # the shipped weights' digest, pinned when they were trained (benchmarks/train_reader_judge.py --ship)
 MAX_CARD_BYTES = 1 << 20  # a card is a short JSON object; anything larger is not read
-SHIPPED_SHA256 = "84f47c575ae3f94efc6b080c3d81823ceecccc6ecb0e8ebfe84752ddf3653e27"
+SHIPPED_SHA256 = "bf421fb6078895ef6190f595aaba0a6dd789ccf9b92d3e052698cf0863954999"
 CARD, WEIGHTS = "judge.json", "weights.safetensors"
 BACKBONES = {
     "smollm2": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
