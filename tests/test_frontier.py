@@ -292,11 +292,11 @@ def test_an_experiment_goes_through_the_run_lifecycle_when_cancelled(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["frontier-headlines-mixed10", "frontier-headlines-benign",
-                                  "frontier-headlines-mixed5"])
+                                  "frontier-headlines-mixed5", "frontier-harmful"])
 def test_the_readmes_frontier_tables_are_what_the_report_prints_from_the_shipped_results(name):
     """Every row of the two tables benchmarks/frontier_report.py prints from a shipped frontier (the summary and the
-    ASR saved at equal task accuracy) is in the README as printed: re-judging or re-running a frontier without
-    updating the README fails here."""
+    ASR saved at equal utility: task accuracy, or benign NLL on harmful) is in the README as printed: re-judging or
+    re-running a frontier without updating the README fails here."""
     folder = REPO / "benchmarks" / "results" / name
     printed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_report.py"), str(folder),
                               "--judge", "reader", "--judge", "keyword"], capture_output=True, text=True,
