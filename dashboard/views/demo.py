@@ -45,7 +45,7 @@ def rerun_button(scenario: str = "harmful") -> None:
     chosen = None
     if live.button("Re-run it live (`--preset live`, ~4 min)", key="demo_rerun_live", icon=":material/play_arrow:",
                    help="sft beside adaptive-probe, 12 steps, evaluated at the start and the end. Measured: 217 s "
-                        "for both on a 2-core AVX2-only CPU; ASR by the reader judge 5% -> 100% with sft, 5% -> 0% "
+                        "for both on a 2-core AVX2-only CPU; ASR by the reader judge 10% -> 100% with sft, 10% -> 5% "
                         "with adaptive regularisation (seed 0, 20 held-out harmful prompts; README)"):
         chosen = {"preset": "live"}
     if full.button("Re-run all four methods (`--quick`, ~1 h)", key="demo_rerun", icon=":material/replay:",
