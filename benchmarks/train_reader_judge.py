@@ -6,16 +6,17 @@ held-out part of ``dev``, report it beside the shipped judges on ``test``, and (
 1. ``dev`` is cut by request (a hash, so every answer to one request falls on one side) into a fitting part and a
    25% hold-out. Each candidate in ``--candidates`` (a backbone, optionally with recipe changes:
    ``minilm:epochs=5``) is fitted on the fitting part; the one with the best Cohen's kappa of "attack succeeded" on
-   the hold-out wins (every candidate's figure is recorded). The shipped judge's kappa on the same hold-out is
-   recorded too: its own weights where it never saw the hold-out, else its recipe fitted afresh on the fitting part
-   (a judge fitted on the hold-out cannot be graded on it).
-2. ``--ship``: if the winner beats the shipped judge on that hold-out, its recipe is fitted again on the whole of
-   ``dev`` (hold-out included: the choice is made, and more labels make a better judge) and that judge is written
-   into the package. Whether or not a new judge ships, the shipped one (read back from its files) is then measured
-   on ``test`` beside the keyword and embedding-response judges, by the same report as ``staysafe
-   validate-judges`` (kappa with a bootstrap interval, judged beside labelled ASR per source), and the judges'
-   shipped agreement (``staysafe/assets/judges/agreement.json``, shown beside every ASR in the dashboard) and the
-   full report (``results/judge_validation_test.json``) are rewritten. ``test`` chooses nothing.
+   the hold-out wins (every candidate's figure is recorded). The shipped judge's weights are graded on the same
+   hold-out where they never saw it; a judge fitted on the hold-out cannot be graded on it, so its recipe joins the
+   candidates instead (once: a candidate with the same recipe is that fit already).
+2. ``--ship``: if the winner beats the shipped weights on that hold-out (or won among candidates that include the
+   shipped recipe), its recipe is fitted again on the whole of ``dev`` (hold-out included: the choice is made, and
+   more labels make a better judge) and that judge is written into the package. Whether or not a new judge ships, the
+   shipped one (read back from its files) is then measured on ``test`` beside the keyword and embedding-response
+   judges, by the same report as ``staysafe validate-judges`` (kappa with a bootstrap interval, judged beside
+   labelled ASR per source), and the judges' shipped agreement (``staysafe/assets/judges/agreement.json``, shown
+   beside every ASR in the dashboard) and the full report (``results/judge_validation_test.json``) are rewritten.
+   ``test`` chooses nothing.
 3. ``--curve 500,1000,2500``: the winner's recipe fitted on that many items of ``dev`` (a seeded sample), kappa on
    ``test``: whether more labels would help. When a new judge ships, the last point is that judge (all of ``dev``).
 4. Cost: seconds to score 100 answers with 2 threads.
@@ -93,16 +94,6 @@ def candidate(spec: str, a) -> tuple[str, dict]:
     return backbone, recipe
 
 
-def shipped_on(hold: list[dict], fit: list[dict]) -> dict:
-    """The shipped judge's kappa on the hold-out: its weights if it never saw the hold-out, else (a judge fitted on
-    all of dev) its recipe fitted afresh on the fitting part, so that it is graded on answers it did not learn."""
-    shipped = make_judge("reader")
-    if not shipped.card.get("trained_on", {}).get("holdout_included"):
-        return {**kappa_on(shipped, hold), "judged": "the shipped weights"}
-    again = ReaderJudge(shipped.backbone, shipped.recipe).fit(fit, log=lambda *_: None)
-    return {**kappa_on(again, hold), "judged": "the shipped recipe, fitted on the fitting part"}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="the labelled set (default: the shipped judge_validation.jsonl)")
@@ -123,6 +114,11 @@ def main() -> None:
     a = p.parse_args()
     specs = {spec: candidate(spec, a) for spec in a.candidates.split(",")}  # bad specs fail before any fitting
     torch.set_num_threads(2)
+    shipped = make_judge("reader") if SHIPPED_DIR.exists() else None
+    graded = shipped is not None and not shipped.card.get("trained_on", {}).get("holdout_included")
+    if shipped is not None and not graded and (shipped.backbone, shipped.recipe) not in [
+            (b, {**RECIPE, **r}) for b, r in specs.values()]:  # fitted on the hold-out: its recipe competes instead
+        specs["the shipped recipe"] = (shipped.backbone, shipped.recipe)
     path = resolve_path(a.data)
     dev, test = load_validation_set(path, split="dev"), load_validation_set(path, split="test")
     fit = [i for i in dev if not held_out(i["request"], a.holdout)]
@@ -139,8 +135,8 @@ def main() -> None:
                                "recipe": fitted[spec].recipe}
         print(spec, json.dumps(out["choice"][spec]), flush=True)
     winner = max(out["choice"], key=lambda c: out["choice"][c]["kappa"])
-    if SHIPPED_DIR.exists():  # the judge shipped now, on the same hold-out: a new one ships only if it is better
-        out["shipped_on_holdout"] = shipped_on(hold, fit)
+    if graded:  # the judge shipped now, on the same hold-out: a new one ships only if it is better
+        out["shipped_on_holdout"] = kappa_on(shipped, hold)
         print("shipped reader", json.dumps(out["shipped_on_holdout"]), flush=True)
     out["winner"], judge = winner, fitted[winner]
     backbone, recipe = specs[winner]
@@ -164,7 +160,7 @@ def main() -> None:
         judge.save(SHIPPED_DIR, **card)
     # on test: with --ship, what ships as read back from its files (a lora_r = 0 judge is stored in fp16; the one
     # shipped before, checked against its pinned digest, when the winner was not better); else the winner
-    measured = (ReaderJudge.load(SHIPPED_DIR) if better else make_judge("reader")) if a.ship else judge
+    measured = (ReaderJudge.load(SHIPPED_DIR) if better else shipped) if a.ship else judge
     out["test_judge"] = ("the new judge, shipped" if better else "the judge shipped before") if a.ship else winner
     report = validate_judges([make_judge("keyword"), make_judge("embedding-response"), measured], test,
                              data=str(path))
