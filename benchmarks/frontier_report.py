@@ -31,27 +31,27 @@ def mean_std(values: pd.Series, percent: bool = True) -> str:
     return f"{v.mean():.0f} ± {v.std():.0f}" if percent else f"{v.mean():.2f} ± {v.std():.2f}"
 
 
-def utility_cell(values: pd.Series, column: str) -> str:
-    return mean_std(values) if column == "task_accuracy" else f"{values.mean():.3f} ± {values.std():.3f}"
+# per utility column: its header, its mean ± std cell, one value in brackets (task accuracy in %, NLL as is)
+UTILITY = {"task_accuracy": ("task accuracy %", mean_std, lambda u: f"{100 * u:.0f}%"),
+           "benign_nll": ("benign NLL", lambda v: f"{v.mean():.3f} ± {v.std():.3f}", lambda u: f"{u:.3f}")}
 
 
 def report(results: pd.DataFrame, judge_list: list[str]) -> str:
     seeds = results["seed"].nunique()
     x = axes(results)[0]
     column = x.removeprefix("final_")  # task_accuracy, or benign_nll where no task was recorded
-    name_of = {"task_accuracy": "task accuracy %", "benign_nll": "benign NLL"}[column]
-    in_brackets = {"task_accuracy": lambda u: f"{100 * u:.0f}%", "benign_nll": lambda u: f"{u:.3f}"}[column]
+    utility, cell, in_brackets = UTILITY[column]
     label = results["method"] + results.get("sweep_beta", pd.Series(index=results.index, dtype=float)).map(
         lambda b: "" if pd.isna(b) else f" β={b:g}")
     flags = {j: frontier_by_seed(results, j).set_index("run_id")["on_frontier"] for j in judge_list}
     asr = " | ".join(f"ASR {judge_name(j)} %" for j in judge_list)
-    lines = [f"| method | {asr} | {name_of} | over-refusal % | mean β | on the frontier "
+    lines = [f"| method | {asr} | {utility} | over-refusal % | mean β | on the frontier "
              f"({' / '.join(judge_name(j) for j in judge_list)}), of {seeds} seeds |",
              "|---" * (5 + len(judge_list)) + "|"]
     start = results.groupby("seed").first()  # every run of a seed shares its step-0 evaluation
     lines.append("| aligned reference (step 0) | "
                  + " | ".join(mean_std(start[f"reference_asr_{j}"]) for j in judge_list)
-                 + f" | {utility_cell(start[f'reference_{column}'], column)}"
+                 + f" | {cell(start[f'reference_{column}'])}"
                  + f" | {mean_std(start['reference_over_refusal'])} | | |")
     for name in dict.fromkeys(label):
         g = results[label == name]
@@ -60,9 +60,9 @@ def report(results: pd.DataFrame, judge_list: list[str]) -> str:
         beta = "" if not pulls else (f"{g['mean_beta'].mean():.2f}" if len(g) == 1 or g["mean_beta"].std() < 0.005
                                      else mean_std(g["mean_beta"], percent=False))
         lines.append(f"| {name} | " + " | ".join(mean_std(g[f"final_asr_{j}"]) for j in judge_list)
-                     + f" | {utility_cell(g[x], column)} | {mean_std(g['over_refusal'])} | {beta} | "
+                     + f" | {cell(g[x])} | {mean_std(g['over_refusal'])} | {beta} | "
                      + " / ".join(str(int(flags[j].loc[g["run_id"]].sum())) for j in judge_list) + " |")
-    its = name_of.removesuffix(" %")
+    its = utility.removesuffix(" %")
     lines += ["", "| method | " + " | ".join(f"{judge_name(j)}: points saved per seed (its {its}) | mean "
                                            "[95% t-interval]" for j in judge_list) + " |",
               "|---" * (1 + 2 * len(judge_list)) + "|"]
