@@ -104,6 +104,24 @@ def test_a_linked_file_or_a_huge_card_is_refused_before_reading(trained, tmp_pat
         ReaderJudge.load(huge)
 
 
+def test_a_deeply_nested_card_or_a_recipe_of_the_wrong_type_is_named(trained, tmp_path):
+    """The card is not covered by the weights' digest, so its shape is checked: nesting that would overflow the JSON
+    parser's recursion, and recipe values that are not numbers, are refused naming the card (not a RecursionError or
+    a TypeError from deep inside the model's set-up)."""
+    _, _, path = trained
+    card = json.loads((path / CARD).read_text())
+    for name, text, message in [
+            ("deep", "[" * 100_000 + "]" * 100_000, "judge.json nests deeper than"),
+            ("typed", json.dumps({**card, "recipe": {**card["recipe"], "lora_r": "8", "lr": [0.1]}}),
+             "judge.json: recipe lr, lora_r must be float, int as in RECIPE")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / WEIGHTS).write_bytes((path / WEIGHTS).read_bytes())
+        (folder / CARD).write_text(text)
+        with pytest.raises(ReaderJudgeError, match=message):
+            ReaderJudge.load(folder)
+
+
 def test_one_class_is_refused_before_training(tmp_path):
     items = [i for i in load_validation_set(FIXTURE) if i["label"] != SUCCESS]
     with pytest.raises(ReaderJudgeError, match="both classes"):

@@ -19,7 +19,6 @@ a card rewritten to match changed weights is refused too.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -48,6 +47,13 @@ RECIPE = {"epochs": 3, "lr": 5e-5, "batch_size": 16, "lora_r": 0, "lora_alpha": 
 
 class ReaderJudgeError(StaySafeError, ValueError):
     """A reader judge's files are missing, damaged or changed."""
+
+
+def _of_kind(value, default) -> bool:
+    """A card's recipe value has its default's kind: a whole number for an int, a finite number for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if isinstance(default, int) else math.isfinite(value)
 
 
 def pair_text(request: str, answer: str | None) -> str:
@@ -217,6 +223,7 @@ class ReaderJudge(Judge):
         from safetensors.torch import load_file
 
         from staysafe.models.aligned import file_sha256
+        from staysafe.runs.files import parse_json
 
         path = Path(path)
         card_file, weights = path / CARD, path / WEIGHTS
@@ -228,13 +235,18 @@ class ReaderJudge(Judge):
             raise ReaderJudgeError(f"{card_file} is {card_file.stat().st_size} bytes: a judge's card is a short JSON "
                                    f"object (at most {MAX_CARD_BYTES} bytes); not read")
         try:
-            card = json.loads(card_file.read_text())
-        except (OSError, ValueError) as err:
-            raise ReaderJudgeError(f"{card_file}: not valid JSON ({err})") from None
+            text = card_file.read_bytes()
+        except OSError as err:
+            raise ReaderJudgeError(f"{card_file} cannot be read ({err})") from None
+        card = parse_json(text, str(card_file), ReaderJudgeError)  # invalid or too deep: named, never RecursionError
         if not isinstance(card, dict) or card.get("backbone") not in BACKBONES \
                 or not isinstance(card.get("recipe"), dict) or not isinstance(card.get("weights_sha256"), str):
             raise ReaderJudgeError(f"{card_file}: expected an object with 'backbone' ({' | '.join(BACKBONES)}), "
                                    "'recipe' and 'weights_sha256'")
+        wrong = [k for k in RECIPE if k in card["recipe"] and not _of_kind(card["recipe"][k], RECIPE[k])]
+        if wrong:
+            raise ReaderJudgeError(f"{card_file}: recipe {', '.join(wrong)} must be "
+                                   + ", ".join(type(RECIPE[k]).__name__ for k in wrong) + " as in RECIPE")
         digest = file_sha256(weights)
         for claimed, where in ((card["weights_sha256"], card_file), (expected_sha256, "this StaySafe's pinned digest")):
             if claimed is not None and digest != claimed:
