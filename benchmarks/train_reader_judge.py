@@ -115,7 +115,8 @@ def main() -> None:
     specs = {spec: candidate(spec, a) for spec in a.candidates.split(",")}  # bad specs fail before any fitting
     torch.set_num_threads(2)
     shipped = make_judge("reader") if SHIPPED_DIR.exists() else None
-    graded = shipped is not None and not shipped.card.get("trained_on", {}).get("holdout_included")
+    trained_on = shipped.card.get("trained_on") if shipped is not None else None  # a card's field: any shape
+    graded = shipped is not None and not (isinstance(trained_on, dict) and trained_on.get("holdout_included") is True)
     if shipped is not None and not graded and (shipped.backbone, shipped.recipe) not in [
             (b, {**RECIPE, **r}) for b, r in specs.values()]:  # fitted on the hold-out: its recipe competes instead
         specs["the shipped recipe"] = (shipped.backbone, shipped.recipe)
