@@ -8,7 +8,6 @@ first row, the labelled ASR per source with its interval and the number of harmf
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from staysafe.eval.validation import SOURCES  # noqa: E402
+from staysafe.runs.files import read_json  # noqa: E402
 
 ROWS = {"keyword": "keyword (weak: the literature's convention)",
         "embedding_response": "embedding response (the earlier default)", "reader": "**reader (the default)**"}
@@ -48,7 +48,7 @@ def table(report: dict) -> str:
 
 def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results" / "judge_validation_test.json"
-    print(table(json.loads(path.read_text())), end="")
+    print(table(read_json(path, follow_links=True)), end="")  # a path named on the command line: links followed
 
 
 if __name__ == "__main__":
