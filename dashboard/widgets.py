@@ -13,7 +13,7 @@ import streamlit as st
 import safe_text
 from loaders import runs_table, try_load_run
 from staysafe.methods import regularised
-from staysafe.options import RunSpec, default_of
+from staysafe.options import DEFAULT_RESPONSE_JUDGE, RunSpec, default_of
 from staysafe.runs import trace_names
 from staysafe.runs.traces import Run
 
@@ -75,11 +75,21 @@ def sampled_columns(evals: pd.DataFrame) -> list[str]:
     return sorted(trace_names.sampled(evals.columns))
 
 
+DEFAULT_ASR = trace_names.asr(trace_names.column_judge(DEFAULT_RESPONSE_JUDGE))  # the default judge's ASR column
+
+
+def judge_asr_columns(evals_frames) -> list[str]:
+    """The response judges' ASR columns in any of ``evals_frames``, the default judge's first (a page that shows one
+    judge shows the default one where it was recorded, e.g. added by ``staysafe rejudge``), then by name."""
+    found = {trace_names.asr(j) for ev in evals_frames for j in trace_names.judges(ev.columns)
+             if j != trace_names.KEYWORD}
+    return sorted(found, key=lambda c: (c != DEFAULT_ASR, c))
+
+
 def asr_columns(evals: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """(judge ASR columns, keyword ASR column if present): judge ASR first, keyword is the weak judge."""
-    judges = [trace_names.asr(j) for j in trace_names.judges(evals.columns) if j != trace_names.KEYWORD]
+    """(judge ASR columns, the default judge's first; keyword ASR column if present): keyword is the weak judge."""
     keyword = trace_names.asr(trace_names.KEYWORD)
-    return judges, ([keyword] if keyword in evals.columns else [])
+    return judge_asr_columns([evals]), ([keyword] if keyword in evals.columns else [])
 
 
 def pick_runs(runs: pd.DataFrame, label: str, key: str, multi: bool = False, default_n: int = 1,

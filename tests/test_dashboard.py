@@ -900,6 +900,20 @@ def test_sampled_asr_columns_are_their_own_measures_not_judges():
     assert charts.metric_title("asr_sampled_embedding_response") == "sampled per-answer ASR (embedding_response)"
 
 
+def test_a_page_that_shows_one_judge_shows_the_default_one_where_a_run_has_it():
+    """A run recorded with the embedding judge and re-judged with the reader has both columns; the Guided demo and
+    the ASR page take the first judge column, which must be the default judge's (alphabetical order put the earlier
+    embedding judge first, so the demo showed it instead of the reader)."""
+    import widgets
+
+    recorded = pd.DataFrame(columns=["step", "asr_keyword", "asr_embedding_response", "asr_reader"])
+    other = pd.DataFrame(columns=["step", "asr_keyword", "asr_local_lm"])
+    assert widgets.DEFAULT_ASR == "asr_reader"
+    assert widgets.asr_columns(recorded) == (["asr_reader", "asr_embedding_response"], ["asr_keyword"])
+    assert widgets.judge_asr_columns([other, recorded]) == ["asr_reader", "asr_embedding_response", "asr_local_lm"]
+    assert widgets.judge_asr_columns([other]) == ["asr_local_lm"]
+
+
 @pytest.mark.browser
 def test_clicking_a_point_on_the_asr_chart_opens_that_run_at_that_step(dash_data):
     """A click on a run's line at a step opens that run's answers at that step (a click once opened the step of

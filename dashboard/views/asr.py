@@ -105,7 +105,7 @@ for rid in loaded:
 if not with_evals:
     st.stop()
 
-judge_cols = sorted({c for r in with_evals.values() for c in widgets.asr_columns(r.evals)[0]})
+judge_cols = widgets.judge_asr_columns(r.evals for r in with_evals.values())
 sampled_cols = sorted({c for r in with_evals.values() for c in widgets.sampled_columns(r.evals)})
 metrics_all = judge_cols + ["asr_keyword", "over_refusal", "benign_nll"] + sampled_cols
 metrics_all = [m for m in metrics_all if any(m in r.evals for r in with_evals.values())]

@@ -143,7 +143,7 @@ if not runs:
     st.stop()
 
 first = next(iter(runs.values()))
-judge_cols = sorted({c for r in runs.values() for c in widgets.asr_columns(r.evals)[0]})
+judge_cols = widgets.judge_asr_columns(r.evals for r in runs.values())
 asr_col = judge_cols[0] if judge_cols else "asr_keyword"
 asr_name = charts.metric_title(asr_col)
 sft = runs.get("sft")
